@@ -1,0 +1,153 @@
+"""The torch modules behind each exported graph. The torch backend runs these same modules eagerly,
+so "torch backend" and "ORT backend" differ only in who executes the graph.
+
+LLM cache contract (static buffers written at an index; see runtime/kv_cache.py):
+- the runtime owns per-layer buffers K,V [B, n_kv, C, hd] (C = capacity, grown in buckets);
+- a call passes the whole buffers as past_key_values.{i}.key/value plus attention_mask [B, C+S]
+  (1 = a valid slot / new token, 0 = an empty or masked slot) and position_ids [B, S];
+- the graph returns present.{i}.key/value for the S NEW positions only [B, n_kv, S, hd] (keys
+  after RoPE); the runtime writes them into its buffers at the write index. Nothing in a decode
+  step copies the cache: attention reads it once, as two score blocks (past, new) whose softmax
+  is taken jointly, so the graph never concatenates K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from janusflow_ref.model import JanusFlow
+
+NEG = -1e9  # additive mask value; finite so a row never becomes all -inf/NaN
+
+
+class SigLIPGraph(nn.Module):
+    """pixel_values [B,3,S,S] -> image_embeds [B,1+N,H] (begin-of-understanding embedding first)."""
+
+    def __init__(self, model: JanusFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+
+class EmbedGraph(nn.Module):
+    """input_ids [B,S] int64 -> inputs_embeds [B,S,H]."""
+
+    def __init__(self, model: JanusFlow):
+        super().__init__()
+        self.embed = model.language_model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
+            past_v: torch.Tensor, bias_past: torch.Tensor, bias_new: torch.Tensor):
+    attn = layer.self_attn
+    b, s, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    groups = attn.num_key_value_groups
+    kp, vp, kn, vn = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (past_k, past_v, k, v))
+    scores = torch.cat([q @ kp.transpose(-1, -2), q @ kn.transpose(-1, -2)], dim=-1) * attn.scaling
+    scores = scores + torch.cat([bias_past, bias_new], dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    c = kp.shape[2]
+    out = probs[..., :c] @ vp + probs[..., c:] @ vn
+    out = attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+    return out, k, v
+
+
+class LLMGraph(nn.Module):
+    """One graph for prefill, decode and the Euler step over a cached prefix.
+
+    inputs_embeds [B,S,H], attention_mask [B,C+S] int64, position_ids [B,S] int64,
+    past_key_values.{i}.key/value [B,n_kv,C,hd]
+    -> last_hidden_state [B,S,H] (after the final norm), logits [B,V] (last position),
+       present.{i}.key/value [B,n_kv,S,hd] (new positions only).
+    """
+
+    def __init__(self, model: JanusFlow):
+        super().__init__()
+        self.lm = model.language_model
+        self.num_layers = len(self.lm.model.layers)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        base = self.lm.model
+        s = inputs_embeds.shape[1]
+        c = past[0].shape[2]
+        valid = attention_mask.to(torch.bool)
+        bias_past = torch.where(valid[:, None, None, :c], 0.0, NEG).to(inputs_embeds.dtype).expand(-1, 1, s, c)
+        causal = torch.ones(s, s, dtype=torch.bool, device=inputs_embeds.device).tril()
+        new_ok = causal[None, None] & valid[:, None, None, c:]
+        bias_new = torch.where(new_ok, 0.0, NEG).to(inputs_embeds.dtype)
+        cos, sin = base.rotary_emb(inputs_embeds, position_ids)
+        h = inputs_embeds
+        presents = []
+        for i, layer in enumerate(base.layers):
+            a, k, v = _attend(layer, layer.input_layernorm(h), cos, sin, past[2 * i], past[2 * i + 1],
+                              bias_past, bias_new)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            presents += [k, v]
+        h = base.norm(h)
+        logits = self.lm.lm_head(h[:, -1, :]).float()
+        return (h, logits, *presents)
+
+
+class GenEncGraph(nn.Module):
+    """z [B,4,48,48], t [B] -> z_emb [B,G,H] (aligned), t_emb [B,H], skip [B,C,g,g]."""
+
+    def __init__(self, model: JanusFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor):
+        return self.model.gen_encode(z, t)
+
+
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance exactly as the official demo writes it."""
+    return w * v_cond - (w - 1.0) * v_uncond
+
+
+def euler_step(z: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    return z + dt * v
+
+
+class GenDecGraph(nn.Module):
+    """hidden [B,G,H] (LLM states of the image positions), skip, t_emb, z [B,4,48,48] (cond rows then
+    uncond rows, both halves equal), cfg_weight [1], dt [1]
+    -> velocity [B,4,48,48], z_next [B,4,48,48] (CFG + Euler applied, duplicated to both halves so it
+    feeds the next step's encoder directly)."""
+
+    def __init__(self, model: JanusFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden, skip, t_emb, z, cfg_weight, dt):
+        v = self.model.gen_decode(hidden, skip, t_emb)
+        v_cond, v_uncond = v.chunk(2)
+        z_half = euler_step(z.chunk(2)[0], cfg_combine(v_cond, v_uncond, cfg_weight), dt)
+        return v, torch.cat([z_half, z_half], dim=0)
+
+
+class VAEDecGraph(nn.Module):
+    """latents [B,4,48,48] -> image [B,3,384,384] in [-1,1]-ish (unclamped).
+
+    The scaling factor is applied HERE and only here: image = vae.decode(latents / scaling_factor).
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample
