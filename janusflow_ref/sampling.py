@@ -1,0 +1,60 @@
+"""Next-token choice as the official demo gets it from transformers 4.x `generate`.
+
+Official: do_sample = temperature != 0; GenerationConfig defaults of transformers 4.x apply, so
+sampling runs Temperature -> TopK(50) -> TopP warpers, softmax, then torch.multinomial on the
+global RNG (seeded by torch.manual_seed). Greedy takes argmax of the float32 logits.
+(transformers 5 no longer defaults top_k to 50; the warpers themselves are unchanged.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .errors import InputError
+
+DEFAULT_TOP_K = 50  # transformers 4.x GenerationConfig default, in force for the official demo
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 -> greedy
+    top_p: float = 1.0
+    top_k: int = DEFAULT_TOP_K
+    max_new_tokens: int = 512
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0) or self.temperature != self.temperature or self.temperature > 100:
+            raise InputError(f"--temperature must be a number in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warp(scores: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """scores [B,V] float32 -> warped scores, in the order transformers 4.x applies them."""
+    if p.temperature != 1.0:
+        scores = TemperatureLogitsWarper(p.temperature)(None, scores)
+    if p.top_k:
+        scores = TopKLogitsWarper(top_k=p.top_k, min_tokens_to_keep=1)(None, scores)
+    if p.top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=p.top_p, min_tokens_to_keep=1)(None, scores)
+    return scores
+
+
+def next_token(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [B,V] -> token ids [B] (long)."""
+    logits = logits.to(torch.float32)
+    if p.greedy:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(warp(logits, p), dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)

@@ -1,0 +1,77 @@
+"""Understanding over the backend seam: SigLIP graph -> splice into token embeddings (here, on the
+host) -> prefill -> decode loop with the static KV cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from janusflow_ref.processor import SYSTEM_PROMPT, Processor
+from janusflow_ref.sampling import SamplingParams, next_token
+from janusflow_ref.understanding import ChatResult, check_context
+
+from .backends import Backend
+from .kv_cache import StaticKVCache
+
+
+def new_cache(cfg, batch: int, capacity: int) -> StaticKVCache:
+    llm = cfg.llm
+    hd = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
+    return StaticKVCache(llm.num_hidden_layers, batch, llm.num_key_value_heads, hd, capacity)
+
+
+def llm_step(backend: Backend, cache: StaticKVCache, embeds: np.ndarray, new_mask: np.ndarray,
+             write: bool = True) -> dict[str, np.ndarray]:
+    """Run the LLM graph on `embeds` [B,S,H] after the cached prefix; optionally append its K/V."""
+    b, s, _ = embeds.shape
+    cache.reserve(cache.length + s)
+    pos = np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s))
+    out = backend.run("llm", {"inputs_embeds": embeds, "attention_mask": cache.mask(new_mask),
+                              "position_ids": np.ascontiguousarray(pos), **cache.past_feeds()})
+    if write:
+        cache.append(out, new_mask)
+    return out
+
+
+def prefill(backend: Backend, cache: StaticKVCache, embeds: np.ndarray) -> np.ndarray:
+    out = llm_step(backend, cache, embeds, np.ones(embeds.shape[:2], np.int64))
+    return out["logits"]
+
+
+def decode_one_token(backend: Backend, cache: StaticKVCache, token: int) -> np.ndarray:
+    emb = backend.run("embed", {"input_ids": np.array([[token]], np.int64)})["inputs_embeds"]
+    return llm_step(backend, cache, emb, np.ones((1, 1), np.int64))["logits"]
+
+
+def chat(backend: Backend, cfg, processor: Processor, image: Image.Image, question: str,
+         params: SamplingParams = SamplingParams(), seed: int = 42, system_prompt: str = SYSTEM_PROMPT,
+         on_token: Callable[[int], None] | None = None) -> ChatResult:
+    torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
+    t0 = time.perf_counter()
+    inputs = processor.chat_inputs(image, question, system_prompt)
+    ids = inputs.input_ids.numpy()
+    check_context(ids.shape[1], params.max_new_tokens, cfg.max_context)
+    image_embeds = backend.run("siglip", {"pixel_values": inputs.pixel_values.numpy()})["image_embeds"]
+    embeds = backend.run("embed", {"input_ids": ids})["inputs_embeds"].copy()
+    embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
+    cache = new_cache(cfg, 1, ids.shape[1] + params.max_new_tokens)
+    logits = prefill(backend, cache, embeds)
+    t_first = time.perf_counter()
+    generated: list[int] = []
+    for _ in range(params.max_new_tokens):
+        tok = int(next_token(torch.from_numpy(logits), params)[0])
+        generated.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok == processor.eos_id:
+            break
+        logits = decode_one_token(backend, cache, tok)
+    t_end = time.perf_counter()
+    n_dec = max(len(generated) - 1, 1)
+    timings = {"ttft_s": t_first - t0, "total_s": t_end - t0, "decode_ms_per_token": (t_end - t_first) / n_dec * 1e3}
+    return ChatResult(text=processor.decode(generated), token_ids=generated, prompt_tokens=ids.shape[1],
+                      timings=timings)

@@ -1,0 +1,51 @@
+"""Text-to-image over the backend seam, with the prompt prefix prefilled ONCE.
+
+Rows are [cond x n, uncond x n] as in the official loop. The prefix (every prompt token before
+<begin_of_image>) is run through the LLM once into the static cache; each Euler step then runs
+only the 1 + G image-side tokens (t_emb, G latent tokens) against it, so every step has the same
+shapes. CFG and the Euler update happen inside the gen_dec graph (z_next).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from janusflow_ref.generation import cfg_rows, generation_mask, timestep
+from janusflow_ref.processor import Processor
+
+from .backends import Backend
+from .chat import llm_step, new_cache
+
+
+def prefill_prefix(backend: Backend, cfg, processor: Processor, prompt: str, num_images: int):
+    ids = processor.generation_ids(prompt)
+    tokens, prefix_ids = cfg_rows(ids, num_images, processor.pad_id)
+    prefix = backend.run("embed", {"input_ids": prefix_ids.numpy()})["inputs_embeds"]
+    mask = generation_mask(num_images, prefix.shape[1], cfg.num_gen_tokens).numpy().astype(np.int64)
+    cache = new_cache(cfg, 2 * num_images, prefix.shape[1] + 1 + cfg.num_gen_tokens)
+    llm_step(backend, cache, prefix, mask[:, :prefix.shape[1]])
+    return cache
+
+
+def euler_loop(backend: Backend, cache, z: np.ndarray, steps: int, cfg_weight: float) -> Iterator[np.ndarray]:
+    """z [n,4,48,48] -> yields z after each step (first half of the duplicated z_next)."""
+    n = z.shape[0]
+    z2 = np.concatenate([z, z], axis=0).astype(np.float32)
+    w = np.array([cfg_weight], np.float32)
+    dt = np.array([1.0 / steps], np.float32)
+    for step in range(steps):
+        t = np.full((2 * n,), timestep(step, steps), np.float32)
+        enc = backend.run("gen_enc", {"z": z2, "t": t})
+        embeds = np.concatenate([enc["t_emb"][:, None, :], enc["z_emb"]], axis=1)
+        out = llm_step(backend, cache, embeds, np.ones(embeds.shape[:2], np.int64), write=False)
+        hidden = out["last_hidden_state"][:, 1:, :]
+        dec = backend.run("gen_dec", {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
+                                      "cfg_weight": w, "dt": dt})
+        z2 = dec["z_next"]
+        yield z2[:n]
+
+
+def vae_decode(backend: Backend, z: np.ndarray) -> np.ndarray:
+    return backend.run("vae_dec", {"latents": np.ascontiguousarray(z, np.float32)})["image"]
