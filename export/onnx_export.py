@@ -1,0 +1,310 @@
+"""Export the graphs of export/graphs.py to ONNX (dynamo first, legacy exporter as fallback), check,
+simplify, re-verify the simplified graph, check the op set against the TensorRT parser, and write
+OUT atomically with manifest.json."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_ref.errors import CheckpointError, JanusFlowError
+
+from . import graphs as G
+from .manifest import build_manifest, graph_entry, write_manifest
+from .patches import export_patches
+from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
+
+TRT_OPS_FILE = Path(__file__).parent / "data" / "trt_supported_ops.txt"
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+log = logging.getLogger(__name__)
+
+
+class ExportError(JanusFlowError):
+    """An exported graph failed a check (unsupported op, checker, parity after simplification)."""
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def parse_graphs(graphs: str | list[str] | None) -> list[str]:
+    if graphs is None:
+        return list(GRAPH_NAMES)
+    names = [g.strip() for g in (graphs.split(",") if isinstance(graphs, str) else graphs) if g.strip()]
+    bad = [g for g in names if g not in GRAPH_NAMES]
+    if bad or not names:
+        raise JanusFlowError(f"unknown graph {bad[0] if bad else '(none)'!r}; choose from {','.join(GRAPH_NAMES)}")
+    return [g for g in GRAPH_NAMES if g in names]
+
+
+def resolve_vae(model_dir: Path, vae_dir: str | Path | None, needed: bool) -> Path | None:
+    if vae_dir is not None:
+        return Path(vae_dir)
+    if (model_dir / "vae").is_dir():
+        return model_dir / "vae"
+    if needed:
+        raise CheckpointError(f"no --vae given and {model_dir / 'vae'} does not exist (needed for vae_dec)")
+    return None
+
+
+def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[str]):
+    """-> (cfg, {graph: eval-mode torch module}) in float32."""
+    from janusflow_ref.vae import load_vae
+    from janusflow_ref.weights import load_model
+
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    mods: dict[str, torch.nn.Module] = {}
+    if any(n != "vae_dec" for n in names):
+        m = load_model(model_dir)
+        ctors = {"siglip": G.SigLIPGraph, "embed": G.EmbedGraph, "llm": G.LLMGraph, "gen_enc": G.GenEncGraph,
+                 "gen_dec": G.GenDecGraph}
+        mods.update({n: ctors[n](m).eval() for n in names if n in ctors})
+    if "vae_dec" in names:
+        mods["vae_dec"] = G.VAEDecGraph(load_vae(resolve_vae(model_dir, vae_dir, True))).eval()
+    return cfg, mods
+
+
+def trt_supported_ops() -> set[str]:
+    lines = TRT_OPS_FILE.read_text().splitlines()
+    return {x.strip() for x in lines if x.strip() and not x.startswith("#")}
+
+
+# -- one graph -------------------------------------------------------------------------------------
+def _dynamic_shapes(spec: GraphSpec) -> tuple:
+    """torch.export.Dim per independent symbol; derived ones (M = C + S) are left to export to infer."""
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    for n, s in spec.syms.items():
+        if s.sum_of:
+            dims[n] = Dim.DYNAMIC
+        elif s.multiple_of > 1:  # B = 2 * B_div: the CFG halves split evenly
+            dims[n] = s.multiple_of * Dim(f"{n}_div", min=max(1, s.min // s.multiple_of), max=s.max // s.multiple_of)
+        else:
+            dims[n] = Dim(n, min=s.min, max=s.max)
+    per_input = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+    if spec.name == "llm":  # LLMGraph.forward(inputs_embeds, attention_mask, position_ids, *past)
+        return (*per_input[:3], per_input[3:])
+    return per_input
+
+
+def _dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
+    return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs}
+
+
+def export_dynamo(module, spec: GraphSpec, args: tuple, path: Path, opset: int, big: bool) -> None:
+    torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset, input_names=spec.input_names,
+                      output_names=spec.output_names, dynamic_shapes=_dynamic_shapes(spec), external_data=big,
+                      optimize=True, verbose=False)
+
+
+def export_legacy(module, spec: GraphSpec, args: tuple, path: Path, opset: int, big: bool) -> None:
+    torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=spec.input_names,
+                      output_names=spec.output_names, dynamic_axes=_dynamic_axes(spec), do_constant_folding=True)
+
+
+def _rename_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Graph I/O dims get the spec's symbol names (dynamo writes e.g. '2*B_div' or 's53')."""
+    rename: dict[str, str] = {}
+    vis = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for t in spec.inputs + spec.outputs:
+        for d, want in zip(vis[t.name].type.tensor_type.shape.dim, t.shape, strict=True):
+            if isinstance(want, str):
+                if d.dim_param and d.dim_param != want:
+                    rename[d.dim_param] = want
+                d.dim_param = want
+    for v in model.graph.value_info:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+
+
+def _save(model: onnx.ModelProto, path: Path, big: bool) -> str | None:
+    data = path.name + ".data"
+    (path.parent / data).unlink(missing_ok=True)
+    if big:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                        size_threshold=1024)
+        return data
+    onnx.save_model(model, str(path))
+    return None
+
+
+def ort_session(path: Path | str, threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _run(path: Path, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort_session(path)
+    return sess.run(spec.output_names, feeds)
+
+
+def check_ops(model: onnx.ModelProto, spec: GraphSpec) -> list[str]:
+    ops = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node})
+    bad = [o for o in ops if o not in trt_supported_ops()]
+    if bad:
+        raise ExportError(f"graph {spec.name}: op {bad[0]} is not supported by the TensorRT ONNX parser "
+                          f"(all unsupported: {', '.join(bad)}; list: {TRT_OPS_FILE.name})")
+    return ops
+
+
+def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False) -> dict:
+    """Export `name` into tmp/name.onnx; -> manifest fields for it."""
+    path = tmp / f"{name}.onnx"
+    feeds = dummy_inputs(spec, seed=1)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    exporter, fallback_reason = "dynamo", None
+    with export_patches(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if force_legacy:
+                raise RuntimeError("legacy exporter forced")
+            export_dynamo(module, spec, args, path, opset, big)
+        except Exception as e:  # any dynamo failure: the legacy TorchScript exporter gets a go
+            fallback_reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            log.warning("graph %s: dynamo export failed (%s); falling back to the legacy exporter", name,
+                        fallback_reason)
+            for f in tmp.glob(f"{name}.onnx*"):
+                f.unlink()
+            exporter = "legacy"
+            export_legacy(module, spec, args, path, opset, big)
+    model = onnx.load(str(path))
+    _rename_dims(model, spec)
+    data = _save(model, path, big)
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    before = _run(path, spec, feeds)
+    simplified = _simplify(path, spec, feeds, before, big)
+    model = onnx.load(str(path), load_external_data=False)
+    ops = check_ops(model, spec)
+    info = {"exporter": exporter, "simplified": simplified, "ops": ops, "nodes": len(model.graph.node)}
+    if fallback_reason:
+        info["dynamo_error"] = fallback_reason
+    return {"data": data, **info}
+
+
+def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big: bool) -> bool | str:
+    """onnxslim; kept only if it passes the checker and ORT outputs match the unsimplified graph."""
+    import onnxslim
+
+    try:
+        slim = onnxslim.slim(onnx.load(str(path)))
+    except Exception as e:  # a simplifier bug must not lose a valid export
+        return f"skipped: onnxslim failed ({type(e).__name__})"
+    cand = path.with_name(path.stem + ".slim.onnx")
+    _save(slim, cand, big)
+    try:
+        onnx.checker.check_model(str(cand), full_check=True)
+        after = _run(cand, spec, feeds)
+        for t, a, b in zip(spec.outputs, after, before, strict=True):
+            r = compare(a, b, t.tol)
+            if not r["ok"]:
+                raise ExportError(f"graph {spec.name}: output {t.name} changed after simplification "
+                                  f"(max abs {r['max_abs']:.3g}, cosine {r['cosine']:.8f})")
+    except ExportError as e:
+        log.warning("%s; keeping the unsimplified graph", e)
+        for f in path.parent.glob(cand.name + "*"):
+            f.unlink()
+        return f"rejected: {e}"
+    model = onnx.load(str(cand))
+    for f in path.parent.glob(cand.name + "*"):
+        f.unlink()
+    _save(model, path, big)
+    return True
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread: peak during a `with` block (MB)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self):
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.peak_mb = round(self.peak / 2**20, 1)
+
+
+# -- all graphs, atomically ------------------------------------------------------------------------
+def _make_tmp(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise JanusFlowError(f"--out {out} exists and is not a directory")
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise JanusFlowError(f"cannot write --out {out}: {e.strerror or e}") from None
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Swap tmp in for out with renames only: a crash leaves either the old or the new OUT."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
+                  graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
+                  force_legacy: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo."""
+    from tqdm import tqdm
+
+    names = parse_graphs(graphs)
+    if not 14 <= opset <= 21:
+        raise JanusFlowError(f"--opset {opset} is outside the supported range 14..21")
+    model_dir, out = Path(model_dir), Path(out_dir)
+    cfg: JanusFlowConfig = load_config(model_dir)
+    vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
+    tmp = _make_tmp(out)
+    try:
+        cfg, mods = load_modules(model_dir, vae, names)
+        specs = build_specs(cfg)
+        entries: dict[str, dict] = {}
+        bar = tqdm(names, desc="export", unit="graph", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            with PeakRSS() as rss:
+                info = _export_one(name, mods[name], specs[name], tmp, opset, name in force_legacy)
+            data = info.pop("data")
+            info.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
+            entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, opset, info)
+        manifest = build_manifest(cfg, entries)
+        write_manifest(tmp, manifest)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
