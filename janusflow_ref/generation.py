@@ -78,15 +78,21 @@ def euler_steps(model: JanusFlow, prefix_embeds: torch.Tensor, mask: torch.Tenso
         yield z
 
 
+def prompt_ids(processor: Processor, prompt: str, cfg) -> list[int]:
+    """Generation prompt ids (ending in <begin_of_image>), refused if the image tokens would not fit."""
+    ids = processor.generation_ids(prompt)
+    if len(ids) + cfg.num_gen_tokens > cfg.max_context:
+        raise InputError(
+            f"prompt is {len(ids)} tokens; with {cfg.num_gen_tokens} image tokens it exceeds the "
+            f"model's context ({cfg.max_context})"
+        )
+    return ids
+
+
 @torch.inference_mode()
 def prompt_prefix(model: JanusFlow, processor: Processor, prompt: str, num_images: int):
     """-> (prefix embeddings [2n, L-1, H] with the final <begin_of_image> dropped, mask [2n, L-1+1+G])."""
-    ids = processor.generation_ids(prompt)
-    if len(ids) + model.cfg.num_gen_tokens > model.cfg.max_context:
-        raise InputError(
-            f"prompt is {len(ids)} tokens; with {model.cfg.num_gen_tokens} image tokens it exceeds the "
-            f"model's context ({model.cfg.max_context})"
-        )
+    ids = prompt_ids(processor, prompt, model.cfg)
     tokens, _ = cfg_rows(ids, num_images, processor.pad_id)
     embeds = model.embed_tokens(tokens)[:, :-1, :]
     return embeds, generation_mask(num_images, embeds.shape[1], model.cfg.num_gen_tokens)

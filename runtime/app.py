@@ -55,7 +55,6 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
     z0 = initial_latents(args.num_images, args.seed, init)
-    bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
     t0 = time.perf_counter()
     if args.backend == "torch":
         from janusflow_ref import generation as ref
@@ -66,6 +65,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         vae = load_vae(resolve_vae_dir(args.model, args.vae))
         model = load_model(args.model)
         prefix, mask = ref.prompt_prefix(model, processor, args.prompt, args.num_images)
+        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
         t1 = time.perf_counter()
         z = z0
         for z in ref.euler_steps(model, prefix, mask, z0, args.steps, args.cfg):
@@ -79,6 +79,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads, need_vae=True,
                                vae_dir=args.vae)
         cache = text2img.prefill_prefix(backend, cfg, processor, args.prompt, args.num_images)
+        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
         t1 = time.perf_counter()
         z = z0.numpy()
         for z in text2img.euler_loop(backend, cache, z, args.steps, args.cfg):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from janusflow_ref.generation import cfg_rows, generation_mask, timestep
+from janusflow_ref.generation import cfg_rows, generation_mask, prompt_ids, timestep
 from janusflow_ref.processor import Processor
 
 from .backends import Backend
@@ -20,7 +20,7 @@ from .chat import llm_step, new_cache
 
 
 def prefill_prefix(backend: Backend, cfg, processor: Processor, prompt: str, num_images: int):
-    ids = processor.generation_ids(prompt)
+    ids = prompt_ids(processor, prompt, cfg)
     tokens, prefix_ids = cfg_rows(ids, num_images, processor.pad_id)
     prefix = backend.run("embed", {"input_ids": prefix_ids.numpy()})["inputs_embeds"]
     mask = generation_mask(num_images, prefix.shape[1], cfg.num_gen_tokens).numpy().astype(np.int64)

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny checkpoint per session, written by the project's own factory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from janusflow_ref.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from janusflow_ref.weights import load_model
+
+    return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tiny_dir):
+    from janusflow_ref.vae import load_vae
+
+    return load_vae(tiny_dir / "vae")
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_dir):
+    from janusflow_ref.processor import Processor
+
+    return Processor(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def test_image(tmp_path_factory):
+    rng = np.random.RandomState(0)
+    path = tmp_path_factory.mktemp("img") / "noise.png"
+    Image.fromarray((rng.rand(200, 300, 3) * 255).astype(np.uint8)).save(path)
+    return path
