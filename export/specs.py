@@ -175,14 +175,15 @@ def dummy_inputs(spec: GraphSpec, seed: int = 0, **sizes: int) -> dict[str, np.n
 
 
 def compare(out: np.ndarray, ref: np.ndarray, tol: Tol) -> dict[str, float | bool]:
-    """max abs, max rel (over |ref| > atol), cosine; ok when within `tol` (shape mismatch -> not ok)."""
+    """max abs, max rel, cosine; ok when within `tol` (shape mismatch -> not ok). max rel is taken where
+    the relative term dominates the bound (|ref| > atol / rtol): elsewhere only the abs floor means much."""
     if out.shape != ref.shape:
         return {"max_abs": float("inf"), "max_rel": float("inf"), "cosine": 0.0, "ok": False}
     a, r = out.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
     if a.size == 0:
         return {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0, "ok": True}
     err = np.abs(a - r)
-    big = np.abs(r) > tol.atol
+    big = np.abs(r) > tol.atol / tol.rtol
     max_rel = float((err[big] / np.abs(r[big])).max()) if big.any() else 0.0
     na, nr = np.linalg.norm(a), np.linalg.norm(r)
     cosine = float(a @ r / (na * nr)) if na > 0 and nr > 0 else float(na == nr)
