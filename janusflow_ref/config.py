@@ -178,7 +178,8 @@ def parse_config(raw: dict[str, Any], sha256: str = "") -> JanusFlowConfig:
     model_name = und.get("model_name", "siglip_large_patch16_384")
     if model_name not in SIGLIP_PRESETS:
         raise CheckpointError(
-            f"config.json: vision_und_enc_config.params.model_name {model_name!r} is not one of {sorted(SIGLIP_PRESETS)}"
+            f"config.json: vision_und_enc_config.params.model_name {model_name!r} is not one of "
+            f"{sorted(SIGLIP_PRESETS)}"
         )
     preset = dict(SIGLIP_PRESETS[model_name])
     for k in ("width", "heads", "patch_size", "mlp_ratio"):

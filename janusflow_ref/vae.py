@@ -26,7 +26,7 @@ def load_vae(vae_dir: str | Path, dtype: torch.dtype = torch.float32):
         raise CheckpointError(f"VAE directory {vae_dir} has no config.json (expected diffusers AutoencoderKL layout)")
     try:
         vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load VAE from {vae_dir}: {str(e).splitlines()[0]}") from None
     if vae.config.latent_channels != 4:
         raise CheckpointError(f"VAE in {vae_dir} has {vae.config.latent_channels} latent channels; JanusFlow needs 4")

@@ -61,7 +61,8 @@ def check_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) 
         raise CheckpointError(f"checkpoint has unexpected key {unexpected[0]}{more}")
     for k, shape in expected.items():
         if tuple(state[k].shape) != tuple(shape):
-            raise CheckpointError(f"checkpoint key {k} has shape {tuple(state[k].shape)}, config expects {tuple(shape)}")
+            raise CheckpointError(
+                f"checkpoint key {k} has shape {tuple(state[k].shape)}, config expects {tuple(shape)}")
 
 
 def expected_shapes(cfg: JanusFlowConfig) -> dict[str, torch.Size]:

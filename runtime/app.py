@@ -82,7 +82,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
         t1 = time.perf_counter()
         z = z0.numpy()
-        for z in text2img.euler_loop(backend, cache, z, args.steps, args.cfg):
+        for z in text2img.euler_loop(backend, cache, z0.numpy(), args.steps, args.cfg):
             bar.update(1)
         t2 = time.perf_counter()
         decoded = text2img.vae_decode(backend, z)

@@ -8,7 +8,6 @@ feeds / results are dicts of numpy arrays keyed by the graph spec's input / outp
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -37,20 +36,11 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def llm_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return (["inputs_embeds", "attention_mask", "position_ids", *past],
-            ["last_hidden_state", "logits", *present])
+def io_names(cfg: JanusFlowConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Input/output names per graph, from the one spec per graph (export/specs.py)."""
+    from export.specs import build_specs
 
-
-IO_NAMES = {
-    "siglip": (["pixel_values"], ["image_embeds"]),
-    "embed": (["input_ids"], ["inputs_embeds"]),
-    "gen_enc": (["z", "t"], ["z_emb", "t_emb", "skip"]),
-    "gen_dec": (["hidden", "skip", "t_emb", "z", "cfg_weight", "dt"], ["velocity", "z_next"]),
-    "vae_dec": (["latents"], ["image"]),
-}
+    return {name: (spec.input_names, spec.output_names) for name, spec in build_specs(cfg).items()}
 
 
 class TorchBackend:
@@ -67,7 +57,7 @@ class TorchBackend:
                         "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
             self.modules["vae_dec"] = VAEDecGraph(vae)
-        self.io = dict(IO_NAMES, llm=llm_io_names(self.cfg.llm.num_hidden_layers))
+        self.io = io_names(self.cfg)
 
     @torch.inference_mode()
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,24 +69,16 @@ class TorchBackend:
 
 
 def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
-    d = Path(artifacts)
-    path = d / "manifest.json"
-    if not path.is_file():
-        raise CheckpointError(f"no manifest.json in {d} (run `janusflow export` first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("config_sha256") != cfg.sha256:
-        raise CheckpointError(
-            f"{path} was exported from another checkpoint config (sha256 {str(manifest.get('config_sha256'))[:12]}, "
-            f"this model {cfg.sha256[:12]}); re-export"
-        )
+    """The export manifest, refused if it is from another config, another janusflow-trt major version,
+    or if a graph file is missing or changed."""
+    from export.manifest import load_checked
     from runtime import __version__
 
-    if manifest.get("janusflow_trt_version", __version__).split(".")[0] != __version__.split(".")[0]:
-        raise CheckpointError(f"{path} was written by janusflow-trt {manifest.get('janusflow_trt_version')}; "
-                              f"this is {__version__}: re-export")
+    manifest = load_checked(Path(artifacts), cfg)
+    theirs = str(manifest.get("janusflow_trt_version", "?"))
+    if theirs.split(".")[0] != __version__.split(".")[0]:
+        raise CheckpointError(f"{artifacts}/manifest.json was written by janusflow-trt {theirs}; this is "
+                              f"{__version__}: re-export")
     return manifest
 
 
@@ -124,7 +106,7 @@ class OrtBackend:
         self.providers = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"]
                                        if "CUDAExecutionProvider" in avail else ["CPUExecutionProvider"])
         self.sessions: dict = {}
-        self.io = dict(IO_NAMES, llm=llm_io_names(cfg.llm.num_hidden_layers))
+        self.io = io_names(cfg)
 
     def session(self, graph: str):
         if graph not in self.sessions:
