@@ -46,6 +46,8 @@ class EmbedGraph(nn.Module):
 
 def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
             past_v: torch.Tensor, bias_past: torch.Tensor, bias_new: torch.Tensor):
+    """Attention over [cached slots | new tokens] without concatenating K/V: the softmax is taken
+    jointly over the two score blocks (shared max, shared denominator)."""
     attn = layer.self_attn
     b, s, _ = x.shape
     hd = attn.head_dim
@@ -55,11 +57,12 @@ def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     groups = attn.num_key_value_groups
     kp, vp, kn, vn = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (past_k, past_v, k, v))
-    scores = torch.cat([q @ kp.transpose(-1, -2), q @ kn.transpose(-1, -2)], dim=-1) * attn.scaling
-    scores = scores + torch.cat([bias_past, bias_new], dim=-1)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    c = kp.shape[2]
-    out = probs[..., :c] @ vp + probs[..., c:] @ vn
+    q = q * attn.scaling
+    sp = q @ kp.transpose(-1, -2) + bias_past  # [B,nh,S,C]
+    sn = q @ kn.transpose(-1, -2) + bias_new  # [B,nh,S,S]
+    m = torch.maximum(sp.amax(-1, keepdim=True), sn.amax(-1, keepdim=True))
+    ep, en = torch.exp(sp - m), torch.exp(sn - m)
+    out = (ep @ vp + en @ vn) / (ep.sum(-1, keepdim=True) + en.sum(-1, keepdim=True))
     out = attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
     return out, k, v
 
@@ -83,7 +86,7 @@ class LLMGraph(nn.Module):
         s = inputs_embeds.shape[1]
         c = past[0].shape[2]
         valid = attention_mask.to(torch.bool)
-        bias_past = torch.where(valid[:, None, None, :c], 0.0, NEG).to(inputs_embeds.dtype).expand(-1, 1, s, c)
+        bias_past = torch.where(valid[:, None, None, :c], 0.0, NEG).to(inputs_embeds.dtype)  # [B,1,1,C]
         causal = torch.ones(s, s, dtype=torch.bool, device=inputs_embeds.device).tril()
         new_ok = causal[None, None] & valid[:, None, None, c:]
         bias_new = torch.where(new_ok, 0.0, NEG).to(inputs_embeds.dtype)

@@ -1,0 +1,348 @@
+"""`janusflow bench`: per-stage latency of the official-style eager pipeline (the baseline) and of
+our runtime backends, side by side in one process, with this machine's floors measured in the same
+run. Warm-up excluded; medians of repeats; thread settings explicit and reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from janusflow_ref import generation as ref_gen
+from janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_ref.processor import Processor
+from janusflow_ref.sampling import SamplingParams
+from janusflow_ref.understanding import chat as ref_chat
+from runtime import text2img
+from runtime.chat import chat as rt_chat
+from runtime.chat import decode_one_token, llm_step, new_cache, prefill
+
+from . import floors
+
+PROMPT = "A cute and adorable baby fox with big brown eyes, autumn leaves in the background, highly detailed."
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median wall time in ms after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class Baseline:
+    """The official demo's pipeline, eager: HF generate-style DynamicCache decode, prompt recomputed
+    at every Euler step."""
+
+    name = "baseline"
+
+    def __init__(self, model, vae, processor):
+        self.m, self.vae, self.p = model, vae, processor
+
+    @torch.inference_mode()
+    def siglip(self, px):
+        return self.m.encode_image(torch.from_numpy(px))
+
+    @torch.inference_mode()
+    def prefill(self, embeds):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.m.cfg.llm)
+        out = self.m.language_model(inputs_embeds=torch.from_numpy(embeds), cache=cache, use_cache=True)
+        return out, cache
+
+    def ttft(self, image, question):
+        return ref_chat(self.m, self.p, image, question, SamplingParams(max_new_tokens=1))
+
+    @torch.inference_mode()
+    def decode_ms(self, embeds, tokens: int) -> float:
+        out, cache = self.prefill(embeds)
+        tok = int(out.logits[0, -1].argmax())
+        times = []
+        for _ in range(tokens + 2):
+            t0 = time.perf_counter()
+            out = self.m.language_model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[2:]) * 1e3
+
+    @torch.inference_mode()
+    def euler_ms(self, z, repeat: int) -> dict[str, float]:
+        prefix, mask = ref_gen.prompt_prefix(self.m, self.p, PROMPT, z.shape[0])
+        z_in = torch.from_numpy(np.concatenate([z, z]))
+        t = torch.full((z_in.shape[0],), 500.0)
+        z_emb, t_emb, skip = self.m.gen_encode(z_in, t)
+        llm_in = torch.cat([prefix, t_emb.unsqueeze(1), z_emb], dim=1)
+        hidden = self.m.language_model.model(inputs_embeds=llm_in, attention_mask=mask).last_hidden_state
+        g = z_emb.shape[1]
+        return {
+            "enc": timed(lambda: self.m.gen_encode(z_in, t), repeat),
+            "llm": timed(lambda: self.m.language_model.model(inputs_embeds=llm_in, attention_mask=mask), repeat),
+            "dec": timed(lambda: self.m.gen_decode(hidden[:, -g:], skip, t_emb), repeat),
+        }
+
+    @torch.inference_mode()
+    def vae_ms(self, z, repeat: int) -> float:
+        zt = torch.from_numpy(z)
+        return timed(lambda: ref_gen.vae_decode(self.vae, zt), repeat)
+
+    @torch.inference_mode()
+    def image_s(self, z, steps: int) -> float:
+        t0 = time.perf_counter()
+        prefix, mask = ref_gen.prompt_prefix(self.m, self.p, PROMPT, z.shape[0])
+        for zz in ref_gen.euler_steps(self.m, prefix, mask, torch.from_numpy(z), steps, 2.0):
+            pass
+        ref_gen.vae_decode(self.vae, zz)
+        return (time.perf_counter() - t0) / z.shape[0]
+
+
+class Runtime:
+    """Our pipelines over one backend (static KV cache, prefix prefilled once)."""
+
+    def __init__(self, backend, cfg: JanusFlowConfig, processor):
+        self.b, self.cfg, self.p, self.name = backend, cfg, processor, backend.name
+
+    def siglip(self, px):
+        return self.b.run("siglip", {"pixel_values": px})
+
+    def prefill(self, embeds):
+        cache = new_cache(self.cfg, 1, embeds.shape[1] + 64)
+        return prefill(self.b, cache, embeds), cache
+
+    def ttft(self, image, question):
+        return rt_chat(self.b, self.cfg, self.p, image, question, SamplingParams(max_new_tokens=1))
+
+    def decode_ms(self, embeds, tokens: int) -> float:
+        logits, cache = self.prefill(embeds)
+        tok = int(logits[0].argmax())
+        times = []
+        for _ in range(tokens + 2):
+            t0 = time.perf_counter()
+            tok = int(decode_one_token(self.b, cache, tok)[0].argmax())
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[2:]) * 1e3
+
+    def euler_ms(self, z, repeat: int) -> dict[str, float]:
+        cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
+        z2 = np.concatenate([z, z]).astype(np.float32)
+        t = np.full((z2.shape[0],), 500.0, np.float32)
+        enc = self.b.run("gen_enc", {"z": z2, "t": t})
+        embeds = np.concatenate([enc["t_emb"][:, None], enc["z_emb"]], axis=1)
+        ones = np.ones(embeds.shape[:2], np.int64)
+        hidden = llm_step(self.b, cache, embeds, ones, write=False)["last_hidden_state"][:, 1:]
+        dec_feeds = {"hidden": np.ascontiguousarray(hidden), "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
+                     "cfg_weight": np.array([2.0], np.float32), "dt": np.array([1 / 30], np.float32)}
+        return {
+            "enc": timed(lambda: self.b.run("gen_enc", {"z": z2, "t": t}), repeat),
+            "llm": timed(lambda: llm_step(self.b, cache, embeds, ones, write=False), repeat),
+            "dec": timed(lambda: self.b.run("gen_dec", dec_feeds), repeat),
+        }
+
+    def vae_ms(self, z, repeat: int) -> float:
+        return timed(lambda: text2img.vae_decode(self.b, z), repeat)
+
+    def image_s(self, z, steps: int) -> float:
+        t0 = time.perf_counter()
+        cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
+        for zz in text2img.euler_loop(self.b, cache, z, steps, 2.0):
+            pass
+        text2img.vae_decode(self.b, zz)
+        return (time.perf_counter() - t0) / z.shape[0]
+
+
+def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_steps, log) -> dict:
+    r: dict = {}
+    ci = processor.chat_inputs(image, "Describe this image in detail.")
+    px = ci.pixel_values.numpy()
+    r["siglip_ms"] = timed(lambda: runner.siglip(px), repeat)
+    rng = np.random.default_rng(0)
+    emb = (rng.standard_normal((1, ci.input_ids.shape[1], cfg.hidden)) * 0.5).astype(np.float32)
+    r["prefill_tokens"] = int(emb.shape[1])
+    r["prefill_ms"] = timed(lambda: runner.prefill(emb), repeat)
+    r["ttft_ms"] = timed(lambda: runner.ttft(image, "Describe this image in detail."), repeat)
+    log(f"  {runner.name}: siglip {r['siglip_ms']:.1f} ms, prefill {r['prefill_ms']:.1f} ms, TTFT {r['ttft_ms']:.1f} ms")
+    r["decode_ms"] = {}
+    for ctx in contexts:
+        e = (rng.standard_normal((1, ctx, cfg.hidden)) * 0.5).astype(np.float32)
+        r["decode_ms"][str(ctx)] = runner.decode_ms(e, decode_tokens)
+        log(f"  {runner.name}: decode @ {ctx}: {r['decode_ms'][str(ctx)]:.2f} ms/token")
+    z = rng.standard_normal((1, 4, 48, 48)).astype(np.float32)
+    r["euler_ms"] = runner.euler_ms(z, repeat)
+    r["euler_ms"]["step"] = sum(r["euler_ms"].values())
+    r["vae_ms"] = runner.vae_ms(z, repeat)
+    log(f"  {runner.name}: Euler step {r['euler_ms']['step']:.1f} ms "
+        f"(enc {r['euler_ms']['enc']:.1f} / llm {r['euler_ms']['llm']:.1f} / dec {r['euler_ms']['dec']:.1f}), "
+        f"VAE {r['vae_ms']:.1f} ms")
+    r["e2e_steps"] = e2e_steps
+    r["s_per_image"] = runner.image_s(z, e2e_steps)
+    r["rss_mb_after"] = rss_mb()
+    return r
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import diffusers
+    import onnxruntime
+    import transformers
+
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": threads,
+            "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__, "diffusers": diffusers.__version__}
+
+
+def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
+    gflops, gbs = floors.gemm_gflops(), floors.read_gbs()
+    result["floors"] = {"gemm_gflops": gflops, "read_gbs": gbs}
+    ours = floors.euler_step_flops(cfg, 2, prefix_len, recompute_prefix=False)
+    official = floors.euler_step_flops(cfg, 2, prefix_len, recompute_prefix=True)
+    result["floors"]["euler_step_gflop"] = {"runtime": sum(ours.values()) / 1e9,
+                                            "official_loop": sum(official.values()) / 1e9,
+                                            "runtime_parts": {k: v / 1e9 for k, v in ours.items()}}
+    for name, r in result["backends"].items():
+        flop = official if name == "baseline" else ours
+        floor_ms = sum(flop.values()) / (gflops * 1e9) * 1e3
+        r["euler_floor_ms"] = floor_ms
+        r["euler_vs_floor"] = r["euler_ms"]["step"] / floor_ms
+        r["decode_floor_ms"] = {c: floors.decode_bytes(cfg, int(c)) / (gbs * 1e9) * 1e3 for c in r["decode_ms"]}
+        r["decode_vs_floor"] = {c: r["decode_ms"][c] / r["decode_floor_ms"][c] for c in r["decode_ms"]}
+
+
+def ratios(result: dict) -> None:
+    base = result["backends"].get("baseline")
+    if base is None:
+        return
+    for r in result["backends"].values():
+        r["speedup_vs_baseline"] = {
+            "siglip": base["siglip_ms"] / r["siglip_ms"], "prefill": base["prefill_ms"] / r["prefill_ms"],
+            "ttft": base["ttft_ms"] / r["ttft_ms"],
+            **{f"decode@{c}": base["decode_ms"][c] / r["decode_ms"][c] for c in r["decode_ms"]},
+            "euler_step": base["euler_ms"]["step"] / r["euler_ms"]["step"], "vae": base["vae_ms"] / r["vae_ms"],
+            "image": base["s_per_image"] / r["s_per_image"],
+        }
+
+
+def markdown(result: dict) -> str:
+    names = list(result["backends"])
+    b = result["backends"]
+    ctxs = list(next(iter(b.values()))["decode_ms"])
+    rows = [("SigLIP ms", lambda r: r["siglip_ms"]), (f"prefill ms ({next(iter(b.values()))['prefill_tokens']} tok)",
+                                                       lambda r: r["prefill_ms"]),
+            ("TTFT ms", lambda r: r["ttft_ms"])]
+    for c in ctxs:
+        rows.append((f"decode ms/token @ {c}", lambda r, c=c: r["decode_ms"][c]))
+        rows.append((f"tokens/s @ {c}", lambda r, c=c: 1e3 / r["decode_ms"][c]))
+    rows += [("Euler step ms", lambda r: r["euler_ms"]["step"]), ("  encoder ms", lambda r: r["euler_ms"]["enc"]),
+             ("  LLM ms", lambda r: r["euler_ms"]["llm"]), ("  decoder ms", lambda r: r["euler_ms"]["dec"]),
+             ("VAE ms", lambda r: r["vae_ms"]),
+             (f"s/image ({next(iter(b.values()))['e2e_steps']} steps)", lambda r: r["s_per_image"])]
+    if "floors" in result:
+        rows += [("Euler step / FLOP floor", lambda r: r["euler_vs_floor"])]
+        rows += [(f"decode / bandwidth floor @ {c}", lambda r, c=c: r["decode_vs_floor"][c]) for c in ctxs]
+    out = ["| stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, f in rows:
+        cells = []
+        for n in names:
+            v = f(b[n])
+            s = b[n].get("speedup_vs_baseline", {})
+            key = {"SigLIP ms": "siglip", "TTFT ms": "ttft", "Euler step ms": "euler_step", "VAE ms": "vae"}.get(label)
+            if label.startswith("decode ms"):
+                key = "decode@" + label.rsplit(" ", 1)[1]
+            elif label.startswith("prefill"):
+                key = "prefill"
+            elif label.startswith("s/image"):
+                key = "image"
+            extra = f" ({s[key]:.2f}x)" if key and n != "baseline" and key in s else ""
+            cells.append(f"{v:.3g}{extra}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = result["backends"]
+    ctxs = list(next(iter(b.values()))["decode_ms"])
+    stages = ["siglip", "prefill", "ttft", *[f"decode@{c}" for c in ctxs], "euler step", "vae"]
+
+    def vals(r):
+        return [r["siglip_ms"], r["prefill_ms"], r["ttft_ms"], *[r["decode_ms"][c] for c in ctxs],
+                r["euler_ms"]["step"], r["vae_ms"]]
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(b)
+    x = np.arange(len(stages))
+    for i, (name, r) in enumerate(b.items()):
+        ax.bar(x + i * width, vals(r), width, label=name)
+    ax.set_xticks(x + width * (len(b) - 1) / 2, stages, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    ax.set_title(f"JanusFlow {result['size']} on {result['machine']['cpu'][:40]}, {result['machine']['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: list[str], contexts: list[int],
+              threads: int, repeat: int = 3, decode_tokens: int = 16, e2e_steps: int = 30, size: str = "?",
+              log: Callable[[str], None] = print) -> dict:
+    from janusflow_ref.vae import load_vae
+    from janusflow_ref.weights import load_model
+    from runtime.backends import OrtBackend, TorchBackend
+
+    torch.set_num_threads(threads)
+    cfg = load_config(model_dir)
+    processor = Processor(model_dir)
+    image = Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8))
+    result = {"size": size, "model": str(model_dir), "machine": machine_info(threads), "contexts": contexts,
+              "repeat": repeat, "backends": {}}
+    model = load_model(model_dir)
+    vae = load_vae(model_dir / "vae")
+    log(f"loaded model (RSS {rss_mb():.0f} MB)")
+    runners = {"baseline": lambda: Baseline(model, vae, processor),
+               "torch-fast": lambda: Runtime(TorchBackend(model, vae, threads), cfg, processor),
+               "ort": lambda: Runtime(OrtBackend(artifacts, cfg, threads), cfg, processor)}
+    for name in backends:
+        log(f"benchmarking {name} ...")
+        result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,
+                                           e2e_steps, log)
+    prefix_len = len(processor.generation_ids(PROMPT)) - 1
+    add_floors(result, cfg, prefix_len)
+    ratios(result)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "bench.md").write_text(markdown(result))
+    chart(result, out_dir / "bench.png")
+    return result

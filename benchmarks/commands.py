@@ -1,0 +1,72 @@
+"""`janusflow bench`: registered into the main CLI."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from janusflow_ref.errors import InputError
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise InputError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def cmd_bench(args) -> int:
+    # Busy-waiting OpenMP threads on a 2-core machine slow everything else down many-fold; set before
+    # torch starts its thread pool (torch is imported lazily below) and report it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from runtime.backends import physical_cores
+
+    from .bench import run_bench
+
+    threads = args.threads or physical_cores()
+    backends = [b for b in args.backends.split(",") if b]
+    for b in backends:
+        if b not in ("baseline", "torch-fast", "ort"):
+            raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort)")
+    contexts = _ints(args.contexts)
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix="janusflow-bench-"))
+    model = Path(args.model) if args.model else None
+    if model is None:
+        from janusflow_ref.tiny import make_tiny
+
+        print(f"making a {args.size} checkpoint ...")
+        model = make_tiny(work / args.size, size=args.size, seed=0)
+    artifacts = Path(args.artifacts) if args.artifacts else None
+    if "ort" in backends and artifacts is None:
+        from export.onnx_export import export_graphs
+
+        print("exporting graphs for the ort backend ...")
+        artifacts = work / "onnx"
+        export_graphs(model, None, artifacts)
+    quick = args.quick
+    res = run_bench(model, artifacts, out, backends, contexts, threads, repeat=1 if quick else args.repeat,
+                    decode_tokens=4 if quick else 16, e2e_steps=args.steps, size=args.size if not args.model
+                    else str(args.model))
+    print((out / "bench.md").read_text())
+    print(f"peak RSS {res['peak_rss_mb']:.0f} MB; wrote {out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="per-stage latency, backends side by side, ratios vs the official-style baseline")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: make a --size checkpoint on the fly)")
+    p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    p.add_argument("--artifacts", default=None, help="export dir for the ort backend (default: export on the fly)")
+    p.add_argument("--backends", default="baseline,torch-fast,ort")
+    p.add_argument("--contexts", default="64,256,1024", help="decode contexts")
+    p.add_argument("--steps", type=int, default=30, help="Euler steps for the end-to-end s/image")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="one repeat, few decode tokens (demo/CI smoke)")
+    p.add_argument("--out", default="bench_out")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,82 @@
+"""This machine's physical floors, measured in the same run as the benchmark, and the work each
+stage must do (FLOPs / bytes) counted from the config."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
+
+
+def _best(fn, repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_gflops(n: int = 1024, repeat: int = 10) -> float:
+    """Measured FP32 GEMM rate (torch.mm, current thread count), GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _best(lambda: torch.mm(a, b), repeat) / 1e9
+
+
+def read_gbs(mbytes: int = 512, repeat: int = 5) -> float:
+    """Measured memory read bandwidth (a reduction over a buffer far larger than the caches), GB/s."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    return x.numel() * 4 / _best(lambda: x.sum(), repeat) / 1e9
+
+
+def llm_layer_params(cfg: JanusFlowConfig) -> int:
+    llm, h = cfg.llm, cfg.hidden
+    hd = h // llm.num_attention_heads
+    kv = llm.num_key_value_heads * hd
+    return 2 * h * h + 2 * h * kv + 3 * h * llm.intermediate_size
+
+
+def llm_flops(cfg: JanusFlowConfig, rows: int, new: int, past: int, logits: bool = False) -> float:
+    """Matmul FLOPs of one LLM call: rows x new tokens attending to past + new keys."""
+    h, layers = cfg.hidden, cfg.llm.num_hidden_layers
+    dense = 2 * llm_layer_params(cfg) * rows * new * layers
+    attn = 2 * 2 * rows * new * (past + new) * h * layers
+    head = 2 * h * cfg.llm.vocab_size * rows if logits else 0
+    return dense + attn + head
+
+
+def convnext_flops(c: int, pixels: int, blocks: int, hidden: int) -> float:
+    return blocks * (pixels * (2 * 49 * c + 2 * 2 * c * 4 * c) + 2 * hidden * 2 * c)
+
+
+def gen_enc_flops(cfg: JanusFlowConfig, rows: int) -> float:
+    e, h, g = cfg.gen_enc, cfg.hidden, cfg.num_gen_tokens
+    c = e.channels
+    conv = 2 * LATENT_CHANNELS * e.kernel_size**2 * c * g
+    temb = 2 * (e.block_out_channels[0] * h + h * h)
+    return rows * (conv + temb + convnext_flops(c, g, e.layers_in_middle, h) + 2 * c * h * g)
+
+
+def gen_dec_flops(cfg: JanusFlowConfig, rows: int) -> float:
+    d, h, g = cfg.gen_dec, cfg.hidden, cfg.num_gen_tokens
+    c2 = d.in_channels + d.block_out_channels[-1]
+    unpatch = 2 * c2 * LATENT_CHANNELS * 4 * g
+    return rows * (2 * h * d.in_channels * g + convnext_flops(c2, g, d.layers_in_middle, h) + unpatch)
+
+
+def euler_step_flops(cfg: JanusFlowConfig, rows: int, prefix: int, recompute_prefix: bool) -> dict[str, float]:
+    """FLOPs per Euler step; recompute_prefix=True is the official loop (prompt re-run every step)."""
+    g1 = 1 + cfg.num_gen_tokens
+    llm = (llm_flops(cfg, rows, prefix + g1, 0) if recompute_prefix else llm_flops(cfg, rows, g1, prefix))
+    return {"enc": gen_enc_flops(cfg, rows), "llm": llm, "dec": gen_dec_flops(cfg, rows)}
+
+
+def decode_bytes(cfg: JanusFlowConfig, context: int, dtype_bytes: int = 4) -> float:
+    """Bytes one decode token must read: every LLM weight, the LM head and the K/V of the context."""
+    h, layers = cfg.hidden, cfg.llm.num_hidden_layers
+    kv = cfg.llm.num_key_value_heads * (h // cfg.llm.num_attention_heads)
+    weights = layers * llm_layer_params(cfg) + h * cfg.llm.vocab_size
+    return dtype_bytes * (weights + 2 * layers * context * kv)
