@@ -116,7 +116,8 @@ def build_specs(cfg: JanusFlowConfig, vae_upscale: int = 8) -> dict[str, GraphSp
     specs["llm"] = GraphSpec(
         "llm",
         [T("inputs_embeds", f32, "B", "S", h), T("attention_mask", "int64", "B", "M"),
-         T("position_ids", "int64", "B", "S"), *[T(n, f32, "B", n_kv, "C", hd) for n in kv_names(L, "past_key_values")]],
+         T("position_ids", "int64", "B", "S"),
+         *[T(n, f32, "B", n_kv, "C", hd) for n in kv_names(L, "past_key_values")]],
         [T("last_hidden_state", f32, "B", "S", h, tol=default), T("logits", f32, "B", V, tol=loose),
          *[T(n, f32, "B", n_kv, "S", hd, tol=default) for n in kv_names(L, "present")]],
         syms)

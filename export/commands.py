@@ -1,0 +1,68 @@
+"""`janusflow export` and `janusflow verify` subcommands (registered by runtime/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from janusflow_ref.errors import JanusFlowError
+
+
+def _default_vae(model: str, vae: str | None) -> str | None:
+    if vae is not None:
+        return vae
+    d = Path(model) / "vae"
+    return str(d) if d.is_dir() else None
+
+
+def cmd_export(args) -> int:
+    from .onnx_export import export_graphs, parse_graphs
+
+    graphs = parse_graphs(args.graphs)  # unknown names fail before anything is loaded
+    m = export_graphs(args.model, _default_vae(args.model, args.vae), args.out, graphs=graphs, opset=args.opset,
+                      progress=not args.quiet)
+    for name, g in m["graphs"].items():
+        print(f"{name:8} {g['exporter']:7} {g['seconds']:7.1f} s  peak RSS {g['peak_rss_mb']:8.0f} MB  {g['file']}")
+    print(f"wrote {len(m['graphs'])} graph(s) and manifest.json to {args.out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.model, args.artifacts, _default_vae(args.model, args.vae), print_table=True)
+    if not report.ok:
+        for line in report.failure_lines():
+            print(f"FAIL {line}", file=sys.stderr)
+        return 1
+    print(f"parity ok: {len(report.rows)} outputs checked")
+    return 0
+
+
+def _opset(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {s!r}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export the graphs to ONNX (OUT/manifest.json)")
+    p.add_argument("--model", required=True, help="checkpoint directory (official JanusFlow layout)")
+    p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--graphs", default=None, 
+                   help="comma list of siglip,embed,llm,gen_enc,gen_dec,vae_dec (default all)")
+    p.add_argument("--opset", type=_opset, default=18)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("verify", help="ONNX Runtime vs torch parity of an export directory")
+    p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
+    p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
+    p.add_argument("--vae", default=None, help="SDXL-VAE directory (default MODEL/vae)")
+    p.set_defaults(func=cmd_verify)
+
+
+__all__ = ["register", "JanusFlowError"]

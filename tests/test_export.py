@@ -1,0 +1,287 @@
+"""ONNX export + verification on a tiny random checkpoint (all graphs exported once per session)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import onnx_export
+from export.commands import register
+from export.manifest import sha256_file
+from export.onnx_export import ExportError, check_ops, export_graphs, ort_session
+from export.specs import GRAPH_NAMES, build_specs, compare, dummy_inputs, trt_profiles
+from export.verify import grow_cache, llm_feeds, verify
+from janusflow_ref.config import load_config
+from janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_ref.tiny import make_tiny
+from janusflow_ref.weights import load_model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", size="tiny", seed=0, force=True)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    export_graphs(tiny, None, out, progress=False)
+    return out
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# -- export + verify ---------------------------------------------------------------------------------
+def test_export_and_verify_pass(tiny, exported, capsys):
+    report = verify(tiny, exported)
+    assert report.ok, report.failure_lines()
+    cases = {(r["graph"], r["case"]) for r in report.rows}
+    assert {g for g, _ in cases} == set(GRAPH_NAMES)
+    for case in ("chat past=0", "decode past=1", "decode past=7", "gen step"):
+        assert ("llm", case) in cases
+    assert "present.1.value" in capsys.readouterr().out  # the table is printed
+    assert cli(["verify", "--model", str(tiny), "--artifacts", str(exported)]) == 0
+
+
+def test_manifest(tiny, exported):
+    m = json.loads((exported / "manifest.json").read_text())
+    cfg = load_config(tiny)
+    specs = build_specs(cfg)
+    assert m["format_version"] == 1 and m["janusflow_trt_version"] == "0.1.0"
+    assert m["config_sha256"] == cfg.sha256 and m["config"] == json.loads((tiny / "config.json").read_text())
+    assert {"torch", "onnx", "onnxruntime", "transformers", "diffusers"} <= set(m["versions"])
+    assert list(m["graphs"]) == list(GRAPH_NAMES)
+    for name, g in m["graphs"].items():
+        assert sha256_file(exported / g["file"]) == g["sha256"]
+        assert g["opset"] == 18 and g["exporter"] == "dynamo" and g["seconds"] > 0 and g["peak_rss_mb"] > 0
+        assert [t["name"] for t in g["inputs"]] == specs[name].input_names
+        assert [t["name"] for t in g["outputs"]] == specs[name].output_names
+        model = onnx.load(str(exported / g["file"]))
+        assert [i.name for i in model.graph.input] == specs[name].input_names
+        assert [o.name for o in model.graph.output] == specs[name].output_names
+        for vi, t in zip(model.graph.input, specs[name].inputs, strict=True):
+            dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            assert dims == list(t.shape), (name, t.name)
+    llm = m["graphs"]["llm"]
+    n_layers = cfg.llm.num_hidden_layers
+    assert [t["name"] for t in llm["inputs"]][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert len(llm["outputs"]) == 2 + 2 * n_layers and llm["outputs"][-1]["name"] == f"present.{n_layers - 1}.value"
+    mask = llm["inputs"][1]
+    assert mask["shape"] == ["B", "M"] and mask["ranges"]["M"]["max"] == 2 * cfg.max_context
+    assert m["graphs"]["gen_dec"]["inputs"][0]["ranges"]["B"] == {"min": 2, "opt": 2, "max": 16}
+
+
+def test_specs_profiles_and_dummies(tiny):
+    specs = build_specs(load_config(tiny))
+    for spec in specs.values():
+        for name, (lo, opt, hi) in trt_profiles(spec).items():
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), name
+        for t in spec.inputs:
+            assert all(s >= 2 for s, d in zip(spec.shape(t), t.shape, strict=True) if isinstance(d, str))
+    p = trt_profiles(specs["llm"])
+    for w in range(3):  # mask length = C + S in every profile shape
+        assert p["attention_mask"][w][1] == p["past_key_values.0.key"][w][2] + p["inputs_embeds"][w][1]
+    d = dummy_inputs(specs["llm"])
+    assert set(np.unique(d["attention_mask"])) == {0, 1}
+    d = dummy_inputs(specs["gen_enc"])
+    assert ((0 <= d["t"]) & (d["t"] < 1000)).all() and d["z"].shape[0] % 2 == 0
+
+
+# -- KV cache path vs the HF LlamaModel full forward ---------------------------------------------------
+@pytest.fixture(scope="module")
+def hf(tiny):
+    return load_model(tiny).language_model
+
+
+def _hf_forward(lm, embeds: np.ndarray, mask: np.ndarray):
+    with torch.no_grad():
+        out = lm.model(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask),
+                       use_cache=True)
+        logits = lm.lm_head(out.last_hidden_state[:, -1]).numpy()
+    cache = getattr(out, "cache", None) or out.past_key_values
+    keys = [(layer.keys.numpy(), layer.values.numpy()) for layer in cache.layers]
+    return out.last_hidden_state.numpy(), logits, keys
+
+
+def _assert_close(spec, name, got, ref):
+    tol = next(t.tol for t in spec.outputs if t.name == name)
+    r = compare(got, ref, tol)
+    assert r["ok"], (name, r)
+
+
+@pytest.mark.parametrize("past", [0, 1, 7])
+def test_kv_cache_past_lengths_vs_hf(tiny, exported, hf, past):
+    cfg = load_config(tiny)
+    spec = build_specs(cfg)["llm"]
+    sess = ort_session(exported / "llm.onnx")
+    rng = np.random.default_rng(past)
+    new = 3
+    embeds = rng.standard_normal((2, past + new, cfg.hidden)).astype(np.float32)
+    ones = np.ones(embeds.shape[:2], np.int64)
+    names = spec.output_names
+    if past == 0:  # a fully masked capacity-1 buffer
+        feeds = llm_feeds(spec, embeds, ones, None, None)
+    else:
+        pre = dict(zip(names, sess.run(names, llm_feeds(spec, embeds[:, :past], ones[:, :past], None, None)),
+                       strict=True))
+        cache, valid = grow_cache(spec, pre, ones[:, :past], 2)  # two masked garbage slots
+        feeds = llm_feeds(spec, embeds[:, past:], ones[:, past:], cache, valid, past)
+    got = dict(zip(names, sess.run(names, feeds), strict=True))
+    hidden, logits, kv = _hf_forward(hf, embeds, ones)
+    _assert_close(spec, "last_hidden_state", got["last_hidden_state"], hidden[:, past:])
+    _assert_close(spec, "logits", got["logits"], logits)
+    for i, (k, v) in enumerate(kv):
+        _assert_close(spec, f"present.{i}.key", got[f"present.{i}.key"], k[:, :, past:])
+        _assert_close(spec, f"present.{i}.value", got[f"present.{i}.value"], v[:, :, past:])
+
+
+def test_generation_mask_vs_hf(tiny, exported, hf):
+    """Cond row sees the whole prompt; the uncond row only its first token; then a 4-token step."""
+    cfg = load_config(tiny)
+    spec = build_specs(cfg)["llm"]
+    sess = ort_session(exported / "llm.onnx")
+    plen, new = 6, 4
+    embeds = np.random.default_rng(5).standard_normal((2, plen + new, cfg.hidden)).astype(np.float32)
+    mask = np.ones((2, plen + new), np.int64)
+    mask[1, 1:plen] = 0
+    names = spec.output_names
+    pre = dict(zip(names, sess.run(names, llm_feeds(spec, embeds[:, :plen], mask[:, :plen], None, None)),
+                   strict=True))
+    cache, valid = grow_cache(spec, pre, mask[:, :plen], new)
+    got = dict(zip(names, sess.run(names, llm_feeds(spec, embeds[:, plen:], mask[:, plen:], cache, valid, plen)),
+                   strict=True))
+    hidden, logits, kv = _hf_forward(hf, embeds, mask)
+    _assert_close(spec, "last_hidden_state", got["last_hidden_state"], hidden[:, plen:])
+    _assert_close(spec, "logits", got["logits"], logits)
+    _assert_close(spec, "present.0.key", got["present.0.key"], kv[0][0][:, :, plen:])
+    # the mask matters: the uncond row differs from what the cond row's context gives
+    assert not np.allclose(got["last_hidden_state"][0], got["last_hidden_state"][1], atol=1e-3)
+
+
+# -- legacy fallback ------------------------------------------------------------------------------------
+def test_legacy_fallback(tiny, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("simulated dynamo failure")
+
+    monkeypatch.setattr(onnx_export, "export_dynamo", broken)
+    out = tmp_path / "legacy"
+    m = export_graphs(tiny, None, out, graphs="embed,gen_dec", progress=False)
+    for g in ("embed", "gen_dec"):
+        assert m["graphs"][g]["exporter"] == "legacy"
+        assert "simulated dynamo failure" in m["graphs"][g]["dynamo_error"]
+    report = verify(tiny, out, print_table=False)
+    assert report.ok, report.failure_lines()
+
+
+# -- refusals and bad inputs -------------------------------------------------------------------------
+def test_trt_unsupported_op_fails(tiny):
+    spec = build_specs(load_config(tiny))["embed"]
+    node = onnx.helper.make_node("BitShift", ["a", "b"], ["c"], direction="LEFT")
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], []))
+    with pytest.raises(ExportError, match="graph embed: op BitShift is not supported by the TensorRT"):
+        check_ops(model, spec)
+    header = (Path(onnx_export.__file__).parent / "data" / "trt_supported_ops.txt").read_text().splitlines()[0]
+    assert header.startswith("#") and "onnx-tensorrt" in header and "TensorRT 10" in header
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(JanusFlowError, match="no config.json"):
+        export_graphs(tmp_path / "empty", None, out, progress=False)
+    assert not out.exists() and not leftovers(tmp_path, "out")
+
+
+def test_corrupt_safetensors(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="corrupt or unreadable safetensors"):
+        export_graphs(bad, None, out, graphs="embed", progress=False)
+    assert not out.exists() and not leftovers(tmp_path, "out")
+
+
+def test_unknown_graph_name(tiny, tmp_path):
+    with pytest.raises(JanusFlowError, match="unknown graph 'vision'"):
+        cli(["export", "--model", str(tiny), "--out", str(tmp_path / "o"), "--graphs", "siglip,vision"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out(tiny, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JanusFlowError, match="cannot write --out"):
+        export_graphs(tiny, None, tmp_path / "file" / "out", graphs="embed", progress=False)
+
+
+def test_interrupted_export_keeps_previous_out(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export_graphs(tiny, None, out, graphs="embed", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = onnx_export._export_one, []
+
+    def interrupted(name, *a, **k):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(onnx_export, "_export_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_graphs(tiny, None, out, graphs="embed,gen_enc", progress=False)
+    assert calls == ["embed", "gen_enc"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not leftovers(tmp_path, "out")
+
+
+def test_verify_refusals(tiny, exported, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(exported, art)
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        verify(model, tmp_path)
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # same config, other bytes
+    with pytest.raises(CheckpointError, match="another config"):
+        verify(model, art)
+    with open(art / "embed.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match="graph embed: .* sha256 differs"):
+        verify(tiny, art)
+    (art / "siglip.onnx").unlink()
+    with pytest.raises(CheckpointError, match="graph siglip: file missing"):
+        verify(tiny, art)
+
+
+def test_verify_detects_parity_failure(tiny, exported, tmp_path, capsys):
+    """A graph with a wrong weight (manifest sha updated so only parity can catch it) -> exit 1."""
+    art = tmp_path / "art"
+    art.mkdir()
+    m = json.loads((exported / "manifest.json").read_text())
+    m["graphs"] = {"embed": m["graphs"]["embed"]}
+    model = onnx.load(str(exported / "embed.onnx"))
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w += 0.01
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, model.graph.initializer[0].name))
+    onnx.save(model, str(art / "embed.onnx"))
+    m["graphs"]["embed"]["sha256"] = sha256_file(art / "embed.onnx")
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert cli(["verify", "--model", str(tiny), "--artifacts", str(art)]) == 1
+    assert "graph embed" in capsys.readouterr().err
