@@ -106,7 +106,11 @@ class OrtBackend:
         self.providers = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"]
                                        if "CUDAExecutionProvider" in avail else ["CPUExecutionProvider"])
         self.sessions: dict = {}
-        self.io = io_names(cfg)
+        from export.specs import build_specs
+
+        self.specs = build_specs(cfg)
+        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        self.buffers = OutputBuffers()
 
     def session(self, graph: str):
         if graph not in self.sessions:
@@ -125,10 +129,46 @@ class OrtBackend:
         return self.sessions[graph]
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sess = self.session(graph)
-        ins, outs = self.io[graph]
-        res = sess.run(outs, {n: feeds[n] for n in ins})
-        return dict(zip(outs, res, strict=True))
+        """IOBinding: inputs bound in place (no copy), outputs written into preallocated buffers that
+        are reused across calls (see OutputBuffers for how long a result stays valid)."""
+        sess, spec = self.session(graph), self.specs[graph]
+        binding = sess.io_binding()
+        sizes: dict[str, int] = {}
+        for t in spec.inputs:
+            a = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
+            sizes.update((d, n) for d, n in zip(t.shape, a.shape, strict=True) if isinstance(d, str))
+            binding.bind_cpu_input(t.name, a)
+        if not self.on_cpu:
+            for t in spec.outputs:
+                binding.bind_output(t.name, "cuda")
+            sess.run_with_iobinding(binding)
+            return dict(zip(spec.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        out = {}
+        for t in spec.outputs:
+            shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
+            buf = self.buffers.get((graph, t.name, shape), shape, t.dtype)
+            binding.bind_output(t.name, "cpu", 0, buf.dtype, shape, buf.ctypes.data)
+            out[t.name] = buf
+        sess.run_with_iobinding(binding)
+        return out
+
+
+class OutputBuffers:
+    """Two preallocated buffers per (graph, output, shape), used in turn: a result stays valid until
+    the second next call of the same graph with the same shapes (callers copy what they keep longer;
+    alternating lets a step's output feed the next step's input, as z_next does)."""
+
+    def __init__(self):
+        self.pool: dict[tuple, list[np.ndarray]] = {}
+        self.turn: dict[tuple, int] = {}
+
+    def get(self, key: tuple, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        if key not in self.pool:
+            self.pool[key] = [np.empty(shape, dtype), np.empty(shape, dtype)]
+            self.turn[key] = 0
+        i = self.turn[key]
+        self.turn[key] = 1 - i
+        return self.pool[key][i]
 
 
 def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,

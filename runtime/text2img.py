@@ -44,7 +44,7 @@ def euler_loop(backend: Backend, cache, z: np.ndarray, steps: int, cfg_weight: f
         dec = backend.run("gen_dec", {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
                                       "cfg_weight": w, "dt": dt})
         z2 = dec["z_next"]
-        yield z2[:n]
+        yield z2[:n].copy()  # z2 is a backend buffer reused two steps later
 
 
 def vae_decode(backend: Backend, z: np.ndarray) -> np.ndarray:
