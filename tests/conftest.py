@@ -44,3 +44,13 @@ def test_image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "noise.png"
     Image.fromarray((rng.rand(200, 300, 3) * 255).astype(np.uint8)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_dir, tmp_path_factory):
+    """All six graphs of the tiny checkpoint, exported once per session."""
+    from export.onnx_export import export_graphs
+
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    export_graphs(tiny_dir, None, out, progress=False)
+    return out
