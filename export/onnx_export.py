@@ -4,6 +4,7 @@ OUT atomically with manifest.json."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -128,6 +129,11 @@ def _rename_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
     del model.graph.value_info[:]
 
 
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
+
+
 def _save(model: onnx.ModelProto, path: Path, big: bool) -> str | None:
     data = path.name + ".data"
     (path.parent / data).unlink(missing_ok=True)
@@ -139,18 +145,22 @@ def _save(model: onnx.ModelProto, path: Path, big: bool) -> str | None:
     return None
 
 
-def ort_session(path: Path | str, threads: int = 0):
+def ort_session(path: Path | str, threads: int = 0, lean: bool = False):
+    """CPU session; lean: no weight prepacking / arena (export-time checks of multi-GB graphs)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _run(path: Path, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort_session(path)
+    sess = ort_session(path, lean=True)
     return sess.run(spec.output_names, feeds)
 
 
@@ -164,18 +174,20 @@ def check_ops(model: onnx.ModelProto, spec: GraphSpec) -> list[str]:
 
 
 def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False) -> dict:
-    """Export `name` into tmp/name.onnx; -> manifest fields for it."""
+    """torch -> tmp/name.onnx (raw exporter output); -> {"exporter", ["dynamo_error"]}."""
     path = tmp / f"{name}.onnx"
     feeds = dummy_inputs(spec, seed=1)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    # the modules hold the whole model; the graph's own size is known only after export, so dynamo
+    # always writes external data first (no 2 GiB protobuf limit), and _save decides below
+    big_module = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     exporter, fallback_reason = "dynamo", None
     with export_patches(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             if force_legacy:
                 raise RuntimeError("legacy exporter forced")
-            export_dynamo(module, spec, args, path, opset, big)
+            export_dynamo(module, spec, args, path, opset, True)
         except Exception as e:  # any dynamo failure: the legacy TorchScript exporter gets a go
             fallback_reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             log.warning("graph %s: dynamo export failed (%s); falling back to the legacy exporter", name,
@@ -183,8 +195,24 @@ def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force
             for f in tmp.glob(f"{name}.onnx*"):
                 f.unlink()
             exporter = "legacy"
-            export_legacy(module, spec, args, path, opset, big)
+            try:
+                export_legacy(module, spec, args, path, opset, big_module)
+            except Exception as e2:
+                raise ExportError(f"graph {name}: dynamo export failed ({fallback_reason}) and the legacy "
+                                  f"exporter failed too ({type(e2).__name__}: {str(e2).strip()[:300]})") from e2
+    info = {"exporter": exporter}
+    if fallback_reason:
+        info["dynamo_error"] = fallback_reason
+    return info
+
+
+def _finish_one(name: str, spec: GraphSpec, tmp: Path) -> dict:
+    """ONNX-side work on tmp/name.onnx (no torch model needed): rename dims, check, infer shapes,
+    simplify + re-check, TensorRT op check; -> manifest fields."""
+    path = tmp / f"{name}.onnx"
+    feeds = dummy_inputs(spec, seed=1)
     model = onnx.load(str(path))
+    big = initializer_bytes(model) > EXTERNAL_DATA_BYTES
     _rename_dims(model, spec)
     data = _save(model, path, big)
     del model  # a full-size LLM proto is ~6 GB: do not hold it while ORT loads the file
@@ -194,10 +222,7 @@ def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force
     simplified = _simplify(path, spec, feeds, before, big)
     model = onnx.load(str(path), load_external_data=False)
     ops = check_ops(model, spec)
-    info = {"exporter": exporter, "simplified": simplified, "ops": ops, "nodes": len(model.graph.node)}
-    if fallback_reason:
-        info["dynamo_error"] = fallback_reason
-    return {"data": data, **info}
+    return {"data": data, "simplified": simplified, "ops": ops, "nodes": len(model.graph.node)}
 
 
 def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big: bool) -> bool | str:
@@ -301,15 +326,29 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
         cfg, mods = load_modules(model_dir, vae, names)
         specs = build_specs(cfg)
         entries: dict[str, dict] = {}
+        # phase 1 needs the torch model; phase 2 (checks, ORT, simplification) runs after it is freed:
+        # at full size the fp32 model (~8 GB) plus the LLM graph loaded 2-3 times does not fit in 24 GB
         bar = tqdm(names, desc="export", unit="graph", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
             with PeakRSS() as rss:
-                info = _export_one(name, mods[name], specs[name], tmp, opset, name in force_legacy)
-            data = info.pop("data")
-            info.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
-            entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, opset, info)
+                entries[name] = _export_one(name, mods[name], specs[name], tmp, opset, name in force_legacy)
+            entries[name].update(export_seconds=round(time.perf_counter() - t0, 2), export_peak_rss_mb=rss.peak_mb)
+        del mods
+        gc.collect()
+        bar = tqdm(names, desc="check", unit="graph", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            with PeakRSS() as rss:
+                info = _finish_one(name, specs[name], tmp)
+            e = entries[name]
+            e.update(info, check_seconds=round(time.perf_counter() - t0, 2), check_peak_rss_mb=rss.peak_mb)
+            e.update(seconds=round(e["export_seconds"] + e["check_seconds"], 2),
+                     peak_rss_mb=max(e["export_peak_rss_mb"], e["check_peak_rss_mb"]))
+            data = e.pop("data")
+            entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, opset, e)
         manifest = build_manifest(cfg, entries)
         write_manifest(tmp, manifest)
         _replace(tmp, out)

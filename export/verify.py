@@ -19,7 +19,7 @@ from janusflow_ref.errors import CheckpointError
 
 from .manifest import load_checked
 from .onnx_export import load_modules, ort_session
-from .specs import GraphSpec, build_specs, compare, dummy_inputs
+from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
 
 PROMPT_CHAT = "Describe the image."
 PROMPT_GEN = "a red fox"
@@ -178,6 +178,9 @@ def verify(model_dir: str | Path, artifacts_dir: str | Path, vae_dir: str | Path
     names = [n for n in manifest["graphs"]]
     if not names:
         raise CheckpointError(f"{art}/manifest.json lists no graphs")
+    unknown = [n for n in names if n not in GRAPH_NAMES]
+    if unknown:
+        raise CheckpointError(f"{art}/manifest.json lists unknown graph {unknown[0]!r}")
     # the torch side also needs embed/siglip/gen_enc to build realistic inputs for the others
     helpers = {"llm": ["embed", "siglip"], "gen_dec": ["gen_enc"]}
     need = sorted(set(names) | {h for n in names for h in helpers.get(n, [])})
