@@ -179,7 +179,8 @@ def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_
     r["prefill_tokens"] = int(emb.shape[1])
     r["prefill_ms"] = timed(lambda: runner.prefill(emb), repeat)
     r["ttft_ms"] = timed(lambda: runner.ttft(image, "Describe this image in detail."), repeat)
-    log(f"  {runner.name}: siglip {r['siglip_ms']:.1f} ms, prefill {r['prefill_ms']:.1f} ms, TTFT {r['ttft_ms']:.1f} ms")
+    log(f"  {runner.name}: siglip {r['siglip_ms']:.1f} ms, prefill {r['prefill_ms']:.1f} ms, "
+        f"TTFT {r['ttft_ms']:.1f} ms")
     r["decode_ms"] = {}
     for ctx in contexts:
         e = (rng.standard_normal((1, ctx, cfg.hidden)) * 0.5).astype(np.float32)
@@ -307,7 +308,8 @@ def chart(result: dict, path: Path) -> None:
     ax.set_xticks(x + width * (len(b) - 1) / 2, stages, rotation=20)
     ax.set_yscale("log")
     ax.set_ylabel("ms (log)")
-    ax.set_title(f"JanusFlow {result['size']} on {result['machine']['cpu'][:40]}, {result['machine']['threads']} threads")
+    m = result["machine"]
+    ax.set_title(f"JanusFlow {result['size']} on {m['cpu'][:40]}, {m['threads']} threads")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

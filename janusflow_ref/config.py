@@ -12,6 +12,7 @@ vision_und_enc params may override the SigLIP preset with `width`, `layers`, `he
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -157,7 +158,7 @@ def _sub(raw: dict[str, Any], key: str, expect_cls: str) -> dict[str, Any]:
 
 
 def _build(dc: type, params: dict[str, Any], where: str, tuples: tuple[str, ...] = ()) -> Any:
-    known = {f for f in dc.__dataclass_fields__}
+    known = {f.name for f in dataclasses.fields(dc)}
     kwargs = {}
     for k, v in params.items():
         if k in known:
