@@ -28,7 +28,11 @@ class StaticKVCache:
         self.capacity = cap
         shape = (self.batch, self.kv_heads, cap, self.head_dim)
         self.buffers = [np.zeros(shape, self.dtype) for _ in range(2 * self.num_layers)]
-        self.valid = np.zeros((self.batch, cap), np.int64)  # 1 where a slot holds an attendable key
+        # [B, cap + 1]: slot validity, then a constant 1 for the one new token of a decode step, so a
+        # decode step's attention_mask is this buffer as it stands (no per-token concatenation)
+        self._decode_mask = np.zeros((self.batch, cap + 1), np.int64)
+        self._decode_mask[:, cap] = 1
+        self.valid = self._decode_mask[:, :cap]  # 1 where a slot holds an attendable key
 
     def reserve(self, needed: int) -> None:
         """Make room for `needed` slots in total, keeping the contents (bucketed growth)."""
@@ -45,6 +49,8 @@ class StaticKVCache:
 
     def mask(self, new_mask: np.ndarray) -> np.ndarray:
         """[B, C + S]: slot validity, then the new tokens' own mask."""
+        if new_mask.shape[1] == 1 and new_mask.all():
+            return self._decode_mask
         return np.concatenate([self.valid, new_mask.astype(np.int64)], axis=1)
 
     def append(self, outputs: dict[str, np.ndarray], new_mask: np.ndarray) -> None:
