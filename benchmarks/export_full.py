@@ -36,12 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     m = export_graphs(ckpt, None, out, graphs=args.graphs, progress=True)
     total = time.perf_counter() - t0
     rows = []
-    print(f"{'graph':8} {'exporter':8} {'seconds':>8} {'peak RSS MB':>12} {'file MB':>9}  simplified")
+    print("phases: export = torch -> ONNX (model in memory); check = checker, ORT, onnxslim (model freed).")
+    print("RSS is the whole process: 'start' is what it held when the phase began.")
+    print(f"{'graph':8} {'exporter':8} {'export s':>9} {'start/peak MB':>15} {'check s':>8} {'start/peak MB':>15} "
+          f"{'file MB':>8}  simplified")
     for name, g in m["graphs"].items():
         size = sum(f.stat().st_size for f in out.glob(f"{name}.onnx*")) / 2**20
-        rows.append({"graph": name, "exporter": g["exporter"], "seconds": g["seconds"],
-                     "peak_rss_mb": g["peak_rss_mb"], "file_mb": round(size, 1), "simplified": g["simplified"]})
-        print(f"{name:8} {g['exporter']:8} {g['seconds']:8.1f} {g['peak_rss_mb']:12.0f} {size:9.0f}  {g['simplified']}")
+        keys = ("exporter", "seconds", "peak_rss_mb", "export_seconds", "export_start_rss_mb", "export_peak_rss_mb",
+                "check_seconds", "check_start_rss_mb", "check_peak_rss_mb", "simplified")
+        rows.append({"graph": name, "file_mb": round(size, 1), **{k: g[k] for k in keys}})
+        print(f"{name:8} {g['exporter']:8} {g['export_seconds']:9.1f} "
+              f"{g['export_start_rss_mb']:7.0f}/{g['export_peak_rss_mb']:<7.0f} {g['check_seconds']:8.1f} "
+              f"{g['check_start_rss_mb']:7.0f}/{g['check_peak_rss_mb']:<7.0f} {size:8.0f}  {g['simplified']}")
     print(f"total {total:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"total_s": round(total, 1), "graphs": rows}, indent=2))

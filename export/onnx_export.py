@@ -264,6 +264,17 @@ def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big:
     return True
 
 
+def _release_memory() -> None:
+    """gc, then hand freed heap back to the OS (glibc keeps it otherwise, and RSS would not drop)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakRSS:
     """Samples this process's RSS in a thread: peak during a `with` block (MB)."""
 
@@ -271,7 +282,8 @@ class PeakRSS:
         import psutil
 
         self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
-        self.peak = self.proc.memory_info().rss
+        self.peak = self.start = self.proc.memory_info().rss
+        self.start_mb = round(self.start / 2**20, 1)
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
         return self
@@ -334,9 +346,10 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             t0 = time.perf_counter()
             with PeakRSS() as rss:
                 entries[name] = _export_one(name, mods[name], specs[name], tmp, opset, name in force_legacy)
-            entries[name].update(export_seconds=round(time.perf_counter() - t0, 2), export_peak_rss_mb=rss.peak_mb)
+            entries[name].update(export_seconds=round(time.perf_counter() - t0, 2), export_peak_rss_mb=rss.peak_mb,
+                                 export_start_rss_mb=rss.start_mb)
         del mods
-        gc.collect()
+        _release_memory()
         bar = tqdm(names, desc="check", unit="graph", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
@@ -344,7 +357,9 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             with PeakRSS() as rss:
                 info = _finish_one(name, specs[name], tmp)
             e = entries[name]
-            e.update(info, check_seconds=round(time.perf_counter() - t0, 2), check_peak_rss_mb=rss.peak_mb)
+            e.update(info, check_seconds=round(time.perf_counter() - t0, 2), check_peak_rss_mb=rss.peak_mb,
+                     check_start_rss_mb=rss.start_mb)
+            _release_memory()
             e.update(seconds=round(e["export_seconds"] + e["check_seconds"], 2),
                      peak_rss_mb=max(e["export_peak_rss_mb"], e["check_peak_rss_mb"]))
             data = e.pop("data")
