@@ -20,20 +20,17 @@ from export.specs import GRAPH_NAMES, build_specs, compare, dummy_inputs, trt_pr
 from export.verify import grow_cache, llm_feeds, verify
 from janusflow_ref.config import load_config
 from janusflow_ref.errors import CheckpointError, JanusFlowError
-from janusflow_ref.tiny import make_tiny
 from janusflow_ref.weights import load_model
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", size="tiny", seed=0, force=True)
+def tiny(tiny_dir) -> Path:
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")
-def exported(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "onnx"
-    export_graphs(tiny, None, out, progress=False)
-    return out
+def exported(tiny_onnx) -> Path:
+    return tiny_onnx
 
 
 def cli(argv: list[str]) -> int:
