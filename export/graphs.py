@@ -13,6 +13,8 @@ LLM cache contract (static buffers written at an index; see runtime/kv_cache.py)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -104,15 +106,32 @@ class LLMGraph(nn.Module):
         return (h, logits, *presents)
 
 
+def timestep_freqs(time_proj: nn.Module) -> torch.Tensor:
+    """The frequencies diffusers' Timesteps computes at every call, computed once by torch the same way.
+
+    Kept as a constant of the graph: with t up to 1000, one ulp of a differently rounded exp() moves
+    sin/cos(t * f) by ~3e-5, which is visible after the encoder's FiLM layers."""
+    half = time_proj.num_channels // 2
+    exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32) / (half - time_proj.downscale_freq_shift)
+    return torch.exp(exponent)
+
+
 class GenEncGraph(nn.Module):
     """z [B,4,48,48], t [B] -> z_emb [B,G,H] (aligned), t_emb [B,H], skip [B,C,g,g]."""
 
     def __init__(self, model: JanusFlow):
         super().__init__()
         self.model = model
+        tp = model.vision_gen_enc_model.time_proj
+        assert tp.flip_sin_to_cos and tp.scale == 1 and tp.num_channels % 2 == 0, "JanusFlow's Timesteps config"
+        self.register_buffer("freqs", timestep_freqs(tp), persistent=False)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor):
-        return self.model.gen_encode(z, t)
+        args = t[:, None].float() * self.freqs[None, :]
+        t_proj = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # flip_sin_to_cos: cos first
+        z_emb, t_emb, skip = self.model.vision_gen_enc_model.forward_from_proj(z, t_proj)
+        z_emb = self.model.vision_gen_enc_aligner(z_emb.flatten(2).permute(0, 2, 1))
+        return z_emb, t_emb, skip
 
 
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

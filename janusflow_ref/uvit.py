@@ -107,8 +107,11 @@ class ShallowUViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,4,48,48], timesteps [B] -> (x_emb [B,C,24,24], t_emb [B,hidden], skip = x_emb)."""
-        t_emb = self.time_proj(timesteps.flatten()).view(x.shape[0], -1).to(x.dtype)
-        t_emb = self.time_embed(t_emb)
+        return self.forward_from_proj(x, self.time_proj(timesteps.flatten()))
+
+    def forward_from_proj(self, x: torch.Tensor, t_proj: torch.Tensor):
+        """As forward, from the sinusoidal projection t_proj [B, C0] instead of the timesteps."""
+        t_emb = self.time_embed(t_proj.view(x.shape[0], -1).to(x.dtype))
         x_emb = self.in_conv(x)
         if self.mid_block is not None:
             x_emb = self.mid_block(x_emb, t_emb)

@@ -105,3 +105,28 @@ def test_cfg_and_euler_update():
     want = z.numpy() + dt * (vc.numpy() + (w - 1.0) * (vc.numpy() - vu.numpy()))  # z + dt*(vu + w*(vc-vu))
     got = euler_step(z, cfg_combine(vc, vu, torch.tensor(w)), torch.tensor(dt))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_time_projection_is_bitwise_diffusers():
+    """The gen_enc graph's constant frequencies reproduce diffusers' Timesteps exactly (same torch ops)."""
+    from export.graphs import GenEncGraph
+
+    class Holder(torch.nn.Module):
+        pass
+
+    enc = ShallowUViTEncoder(GenEncoderConfig(input_channels=4, block_out_channels=(64,), hidden_size=16,
+                                              kernel_size=2, stride=2, padding=0))
+    randomize(enc, G)
+    m = Holder()
+    m.vision_gen_enc_model = enc
+    m.vision_gen_enc_aligner = torch.nn.Linear(64, 16)
+    g = GenEncGraph(m)
+    t = torch.tensor([0.0, 33.333332, 500.0, 966.6667])
+    args = t[:, None] * g.freqs[None]
+    ours = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    assert torch.equal(ours, enc.time_proj(t))
+    z = rand(4, 4, 8, 8)
+    with torch.no_grad():
+        x_emb, t_emb, _ = enc(z, t)
+        z_emb, t_emb2, _ = g(z, t)
+    assert torch.equal(t_emb, t_emb2) and torch.equal(m.vision_gen_enc_aligner(x_emb.flatten(2).transpose(1, 2)), z_emb)
