@@ -18,17 +18,19 @@ from .backends import Backend
 from .kv_cache import StaticKVCache
 
 
-def new_cache(cfg, batch: int, capacity: int) -> StaticKVCache:
+def new_cache(cfg, batch: int, capacity: int, exact: bool = False) -> StaticKVCache:
+    """exact: capacity as given (a cache that will not grow, like the Euler loop's prompt prefix)."""
     llm = cfg.llm
     hd = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
-    return StaticKVCache(llm.num_hidden_layers, batch, llm.num_key_value_heads, hd, capacity)
+    return StaticKVCache(llm.num_hidden_layers, batch, llm.num_key_value_heads, hd, capacity, exact=exact)
 
 
 def llm_step(backend: Backend, cache: StaticKVCache, embeds: np.ndarray, new_mask: np.ndarray,
              write: bool = True) -> dict[str, np.ndarray]:
     """Run the LLM graph on `embeds` [B,S,H] after the cached prefix; optionally append its K/V."""
     b, s, _ = embeds.shape
-    cache.reserve(cache.length + s)
+    if write:
+        cache.reserve(cache.length + s)
     pos = np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s))
     out = backend.run("llm", {"inputs_embeds": embeds, "attention_mask": cache.mask(new_mask),
                               "position_ids": np.ascontiguousarray(pos), **cache.past_feeds()})

@@ -18,11 +18,11 @@ def bucket(n: int) -> int:
 
 class StaticKVCache:
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype=np.float32):
+                 dtype=np.float32, exact: bool = False):
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.dtype = dtype
         self.length = 0
-        self._alloc(bucket(capacity))
+        self._alloc(capacity if exact else bucket(capacity))
 
     def _alloc(self, cap: int) -> None:
         self.capacity = cap

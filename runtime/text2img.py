@@ -24,7 +24,8 @@ def prefill_prefix(backend: Backend, cfg, processor: Processor, prompt: str, num
     tokens, prefix_ids = cfg_rows(ids, num_images, processor.pad_id)
     prefix = backend.run("embed", {"input_ids": prefix_ids.numpy()})["inputs_embeds"]
     mask = generation_mask(num_images, prefix.shape[1], cfg.num_gen_tokens).numpy().astype(np.int64)
-    cache = new_cache(cfg, 2 * num_images, prefix.shape[1] + 1 + cfg.num_gen_tokens)
+    # exactly the prefix: every step attends to these slots and nothing else is ever written
+    cache = new_cache(cfg, 2 * num_images, prefix.shape[1], exact=True)
     llm_step(backend, cache, prefix, mask[:, :prefix.shape[1]])
     return cache
 
