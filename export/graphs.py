@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -46,6 +47,10 @@ class EmbedGraph(nn.Module):
         return self.embed(input_ids)
 
 
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
             past_v: torch.Tensor, bias_past: torch.Tensor, bias_new: torch.Tensor):
     """Attention over [cached slots | new tokens] without concatenating K/V: the softmax is taken
@@ -59,6 +64,13 @@ def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     groups = attn.num_key_value_groups
     kp, vp, kn, vn = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (past_k, past_v, k, v))
+    if s > 1 and not _exporting():
+        # Eager runs only (the torch-fast backend): one fused SDPA over [cache | new] is much faster in
+        # PyTorch; the exported graph keeps the two-block form below, which never copies the cache.
+        mask = torch.cat([bias_past.expand(b, 1, s, -1), bias_new.expand(b, 1, s, s)], dim=-1)
+        out = F.scaled_dot_product_attention(q, torch.cat([kp, kn], 2), torch.cat([vp, vn], 2), attn_mask=mask,
+                                             scale=attn.scaling)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
     q = q * attn.scaling
     sp = q @ kp.transpose(-1, -2) + bias_past  # [B,nh,S,C]
     sn = q @ kn.transpose(-1, -2) + bias_new  # [B,nh,S,S]
