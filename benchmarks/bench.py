@@ -31,7 +31,7 @@ from . import floors
 PROMPT = "A cute and adorable baby fox with big brown eyes, autumn leaves in the background, highly detailed."
 
 
-def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     """Median wall time in ms after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -219,9 +219,13 @@ def machine_info(threads: int) -> dict:
             "transformers": transformers.__version__, "diffusers": diffusers.__version__}
 
 
+def measure_floors(result: dict) -> None:
+    """Measured first: it also brings the CPU and allocator to a steady state before any backend runs."""
+    result["floors"] = {"gemm_gflops": floors.gemm_gflops(), "read_gbs": floors.read_gbs()}
+
+
 def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
-    gflops, gbs = floors.gemm_gflops(), floors.read_gbs()
-    result["floors"] = {"gemm_gflops": gflops, "read_gbs": gbs}
+    gflops, gbs = result["floors"]["gemm_gflops"], result["floors"]["read_gbs"]
     ours = floors.euler_step_flops(cfg, 2, prefix_len, recompute_prefix=False)
     official = floors.euler_step_flops(cfg, 2, prefix_len, recompute_prefix=True)
     result["floors"]["euler_step_gflop"] = {"runtime": sum(ours.values()) / 1e9,
@@ -331,7 +335,8 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
               "repeat": repeat, "backends": {}}
     model = load_model(model_dir)
     vae = load_vae(model_dir / "vae")
-    log(f"loaded model (RSS {rss_mb():.0f} MB)")
+    log(f"loaded model (RSS {rss_mb():.0f} MB); measuring this machine's GEMM rate and read bandwidth ...")
+    measure_floors(result)
     runners = {"baseline": lambda: Baseline(model, vae, processor),
                "torch-fast": lambda: Runtime(TorchBackend(model, vae, threads), cfg, processor),
                "ort": lambda: Runtime(OrtBackend(artifacts, cfg, threads), cfg, processor)}

@@ -65,7 +65,7 @@ def register(sub) -> None:
     p.add_argument("--backends", default="baseline,torch-fast,ort")
     p.add_argument("--contexts", default="64,256,1024", help="decode contexts")
     p.add_argument("--steps", type=int, default=30, help="Euler steps for the end-to-end s/image")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="one repeat, few decode tokens (demo/CI smoke)")
     p.add_argument("--out", default="bench_out")
