@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def cmd_bench(args) -> int:
     contexts = _ints(args.contexts)
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="janusflow-bench-"))
+    try:
+        return _bench(args, threads, backends, contexts, out, work, run_bench)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the on-the-fly checkpoint and export
+
+
+def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:
     model = Path(args.model) if args.model else None
     if model is None:
         from janusflow_ref.tiny import make_tiny
