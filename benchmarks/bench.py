@@ -145,11 +145,11 @@ class Runtime:
         cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
         z2 = np.concatenate([z, z]).astype(np.float32)
         t = np.full((z2.shape[0],), 500.0, np.float32)
-        enc = self.b.run("gen_enc", {"z": z2, "t": t})
-        embeds = np.concatenate([enc["t_emb"][:, None], enc["z_emb"]], axis=1)
+        enc = {k: v.copy() for k, v in self.b.run("gen_enc", {"z": z2, "t": t}).items()}
+        embeds = enc["step_embeds"]
         ones = np.ones(embeds.shape[:2], np.int64)
-        hidden = llm_step(self.b, cache, embeds, ones, write=False)["last_hidden_state"][:, 1:]
-        dec_feeds = {"hidden": np.ascontiguousarray(hidden), "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
+        hidden = llm_step(self.b, cache, embeds, ones, write=False)["last_hidden_state"].copy()
+        dec_feeds = {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
                      "cfg_weight": np.array([2.0], np.float32), "dt": np.array([1 / 30], np.float32)}
         return {
             "enc": timed(lambda: self.b.run("gen_enc", {"z": z2, "t": t}), repeat),

@@ -34,7 +34,7 @@ def step_feeds(cfg, rows: int, prefix: int) -> dict[str, dict[str, np.ndarray]]:
         "gen_enc": {"z": randn(rows, 4, 48, 48), "t": np.full((rows,), 500, np.float32)},
         "llm": {"inputs_embeds": randn(rows, new, h), "attention_mask": np.ones((rows, prefix + new), np.int64),
                 "position_ids": np.tile(np.arange(prefix, prefix + new), (rows, 1)).astype(np.int64), **past},
-        "gen_dec": {"hidden": randn(rows, cfg.num_gen_tokens, h), "skip": randn(rows, c, g, g), "t_emb": randn(rows, h),
+        "gen_dec": {"hidden": randn(rows, new, h), "skip": randn(rows, c, g, g), "t_emb": randn(rows, h),
                     "z": randn(rows, 4, 48, 48), "cfg_weight": np.array([2.0], np.float32),
                     "dt": np.array([1 / 30], np.float32)},
     }

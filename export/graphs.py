@@ -129,7 +129,8 @@ def timestep_freqs(time_proj: nn.Module) -> torch.Tensor:
 
 
 class GenEncGraph(nn.Module):
-    """z [B,4,48,48], t [B] -> z_emb [B,G,H] (aligned), t_emb [B,H], skip [B,C,g,g]."""
+    """z [B,4,48,48], t [B] -> step_embeds [B,1+G,H] (the Euler step's LLM input: t_emb, then the G
+    aligned latent tokens, as the official loop concatenates them), t_emb [B,H], skip [B,C,g,g]."""
 
     def __init__(self, model: JanusFlow):
         super().__init__()
@@ -143,7 +144,7 @@ class GenEncGraph(nn.Module):
         t_proj = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # flip_sin_to_cos: cos first
         z_emb, t_emb, skip = self.model.vision_gen_enc_model.forward_from_proj(z, t_proj)
         z_emb = self.model.vision_gen_enc_aligner(z_emb.flatten(2).permute(0, 2, 1))
-        return z_emb, t_emb, skip
+        return torch.cat([t_emb.unsqueeze(1), z_emb], dim=1), t_emb, skip
 
 
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,8 @@ def euler_step(z: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tens
 
 
 class GenDecGraph(nn.Module):
-    """hidden [B,G,H] (LLM states of the image positions), skip, t_emb, z [B,4,48,48] (cond rows then
+    """hidden [B,1+G,H] (the LLM's last_hidden_state of the step; the last G positions are used, as the
+    official hidden_states[:, -576:]), skip, t_emb, z [B,4,48,48] (cond rows then
     uncond rows, both halves equal), cfg_weight [1], dt [1]
     -> velocity [B,4,48,48], z_next [B,4,48,48] (CFG + Euler applied, duplicated to both halves so it
     feeds the next step's encoder directly)."""
@@ -166,7 +168,7 @@ class GenDecGraph(nn.Module):
         self.model = model
 
     def forward(self, hidden, skip, t_emb, z, cfg_weight, dt):
-        v = self.model.gen_decode(hidden, skip, t_emb)
+        v = self.model.gen_decode(hidden[:, -self.model.cfg.num_gen_tokens:], skip, t_emb)
         v_cond, v_uncond = v.chunk(2)
         z_half = euler_step(z.chunk(2)[0], cfg_combine(v_cond, v_uncond, cfg_weight), dt)
         return v, torch.cat([z_half, z_half], dim=0)

@@ -16,7 +16,7 @@ def _gen_dec_forward(self, hidden, skip, t_emb, z, cfg_weight, dt):
     # dynamo lowers chunk to SplitToSequence, and onnxscript's constant folding then crashes on it
     # ("Error during constant folding for node ... SplitToSequence"). Slicing at B // 2 gives the
     # same halves (B = 2 * B_div is declared even) and exports as two Slice nodes.
-    v = self.model.gen_decode(hidden, skip, t_emb)
+    v = self.model.gen_decode(hidden[:, -self.model.cfg.num_gen_tokens:], skip, t_emb)
     n = v.shape[0] // 2
     z_half = graphs.euler_step(z[:n], graphs.cfg_combine(v[:n], v[n:], cfg_weight), dt)
     return v, torch.cat([z_half, z_half], dim=0)

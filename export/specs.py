@@ -123,12 +123,13 @@ def build_specs(cfg: JanusFlowConfig, vae_upscale: int = 8) -> dict[str, GraphSp
         syms)
     syms = {"B": Sym("B", 2, 2, 16, 4, multiple_of=2)}
     specs["gen_enc"] = GraphSpec("gen_enc", [T("z", f32, "B", *lat), T("t", f32, "B")],
-                                 [T("z_emb", f32, "B", G, h, tol=default), T("t_emb", f32, "B", h, tol=default),
+                                 [T("step_embeds", f32, "B", 1 + G, h, tol=default),
+                                  T("t_emb", f32, "B", h, tol=default),
                                   T("skip", f32, "B", Cg, g, g, tol=default)], syms)
     specs["gen_dec"] = GraphSpec(
         "gen_dec",
-        [T("hidden", f32, "B", G, h), T("skip", f32, "B", Cg, g, g), T("t_emb", f32, "B", h), T("z", f32, "B", *lat),
-         T("cfg_weight", f32, 1), T("dt", f32, 1)],
+        [T("hidden", f32, "B", 1 + G, h), T("skip", f32, "B", Cg, g, g), T("t_emb", f32, "B", h),
+         T("z", f32, "B", *lat), T("cfg_weight", f32, 1), T("dt", f32, 1)],
         [T("velocity", f32, "B", *lat, tol=default), T("z_next", f32, "B", *lat, tol=default)], syms)
     side = LATENT_SIZE * vae_upscale
     syms = {"B": Sym("B", 1, 1, 8, 2)}

@@ -162,7 +162,7 @@ def _real_cases(run: _Runner, model_dir: Path, cfg, names: list[str]) -> None:
         if enc is None:
             enc = run.torch("gen_enc", {"z": z2, "t": np.full(2, 500.0, np.float32)}) if "gen_enc" in run.mods else \
                 dummy_inputs(run.specs["gen_dec"], seed=3, B=2)
-        hidden = rng.standard_normal((2, cfg.num_gen_tokens, cfg.hidden)).astype(np.float32)
+        hidden = rng.standard_normal((2, 1 + cfg.num_gen_tokens, cfg.hidden)).astype(np.float32)
         run.check("gen_dec", "latent", {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
                                         "cfg_weight": np.array([2.0], np.float32),
                                         "dt": np.array([1 / 30], np.float32)})

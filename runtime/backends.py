@@ -123,9 +123,14 @@ class OrtBackend:
             if not path.is_file():
                 raise CheckpointError(f"graph file missing: {path}")
             try:
-                self.sessions[graph] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+                sess = ort.InferenceSession(str(path), self.options, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
                 raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+            spec = self.specs[graph]
+            have = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+            if have != (spec.input_names, spec.output_names):
+                raise CheckpointError(f"{path} has other inputs/outputs than this version's {graph} spec; re-export")
+            self.sessions[graph] = sess
         return self.sessions[graph]
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

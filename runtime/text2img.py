@@ -39,11 +39,10 @@ def euler_loop(backend: Backend, cache, z: np.ndarray, steps: int, cfg_weight: f
     for step in range(steps):
         t = np.full((2 * n,), timestep(step, steps), np.float32)
         enc = backend.run("gen_enc", {"z": z2, "t": t})
-        embeds = np.concatenate([enc["t_emb"][:, None, :], enc["z_emb"]], axis=1)
+        embeds = enc["step_embeds"]  # [2n, 1+G, H]: t_emb then the latent tokens, straight from the graph
         out = llm_step(backend, cache, embeds, np.ones(embeds.shape[:2], np.int64), write=False)
-        hidden = out["last_hidden_state"][:, 1:, :]
-        dec = backend.run("gen_dec", {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
-                                      "cfg_weight": w, "dt": dt})
+        dec = backend.run("gen_dec", {"hidden": out["last_hidden_state"], "skip": enc["skip"], "t_emb": enc["t_emb"],
+                                      "z": z2, "cfg_weight": w, "dt": dt})
         z2 = dec["z_next"]
         yield z2[:n].copy()  # z2 is a backend buffer reused two steps later
 

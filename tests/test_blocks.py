@@ -128,5 +128,7 @@ def test_graph_time_projection_is_bitwise_diffusers():
     z = rand(4, 4, 8, 8)
     with torch.no_grad():
         x_emb, t_emb, _ = enc(z, t)
-        z_emb, t_emb2, _ = g(z, t)
-    assert torch.equal(t_emb, t_emb2) and torch.equal(m.vision_gen_enc_aligner(x_emb.flatten(2).transpose(1, 2)), z_emb)
+        step_embeds, t_emb2, _ = g(z, t)
+        z_emb = m.vision_gen_enc_aligner(x_emb.flatten(2).transpose(1, 2))
+    assert torch.equal(t_emb, t_emb2)
+    assert torch.equal(step_embeds, torch.cat([t_emb[:, None], z_emb], dim=1))  # the official llm_emb order
