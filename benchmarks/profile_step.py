@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,10 +54,12 @@ def main() -> None:
     kernel: collections.Counter = collections.Counter()
     wall = {}
     runs = 5
+    tmp = tempfile.mkdtemp(prefix="janusflow-profile-")
     for name, feeds in step_feeds(cfg, args.rows, args.prefix).items():
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / name)  # ORT writes its JSON trace here, not in the cwd
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(Path(args.artifacts) / f"{name}.onnx"), so, providers=["CPUExecutionProvider"])
         for _ in range(2):
@@ -67,6 +71,7 @@ def main() -> None:
         for e in json.loads(Path(sess.end_profiling()).read_text()):
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 kernel[(name, e["args"]["op_name"])] += e["dur"] / (runs + 2) / 1e3
+    shutil.rmtree(tmp, ignore_errors=True)
     print("wall ms per graph:", {k: round(v, 1) for k, v in wall.items()})
     total = sum(kernel.values())
     for (graph, op), ms in kernel.most_common(16):
