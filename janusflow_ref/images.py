@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,22 @@ def to_uint8(decoded: torch.Tensor | np.ndarray) -> np.ndarray:
     return ((x + 1) / 2.0 * 255).astype(np.uint8)
 
 
-def save_png(img: np.ndarray, path: str | Path) -> Path:
-    """Write atomically: a temp file beside the target, then rename."""
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """write(tmp) to a temp file beside `path`, then rename: no half-written file is ever left."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
     os.close(fd)
     try:
-        Image.fromarray(img).save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_png(img: np.ndarray, path: str | Path) -> Path:
+    return write_atomic(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
 
 
 def output_paths(out: str | Path, n: int) -> list[Path]:

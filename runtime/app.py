@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from janusflow_ref.config import load_config
 from janusflow_ref.errors import InputError
-from janusflow_ref.images import output_paths, save_png, to_uint8
+from janusflow_ref.images import output_paths, save_png, to_uint8, write_atomic
 from janusflow_ref.processor import Processor
 
 from .backends import make_backend, physical_cores
@@ -98,15 +98,8 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
 
 
 def _save_npy(path: str | Path, arr: np.ndarray) -> None:
-    import os
-    import tempfile
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to other names
+            np.save(f, arr, allow_pickle=False)
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        np.save(tmp, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, write)
