@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from . import graphs
 
@@ -22,7 +23,18 @@ def _gen_dec_forward(self, hidden, skip, t_emb, z, cfg_weight, dt):
     return v, torch.cat([z_half, z_half], dim=0)
 
 
-PATCHES = [(graphs.GenDecGraph, "forward", _gen_dec_forward)]
+def _rms_norm_forward(self, hidden_states):
+    # WHY: transformers' LlamaRMSNorm multiplies by torch.rsqrt, which exports as Sqrt + Reciprocal +
+    # Mul; ONNX Runtime's SimplifiedLayerNormalization fusion only recognises x / sqrt(mean(x^2) + eps)
+    # * w, so the rsqrt form runs as seven separate memory-bound ops per norm. Same math (the two forms
+    # differ by float rounding only).
+    dtype = hidden_states.dtype
+    x = hidden_states.to(torch.float32)
+    x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * x.to(dtype)
+
+
+PATCHES = [(graphs.GenDecGraph, "forward", _gen_dec_forward), (LlamaRMSNorm, "forward", _rms_norm_forward)]
 
 
 @contextlib.contextmanager
