@@ -169,8 +169,10 @@ class GenDecGraph(nn.Module):
 
     def forward(self, hidden, skip, t_emb, z, cfg_weight, dt):
         v = self.model.gen_decode(hidden[:, -self.model.cfg.num_gen_tokens:], skip, t_emb)
-        v_cond, v_uncond = v.chunk(2)
-        z_half = euler_step(z.chunk(2)[0], cfg_combine(v_cond, v_uncond, cfg_weight), dt)
+        # slices, not chunk(2): on a symbolic batch dynamo lowers chunk to SplitToSequence, which
+        # onnxscript's constant folding cannot handle; B is declared even, so the halves are the same
+        n = v.shape[0] // 2
+        z_half = euler_step(z[:n], cfg_combine(v[:n], v[n:], cfg_weight), dt)
         return v, torch.cat([z_half, z_half], dim=0)
 
 

@@ -9,19 +9,6 @@ import contextlib
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from . import graphs
-
-
-def _gen_dec_forward(self, hidden, skip, t_emb, z, cfg_weight, dt):
-    # WHY: GenDecGraph.forward splits the CFG batch with `Tensor.chunk(2)`. On a symbolic batch
-    # dynamo lowers chunk to SplitToSequence, and onnxscript's constant folding then crashes on it
-    # ("Error during constant folding for node ... SplitToSequence"). Slicing at B // 2 gives the
-    # same halves (B = 2 * B_div is declared even) and exports as two Slice nodes.
-    v = self.model.gen_decode(hidden[:, -self.model.cfg.num_gen_tokens:], skip, t_emb)
-    n = v.shape[0] // 2
-    z_half = graphs.euler_step(z[:n], graphs.cfg_combine(v[:n], v[n:], cfg_weight), dt)
-    return v, torch.cat([z_half, z_half], dim=0)
-
 
 def _rms_norm_forward(self, hidden_states):
     # WHY: transformers' LlamaRMSNorm multiplies by torch.rsqrt, which exports as Sqrt + Reciprocal +
@@ -34,7 +21,7 @@ def _rms_norm_forward(self, hidden_states):
     return self.weight * x.to(dtype)
 
 
-PATCHES = [(graphs.GenDecGraph, "forward", _gen_dec_forward), (LlamaRMSNorm, "forward", _rms_norm_forward)]
+PATCHES = [(LlamaRMSNorm, "forward", _rms_norm_forward)]
 
 
 @contextlib.contextmanager

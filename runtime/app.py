@@ -19,11 +19,7 @@ from janusflow_ref.processor import Processor
 from .backends import make_backend, physical_cores
 
 
-def chat_session(args, image, params, on_token=None):
-    cfg = load_config(args.model)
-    processor = Processor(args.model)
-    if on_token is not None and hasattr(on_token, "__self__"):
-        on_token.__self__.decode = processor.decode
+def chat_session(args, cfg, processor: Processor, image, params, on_token=None):
     if args.backend == "torch":
         from janusflow_ref.understanding import chat
         from janusflow_ref.weights import load_model

@@ -18,8 +18,6 @@ import torch
 from janusflow_ref.config import JanusFlowConfig
 from janusflow_ref.errors import CheckpointError, JanusFlowError
 
-GRAPHS = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
-
 
 class Backend(Protocol):
     name: str
@@ -36,13 +34,6 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def io_names(cfg: JanusFlowConfig) -> dict[str, tuple[list[str], list[str]]]:
-    """Input/output names per graph, from the one spec per graph (export/specs.py)."""
-    from export.specs import build_specs
-
-    return {name: (spec.input_names, spec.output_names) for name, spec in build_specs(cfg).items()}
-
-
 class TorchBackend:
     """Runs the export graph modules eagerly on the CPU."""
 
@@ -57,11 +48,13 @@ class TorchBackend:
                         "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
             self.modules["vae_dec"] = VAEDecGraph(vae)
-        self.io = io_names(self.cfg)
+        from export.specs import build_specs
+
+        self.specs = build_specs(self.cfg)
 
     @torch.inference_mode()
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ins, outs = self.io[graph]
+        ins, outs = self.specs[graph].input_names, self.specs[graph].output_names
         args = [torch.from_numpy(np.require(feeds[n], requirements=("C", "W"))) for n in ins]
         res = self.modules[graph](*args)
         res = res if isinstance(res, tuple) else (res,)

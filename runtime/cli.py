@@ -64,17 +64,20 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from janusflow_ref.processor import load_image
+    from janusflow_ref.config import load_config
+    from janusflow_ref.processor import Processor, load_image
     from janusflow_ref.sampling import SamplingParams
 
     from .app import chat_session
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    cfg = load_config(args.model)
+    processor = Processor(args.model)
     image = load_image(args.image)
     if not args.question.strip():
         raise InputError("--question is empty")
-    stream = None if args.json else _TextStream()
-    res = chat_session(args, image, params, on_token=stream.put if stream else None)
+    stream = None if args.json else _TextStream(processor.decode)
+    res = chat_session(args, cfg, processor, image, params, on_token=stream.put if stream else None)
     if args.json:
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
                           "backend": args.backend, "seed": args.seed, "timings": res.timings}))
@@ -86,15 +89,13 @@ def cmd_chat(args) -> int:
 class _TextStream:
     """Prints the decoded answer as tokens arrive (re-decoding the tail keeps multi-byte text intact)."""
 
-    def __init__(self):
+    def __init__(self, decode):
         self.ids: list[int] = []
         self.shown = ""
-        self.decode = None
+        self.decode = decode
 
     def put(self, tok: int) -> None:
         self.ids.append(tok)
-        if self.decode is None:
-            return
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return

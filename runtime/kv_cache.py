@@ -22,6 +22,9 @@ class StaticKVCache:
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.dtype = dtype
         self.length = 0
+        kv = [(i, n) for i in range(num_layers) for n in ("key", "value")]
+        self.past_names = [f"past_key_values.{i}.{n}" for i, n in kv]
+        self.present_names = [f"present.{i}.{n}" for i, n in kv]
         self._alloc(capacity if exact else bucket(capacity))
 
     def _alloc(self, cap: int) -> None:
@@ -45,7 +48,7 @@ class StaticKVCache:
         self.valid[:, :n] = old_valid[:, :n]
 
     def past_feeds(self) -> dict[str, np.ndarray]:
-        return {f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": b for i, b in enumerate(self.buffers)}
+        return dict(zip(self.past_names, self.buffers, strict=True))
 
     def mask(self, new_mask: np.ndarray) -> np.ndarray:
         """[B, C + S]: slot validity, then the new tokens' own mask."""
@@ -58,7 +61,7 @@ class StaticKVCache:
         s = new_mask.shape[1]
         assert self.length + s <= self.capacity, "reserve() before running the graph"
         at = self.length
-        for i, buf in enumerate(self.buffers):
-            buf[:, :, at:at + s] = outputs[f"present.{i // 2}.{('key', 'value')[i % 2]}"]
+        for name, buf in zip(self.present_names, self.buffers, strict=True):
+            buf[:, :, at:at + s] = outputs[name]
         self.valid[:, at:at + s] = new_mask
         self.length += s
