@@ -40,6 +40,46 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from .onnx_export import parse_graphs
+    from .trt_build import build, format_plan, plan
+
+    graphs = parse_graphs(args.graphs)
+    artifacts, out = Path(args.artifacts), Path(args.out)
+    if args.dry_run:
+        _, plans = plan(artifacts, args.precision, graphs)
+        print("\n".join(format_plan(plans, args.precision)))
+        return 0
+    if not out.parent.is_dir():
+        raise JanusFlowError(f"--out: parent directory does not exist: {out.parent}")
+    cache = Path(args.timing_cache) if args.timing_cache else None
+    m = build(artifacts, out, args.precision, graphs, cache, args.opt_level, args.workspace, progress=not args.quiet)
+    for name, e in m["engines"].items():
+        print(f"{name:8} {e['seconds']:7.1f} s  device memory {e['device_memory_bytes'] / 2**20:8.1f} MiB  {e['file']}")
+    print(f"wrote {len(m['engines'])} engine(s) and engines.json to {out} (TensorRT {m['tensorrt_version']}, "
+          f"{m['gpu']['name']})")
+    return 0
+
+
+def _int_in(lo: int, hi: int):
+    def parse(s: str) -> int:
+        v = _opset(s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}")
+        return v
+    return parse
+
+
+def _gb(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 < v < 1024:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1024) GB, got {s}")
+    return v
+
+
 def _opset(s: str) -> int:
     try:
         return int(s)
@@ -63,6 +103,19 @@ def register(subparsers) -> None:
     p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
     p.add_argument("--vae", default=None, help="SDXL-VAE directory (default MODEL/vae)")
     p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("build", help="TensorRT engines from an export directory (OUT/engines.json)")
+    p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True,
+                   help="which exported variant to parse (networks are strongly typed: no builder precision flags)")
+    p.add_argument("--out", required=True, help="engines directory (replaced atomically if it holds engines)")
+    p.add_argument("--graphs", default=None, help="comma list of graphs (default all)")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file, read and rewritten atomically")
+    p.add_argument("--opt-level", type=_int_in(0, 5), default=3, help="builder optimisation level 0..5")
+    p.add_argument("--workspace", type=_gb, default=8.0, help="workspace memory pool limit, GB")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and buffer budget; needs no TensorRT")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_build)
 
 
 __all__ = ["register", "JanusFlowError"]

@@ -26,8 +26,8 @@ from . import graphs as G
 from .manifest import build_manifest, graph_entry, write_manifest
 from .patches import export_patches
 from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
+from .trt_ops import OPERATORS_MD, graph_ops, operator_doc, unsupported_ops
 
-TRT_OPS_FILE = Path(__file__).parent / "data" / "trt_supported_ops.txt"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[
     return cfg, mods
 
 
-def trt_supported_ops() -> set[str]:
-    lines = TRT_OPS_FILE.read_text().splitlines()
-    return {x.strip() for x in lines if x.strip() and not x.startswith("#")}
+def trt_supported_ops() -> frozenset[str]:
+    return operator_doc().supported
 
 
 # -- one graph -------------------------------------------------------------------------------------
@@ -165,12 +164,11 @@ def _run(path: Path, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> list[np.n
 
 
 def check_ops(model: onnx.ModelProto, spec: GraphSpec) -> list[str]:
-    ops = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node})
-    bad = [o for o in ops if o not in trt_supported_ops()]
+    bad = unsupported_ops(model)
     if bad:
         raise ExportError(f"graph {spec.name}: op {bad[0]} is not supported by the TensorRT ONNX parser "
-                          f"(all unsupported: {', '.join(bad)}; list: {TRT_OPS_FILE.name})")
-    return ops
+                          f"(all unsupported: {', '.join(bad)}; list: {OPERATORS_MD.name})")
+    return graph_ops(model)
 
 
 def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False) -> dict:

@@ -1,0 +1,233 @@
+"""`janusflow build`: one TensorRT engine per exported graph, through TensorRT's Python API.
+
+Networks are strongly typed (the only kind TensorRT 11 builds): precision comes from the ONNX graph,
+so `--precision` picks which exported variant is parsed, not a builder flag. Profiles come from
+export/trt_plan.py (derived from the specs). The timing cache is read before and written after the
+builds, atomically, so an interrupted build never leaves a truncated cache. Everything that needs
+TensorRT or a GPU is imported inside the functions that need it; `--dry-run` needs neither.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from janusflow_ref.config import JanusFlowConfig, parse_config
+from janusflow_ref.errors import CheckpointError, JanusFlowError
+
+from .engine_manifest import (
+    FILE,
+    PRECISIONS,
+    Target,
+    build_engine_manifest,
+    engine_entry,
+    source_graph,
+    write_json_atomic,
+)
+from .manifest import load_checked
+from .specs import build_specs
+from .trt_ops import check_opset, unsupported_ops
+from .trt_plan import Buffer, Profile, budget, engine_profiles, plan_buffers
+
+
+class BuildError(JanusFlowError):
+    """TensorRT refused a graph (parser error, build failure)."""
+
+
+def require_tensorrt(what: str) -> Any:
+    """The tensorrt module, or one line saying what is missing (the stubs alone are not TensorRT)."""
+    try:
+        import tensorrt
+
+        if not hasattr(tensorrt, "Builder"):  # tensorrt-stubs installs a namespace with no bindings
+            raise ImportError
+    except ImportError:
+        raise JanusFlowError(f"{what} needs TensorRT (pip install 'janusflow-trt[tensorrt]' on a machine with an "
+                             f"NVIDIA GPU); it is not installed here") from None
+    return tensorrt
+
+
+def require_cuda(what: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise JanusFlowError(f"{what} needs an NVIDIA GPU with CUDA; torch {torch.__version__} sees none here")
+
+
+def target_here(trt_version: str) -> Target:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return Target(trt_version, torch.cuda.get_device_name(), f"{major}.{minor}")
+
+
+# -- the plan (no TensorRT) ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EnginePlan:
+    graph: str
+    source: dict[str, str] | None  # {"file", "sha256"}; None: the export lacks this precision
+    profiles: list[Profile]
+    buffers: list[Buffer]
+
+
+def _onnx_io_dtypes(path: Path) -> dict[str, str]:
+    m = onnx.load(str(path), load_external_data=False)
+    return {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+            for v in [*m.graph.input, *m.graph.output]}
+
+
+def plan(artifacts: Path, precision: str, graphs: list[str]) -> tuple[JanusFlowConfig, list[EnginePlan]]:
+    if precision not in PRECISIONS:
+        raise JanusFlowError(f"unknown precision {precision!r}; choose from {','.join(PRECISIONS)}")
+    cfg = _manifest_config(artifacts)
+    raw = load_checked(artifacts, cfg, check_files=False)
+    specs = build_specs(cfg)
+    out = []
+    for g in graphs:
+        try:
+            src: dict[str, str] | None = source_graph(raw, g, precision)
+        except CheckpointError:
+            src = None
+        dtypes = _onnx_io_dtypes(artifacts / src["file"]) if src and (artifacts / src["file"]).is_file() else None
+        profiles = engine_profiles(specs, g)
+        out.append(EnginePlan(g, src, profiles, plan_buffers(specs[g], profiles, dtypes)))
+    return cfg, out
+
+
+def _manifest_config(artifacts: Path) -> JanusFlowConfig:
+    import json
+
+    path = artifacts / "manifest.json"
+    if not path.is_file():
+        raise CheckpointError(f"no manifest.json in {artifacts} (run `janusflow export` first)")
+    try:
+        m = json.loads(path.read_text())
+        return parse_config(m["config"], m["config_sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: no readable config ({e})") from None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:10.1f} MiB"
+
+
+def format_plan(plans: list[EnginePlan], precision: str) -> list[str]:
+    lines = [f"plan: {len(plans)} engine(s), precision {precision}, strongly typed"]
+    for p in plans:
+        src = p.source["file"] if p.source else f"MISSING (export with --precision {precision})"
+        lines.append(f"{p.graph}: source {src}")
+        for prof in p.profiles:
+            dims = ", ".join(f"{k}={'x'.join(map(str, lo))}..{'x'.join(map(str, hi))}"
+                             for k, (lo, _, hi) in prof.shapes.items() if not k.startswith("past_key_values.")
+                             or k.endswith("0.key"))
+            lines.append(f"  profile {prof.name}: {dims}")
+    b = budget([x for p in plans for x in p.buffers])
+    lines.append("buffer budget at the max profiles (I/O per engine; KV cache once):")
+    lines += [f"  {k:10} {_mb(v)}  ({v} bytes)" for k, v in b.items()]
+    return lines
+
+
+# -- the build (TensorRT) --------------------------------------------------------------------------
+def _read_cache(path: Path | None) -> bytes:
+    return path.read_bytes() if path is not None and path.is_file() else b""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache: bytes, opt_level: int,
+                 workspace_gb: float) -> tuple[bytes, bytes, int]:
+    """-> (serialized engine, updated timing cache, device memory one execution context needs)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # reads external data next to the file
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"TensorRT cannot parse {onnx_path.name}: {errs[0] if errs else 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    config.builder_optimization_level = opt_level
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # FP32 engines are the parity gate against ORT FP32
+    timing = config.create_timing_cache(cache)
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p.shapes.items():
+            prof.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        config.add_optimization_profile(prof)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    return bytes(memoryview(serialized)), bytes(memoryview(config.get_timing_cache().serialize())), \
+        int(engine.device_memory_size_v2)
+
+
+def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_cache: Path | None,
+          opt_level: int, workspace_gb: float, progress: bool = True) -> dict[str, Any]:
+    trt = require_tensorrt("janusflow build")
+    require_cuda("janusflow build")
+    cfg, plans = plan(artifacts, precision, graphs)
+    export_manifest = load_checked(artifacts, cfg)  # now also the files' sha256
+    missing = [p.graph for p in plans if p.source is None]
+    if missing:
+        raise CheckpointError(f"the export has no {precision} variant of {missing[0]} (export with --precision "
+                              f"{precision})")
+    if out.exists() and not (out / FILE).is_file():
+        raise JanusFlowError(f"--out {out} exists and is not an engines directory; choose another path")
+    target = target_here(str(trt.__version__))
+    cache = _read_cache(timing_cache)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        engines = {}
+        for i, p in enumerate(plans):
+            assert p.source is not None
+            src = artifacts / p.source["file"]
+            model = onnx.load(str(src), load_external_data=False)
+            check_opset(model, p.graph)
+            bad = unsupported_ops(model)
+            if bad:
+                raise BuildError(f"graph {p.graph}: op {bad[0]} is not in TensorRT's supported list")
+            if progress:
+                print(f"[{i + 1}/{len(plans)}] building {p.graph} ({len(p.profiles)} profile(s)) ...",
+                      file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            blob, cache, mem = build_engine(src, p.profiles, precision, cache, opt_level, workspace_gb)
+            (tmp / f"{p.graph}.plan").write_bytes(blob)
+            engines[p.graph] = engine_entry(f"{p.graph}.plan", tmp, p.source, p.profiles, mem,
+                                            time.perf_counter() - t0)
+            if timing_cache is not None:  # saved after every engine: a later failure keeps what was learnt
+                _write_atomic(timing_cache, cache)
+        m = build_engine_manifest(target, precision, export_manifest["config_sha256"], artifacts, engines)
+        write_json_atomic(tmp / FILE, m)
+        if out.exists():  # an engines directory we wrote earlier: swap, then drop the old one
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        return m
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
