@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= demo_out
+TRT_STUBS := 10.13.0.35.1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint typecheck bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU build of torch lies on this machine's disk; a looser pin would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# type stubs only: the real tensorrt wheel is a placeholder on PyPI
-	$(PY) -m pip install -q --no-deps tensorrt-stubs
+	# type stubs only (the real tensorrt wheel is a placeholder on PyPI); pinned: .ci/trt_stubs_overlay.py
+	# patches this exact version's invalid lines and fails loudly if another version no longer matches
+	$(PY) -m pip install -q --no-deps tensorrt-stubs==$(TRT_STUBS)
 	touch $@
 
 demo: $(VENV)/.installed
@@ -34,7 +36,14 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check janusflow_ref export runtime calibration benchmarks tests
-	$(VENV)/bin/mypy runtime/trt_backend.py --ignore-missing-imports
+
+typecheck: $(VENV)/.installed
+	$(PY) .ci/trt_stubs_overlay.py build/typings
+	MYPYPATH=build/typings $(VENV)/bin/mypy
+
+# On an NVIDIA machine: pip install -e '.[gpu,tensorrt]' into the venv first (see README "On a GPU").
+gpu-check: $(VENV)/.installed
+	$(VENV)/bin/janusflow gpu-check --out gpu_check
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/janusflow bench --size small --out bench_out

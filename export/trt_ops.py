@@ -35,7 +35,8 @@ def parse_operators_md(text: str) -> OperatorDoc:
     rng = re.search(r"TensorRT ([\d.]+) supports operators in the inclusive range of opset (\d+) to opset (\d+)", text)
     if src is None or rng is None:
         raise ValueError("not onnx-tensorrt's operators.md (no source line or opset range)")
-    yes, no = set(), set()
+    yes: set[str] = set()
+    no: set[str] = set()
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 2 and cells[1] in ("Y", "N") and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", cells[0]):

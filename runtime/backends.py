@@ -171,6 +171,12 @@ class OutputBuffers:
 
 def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,
                  threads: int | None = None, need_vae: bool = False, vae_dir: str | Path | None = None):
+    if name == "torch-cuda":
+        from janusflow_ref.vae import resolve_vae_dir
+
+        from .torch_cuda import TorchCudaBackend
+
+        return TorchCudaBackend(model_dir, resolve_vae_dir(model_dir, vae_dir) if need_vae else None)
     if name == "torch-fast":
         from janusflow_ref.vae import load_vae, resolve_vae_dir
         from janusflow_ref.weights import load_model

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from janusflow_ref.errors import InputError, JanusFlowError
 
-BACKENDS = ("torch", "torch-fast", "ort", "trt")
+BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -49,7 +49,8 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
         p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch: official-style eager reference; torch-fast: our runtime on eager torch modules; "
-                        "ort: ONNX Runtime over --artifacts; trt: TensorRT engines (GPU)")
+                        "ort: ONNX Runtime over --artifacts; trt: TensorRT engines from `build` (GPU); "
+                        "torch-cuda: the graph modules in BF16 on the GPU with CUDA graphs")
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="OUT.png (OUT_i.png for several images)")
     p.set_defaults(func=cmd_generate)
 
-    for mod in ("export.commands", "benchmarks.commands"):
+    for mod in ("export.commands", "benchmarks.commands", "runtime.gpu_check"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:

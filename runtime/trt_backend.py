@@ -1,36 +1,100 @@
-"""The TensorRT slot of the backend seam. Engine building, persistent device buffers and CUDA-graph
-replay belong to the TensorRT issue; until then this backend says so in one line.
+"""The TensorRT slot of the backend seam: engines from `janusflow build`, refused in one line when they
+were built for another TensorRT, GPU, config, source graph or profile range (export/engine_manifest.py).
 
-GPU-only code stays in this file so a CPU machine never imports tensorrt.
+`run(graph, feeds)` keeps the seam's numpy contract (host in, host out: one copy each way per call)
+so every pipeline runs on it today; `enqueue(graph)` is the device-resident form (inputs written into
+`buffers(...)` in place, no host sync) that the GPU pipelines and CUDA-graph capture build on.
+GPU-only modules (tensorrt, runtime/trt_engine.py) are imported after the requirements are checked.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from export.engine_manifest import check_engine_files, check_engine_manifest, read_engine_manifest, source_graph
+from export.specs import build_specs
+from export.trt_build import require_cuda, require_tensorrt, target_here
+from export.trt_plan import engine_profiles
 from janusflow_ref.config import JanusFlowConfig
-from janusflow_ref.errors import JanusFlowError
+from janusflow_ref.errors import InputError
 
 
-def require_tensorrt():
-    try:
-        import tensorrt
+def export_sources(m: dict[str, Any]) -> dict[str, str] | None:
+    """graph -> sha256 of the source ONNX the export directory holds now; None if that directory is gone
+    (engines deployed on their own: the engine files' own sha256 is still checked)."""
+    path = Path(m.get("source_artifacts", "")) / "manifest.json"
+    if not path.is_file():
+        return None
+    exp = json.loads(path.read_text())
+    out = {}
+    for g in m["engines"]:
+        try:
+            out[g] = source_graph(exp, g, m["precision"])["sha256"]
+        except Exception:  # the graph or variant is gone from the export: a mismatch, reported by the check
+            out[g] = "missing"
+    return out
 
-        if not hasattr(tensorrt, "Builder"):  # tensorrt-stubs alone installs an empty namespace package
-            raise ImportError("tensorrt stubs only")
-    except ImportError:
-        raise JanusFlowError("--backend trt needs an NVIDIA GPU with the tensorrt package (pip install "
-                             "'janusflow-trt[tensorrt]'); use --backend ort here") from None
-    return tensorrt
+
+def pick_profile(graph: str, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The engine profile a call falls in (llm: one new token -> decode, more -> prefill)."""
+    if graph == "llm":
+        return "decode" if shapes["inputs_embeds"][1] == 1 else "prefill"
+    return "all"
 
 
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig):
-        require_tensorrt()
-        raise JanusFlowError("--backend trt: engine building and execution are not implemented yet "
-                             "(tracked by the TensorRT issue); use --backend ort")
+    def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, precision: str | None = None):
+        trt = require_tensorrt("--backend trt")
+        require_cuda("--backend trt")
+        import torch
 
-    def run(self, graph: str, feeds: dict) -> dict:  # pragma: no cover - unreachable until implemented
-        raise NotImplementedError
+        from .trt_engine import Engine
+
+        self.dir = Path(artifacts)
+        m = read_engine_manifest(self.dir)
+        self.specs = build_specs(cfg)
+        graphs = list(m["engines"])
+        wanted = {g: engine_profiles(self.specs, g) for g in graphs}
+        check_engine_manifest(m, target_here(str(trt.__version__)), cfg.sha256, precision, wanted,
+                              export_sources(m))
+        check_engine_files(self.dir, m, graphs)
+        self.profile_index = {g: [p["name"] for p in m["engines"][g]["profiles"]] for g in graphs}
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engines = {g: Engine(self.dir / m["engines"][g]["file"], logger) for g in graphs}
+        size = max(e.device_memory_size for e in self.engines.values())
+        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")  # shared: one engine at a time
+        for e in self.engines.values():
+            e.set_device_memory(self.scratch)
+        self.stream = torch.cuda.Stream()
+
+    def buffers(self, graph: str, shapes: dict[str, tuple[int, ...]], external: dict | None = None) -> dict:
+        """The graph's device buffers for these input shapes (allocated on first use, then reused)."""
+        spec = self.specs[graph]
+        b = shapes[spec.inputs[0].name][0]
+        if spec.syms.get("B") is not None and spec.syms["B"].multiple_of > 1 and b % spec.syms["B"].multiple_of:
+            raise InputError(f"{graph}: batch {b} is not a whole number of CFG pairs")
+        prof = self.profile_index[graph].index(pick_profile(graph, shapes))
+        return self.engines[graph].bind(prof, shapes, self.stream, external)
+
+    def enqueue(self, graph: str, capture: bool = False) -> None:
+        e = self.engines[graph]
+        (e.replay if capture else e.enqueue)(self.stream)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        spec = self.specs[graph]
+        bufs = self.buffers(graph, {t.name: tuple(feeds[t.name].shape) for t in spec.inputs})
+        with torch.cuda.stream(self.stream):
+            for t in spec.inputs:
+                bufs[t.name].copy_(torch.from_numpy(np.ascontiguousarray(feeds[t.name])), non_blocking=False)
+            self.enqueue(graph)
+            out = {t.name: bufs[t.name].float().cpu().numpy() if bufs[t.name].dtype == torch.bfloat16
+                   else bufs[t.name].cpu().numpy() for t in spec.outputs}
+        return out

@@ -1,0 +1,125 @@
+"""GPU checks (`-m gpu`, run by `janusflow gpu-check` / `make gpu-check`): real TensorRT engines and real
+CUDA graphs on the tiny checkpoint. Nothing here is mocked; without a GPU (or TensorRT) each test skips
+with the reason. Not yet run on a GPU by this project: see the README's "On a GPU" section."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.specs import build_specs, compare, dummy_inputs
+from janusflow_ref.config import load_config
+
+pytestmark = pytest.mark.gpu
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt
+
+        return hasattr(tensorrt, "Builder")
+    except ImportError:
+        return False
+
+
+needs_trt = pytest.mark.skipif(not (_has_tensorrt() and torch.cuda.is_available()),
+                               reason="TensorRT (pip install 'janusflow-trt[tensorrt]') and a CUDA GPU needed")
+
+
+@pytest.fixture(scope="module")
+def fp32_engines(tiny_onnx, tmp_path_factory):
+    from export.onnx_export import parse_graphs
+    from export.trt_build import build
+
+    out = tmp_path_factory.mktemp("engines") / "fp32"
+    build(tiny_onnx, out, "fp32", parse_graphs(None), out.parent / "timing.cache", 3, 4.0, progress=False)
+    return out
+
+
+def _cases(spec):
+    if spec.name == "llm":
+        return [{}, {"S": 1}]  # prefill profile (example S=3), decode profile
+    return [{}]
+
+
+@needs_trt
+def test_trt_fp32_engines_match_ort(tiny_dir, tiny_onnx, fp32_engines):
+    from runtime.backends import OrtBackend
+    from runtime.trt_backend import TrtBackend
+
+    cfg = load_config(tiny_dir)
+    ort, trt = OrtBackend(tiny_onnx, cfg), TrtBackend(fp32_engines, cfg, "fp32")
+    bad = []
+    for name, spec in build_specs(cfg).items():
+        for sizes in _cases(spec):
+            feeds = dummy_inputs(spec, seed=3, **sizes)
+            want = {k: v.copy() for k, v in ort.run(name, feeds).items()}
+            got = trt.run(name, feeds)
+            for t in spec.outputs:
+                r = compare(got[t.name], want[t.name], t.tol)
+                if not r["ok"]:
+                    bad.append(f"{name}{sizes} {t.name}: {r}")
+    assert not bad, bad
+
+
+@needs_trt
+def test_trt_cuda_graph_replay_equals_eager(tiny_dir, fp32_engines):
+    from runtime.trt_backend import TrtBackend
+
+    cfg = load_config(tiny_dir)
+    trt = TrtBackend(fp32_engines, cfg, "fp32")
+    spec = build_specs(cfg)["gen_dec"]
+    results = {}
+    for capture in (False, True):
+        bufs = trt.buffers("gen_dec", {t.name: spec.shape(t) for t in spec.inputs})
+        outs = []
+        for seed in (1, 2, 3):  # inputs written in place: the replayed graph must read the new values
+            for k, v in dummy_inputs(spec, seed=seed).items():
+                bufs[k].copy_(torch.from_numpy(v))
+            torch.cuda.synchronize()
+            trt.enqueue("gen_dec", capture=capture)
+            trt.stream.synchronize()
+            outs.append(bufs["z_next"].cpu().numpy().copy())
+        results[capture] = outs
+    assert trt.engines["gen_dec"].step is not None and trt.engines["gen_dec"].step.replays == 2
+    for a, b in zip(results[False], results[True], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(results[True][0], results[True][1])
+
+
+@needs_trt
+def test_trt_refuses_engines_for_another_gpu(tiny_dir, fp32_engines, tmp_path):
+    import shutil
+
+    from export.engine_manifest import EngineMismatchError
+    from runtime.trt_backend import TrtBackend
+
+    other = tmp_path / "other"
+    shutil.copytree(fp32_engines, other)
+    m = json.loads((other / "engines.json").read_text())
+    m["gpu"]["compute_capability"] = "1.0"
+    (other / "engines.json").write_text(json.dumps(m))
+    with pytest.raises(EngineMismatchError, match="rebuild here"):
+        TrtBackend(other, load_config(tiny_dir))
+
+
+@needs_cuda
+def test_torch_cuda_graph_replay_equals_eager(tiny_dir):
+    from runtime.torch_cuda import TorchCudaBackend
+
+    cfg = load_config(tiny_dir)
+    spec = build_specs(cfg)["gen_enc"]
+    eager = TorchCudaBackend(tiny_dir, graphs_capture=False)
+    graphed = TorchCudaBackend(tiny_dir, graphs_capture=True)
+    for seed in (1, 2, 3):
+        feeds = dummy_inputs(spec, seed=seed)
+        a, b = eager.run("gen_enc", feeds), graphed.run("gen_enc", feeds)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    slot = next(iter(graphed.static.values()))
+    assert slot[3] is not None and slot[3].replays == 2
