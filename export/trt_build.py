@@ -185,6 +185,8 @@ def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache
 
 def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_cache: Path | None,
           opt_level: int, workspace_gb: float, progress: bool = True) -> dict[str, Any]:
+    if out.exists() and not (out / FILE).is_file():  # never replace a directory we did not write
+        raise JanusFlowError(f"--out {out} exists and is not an engines directory; choose another path")
     trt = require_tensorrt("janusflow build")
     require_cuda("janusflow build")
     cfg, plans = plan(artifacts, precision, graphs)
@@ -193,8 +195,6 @@ def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_
     if missing:
         raise CheckpointError(f"the export has no {precision} variant of {missing[0]} (export with --precision "
                               f"{precision})")
-    if out.exists() and not (out / FILE).is_file():
-        raise JanusFlowError(f"--out {out} exists and is not an engines directory; choose another path")
     target = target_here(str(trt.__version__))
     cache = _read_cache(timing_cache)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
