@@ -26,7 +26,7 @@ from . import graphs as G
 from .manifest import build_manifest, graph_entry, write_manifest
 from .patches import export_patches
 from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
-from .trt_ops import OPERATORS_MD, graph_ops, operator_doc, unsupported_ops
+from .trt_ops import OPERATORS_MD, graph_ops, unsupported_ops
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 log = logging.getLogger(__name__)
@@ -73,10 +73,6 @@ def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[
     if "vae_dec" in names:
         mods["vae_dec"] = G.VAEDecGraph(load_vae(resolve_vae(model_dir, vae_dir, True))).eval()
     return cfg, mods
-
-
-def trt_supported_ops() -> frozenset[str]:
-    return operator_doc().supported
 
 
 # -- one graph -------------------------------------------------------------------------------------
