@@ -53,6 +53,8 @@ def cmd_build(args) -> int:
     if not out.parent.is_dir():
         raise JanusFlowError(f"--out: parent directory does not exist: {out.parent}")
     cache = Path(args.timing_cache) if args.timing_cache else None
+    if cache is not None and not cache.parent.is_dir():
+        raise JanusFlowError(f"--timing-cache: directory does not exist: {cache.parent}")
     m = build(artifacts, out, args.precision, graphs, cache, args.opt_level, args.workspace, progress=not args.quiet)
     for name, e in m["engines"].items():
         print(f"{name:8} {e['seconds']:7.1f} s  device memory {e['device_memory_bytes'] / 2**20:8.1f} MiB  {e['file']}")

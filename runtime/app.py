@@ -70,8 +70,15 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         decoded = ref.vae_decode(vae, z)
         z = z.numpy()
     else:
+        from export.specs import build_specs
+
         from . import text2img
 
+        specs = build_specs(cfg)  # the graphs' batch limits: CFG rows = 2 x images; the VAE decodes images
+        limit = min(specs["gen_enc"].syms["B"].max // 2, specs["vae_dec"].syms["B"].max)
+        if args.num_images > limit:
+            raise InputError(f"--num-images {args.num_images}: the exported graphs take at most {limit} images per "
+                             f"run (their batch limits); run several times")
         backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads, need_vae=True,
                                vae_dir=args.vae)
         cache = text2img.prefill_prefix(backend, cfg, processor, args.prompt, args.num_images)

@@ -257,3 +257,11 @@ def test_build_refuses_a_foreign_out_dir(tiny_onnx, tmp_path, capsys):
     assert main(["build", "--artifacts", str(tiny_onnx), "--precision", "fp32", "--out", str(foreign)]) == 2
     assert "is not an engines directory" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_num_images_beyond_the_specs_batch_limit_is_refused(tiny_dir, tiny_onnx, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--backend", "ort", "--artifacts", str(tiny_onnx), "--prompt",
+            "a fox", "--steps", "1", "--out", str(tmp_path / "x.png")]
+    assert main([*args, "--num-images", "9"]) == 2  # gen_enc takes 16 CFG rows = 8 images
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "at most 8 images" in err and list(tmp_path.iterdir()) == []
