@@ -123,3 +123,23 @@ def test_torch_cuda_graph_replay_equals_eager(tiny_dir):
             np.testing.assert_array_equal(a[k], b[k])
     slot = next(iter(graphed.static.values()))
     assert slot[3] is not None and slot[3].replays == 2
+
+
+@needs_trt
+def test_trt_device_euler_loop_equals_host_loop(tiny_dir, fp32_engines, processor):
+    """The whole Euler step as one captured CUDA graph over shared device buffers == the numpy-seam loop."""
+    from runtime import text2img
+    from runtime.trt_backend import TrtBackend
+    from runtime.trt_euler import DeviceEulerLoop
+
+    cfg = load_config(tiny_dir)
+    trt = TrtBackend(fp32_engines, cfg, "fp32")
+    n, steps = 2, 4
+    cache = text2img.prefill_prefix(trt, cfg, processor, "a red fox", n)
+    z = np.random.default_rng(0).standard_normal((n, 4, 48, 48)).astype(np.float32)
+    want = list(text2img.euler_loop(trt, cache, z, steps, 2.0))
+    loop = DeviceEulerLoop(trt, cache, z, steps, 2.0)
+    got = [zz.cpu().numpy().copy() for zz in loop]
+    assert loop.step.replays == steps - 1
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -265,3 +265,39 @@ def test_num_images_beyond_the_specs_batch_limit_is_refused(tiny_dir, tiny_onnx,
     assert main([*args, "--num-images", "9"]) == 2  # gen_enc takes 16 CFG rows = 8 images
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "at most 8 images" in err and list(tmp_path.iterdir()) == []
+
+
+# -- the Euler step's wiring (what the GPU loop captures as one CUDA graph) -------------------------
+def test_euler_wiring_is_complete_and_ordered(cfg):
+    from runtime.euler_step import EULER_STEP, check_wiring
+
+    specs = build_specs(cfg)
+    check_wiring(specs)
+    swapped = (EULER_STEP[0], EULER_STEP[2], EULER_STEP[1])
+    with pytest.raises(AssertionError, match="gen_dec.hidden reads llm.last_hidden_state before it is produced"):
+        check_wiring(specs, swapped)
+    dropped = (EULER_STEP[0], ("llm", {k: v for k, v in EULER_STEP[1][1].items() if k != "position_ids"}),
+               EULER_STEP[2])
+    with pytest.raises(AssertionError, match="llm.position_ids has no source"):
+        check_wiring(specs, dropped)
+
+
+def test_euler_wiring_reproduces_the_pipeline(tiny_dir, tiny_onnx, processor, cfg):
+    """The wiring executed over the numpy seam == text2img.euler_loop, step by step (same ORT graphs)."""
+    import numpy as np
+
+    from runtime import text2img
+    from runtime.backends import OrtBackend
+    from runtime.euler_step import run_step_host, step_constants
+
+    ort = OrtBackend(tiny_onnx, cfg)
+    n, steps = 2, 3
+    cache = text2img.prefill_prefix(ort, cfg, processor, "a red fox", n)
+    z = np.random.default_rng(0).standard_normal((n, 4, 48, 48)).astype(np.float32)
+    want = list(text2img.euler_loop(ort, cache, z, steps, 2.0))
+    consts = step_constants(cache, 2 * n, 1 + cfg.num_gen_tokens, 2.0, steps)
+    table = consts.pop("t_table")
+    state = {"z": np.concatenate([z, z])}
+    for i in range(steps):
+        run_step_host(ort, state, consts, cache.past_feeds(), table[i])
+        np.testing.assert_array_equal(state["z"][:n], want[i])

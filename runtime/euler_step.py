@@ -1,0 +1,85 @@
+"""One Euler step as a fixed sequence of graph calls over fixed buffers: the wiring below says where every
+input of every graph comes from, once. On a GPU (DeviceEulerLoop) the wiring becomes shared device
+tensors (an output buffer of one engine IS the input buffer of the next) and the whole step, the carry
+z <- z_next included, is captured as one CUDA graph; per step only t is written, from a device table
+of all timesteps computed once per request. On the CPU, run_step_host() executes the same wiring over
+the numpy seam, which is how CI checks the wiring against the pipeline in text2img.py.
+
+Sources: ("carry", "z") the loop state; ("step", "t") the per-step timestep; ("const", k) per-request
+constants; ("out", graph, output) an earlier graph's output; ("cache", "*") the prompt prefix's K/V.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from export.specs import GraphSpec
+from janusflow_ref.generation import timestep
+
+Source = tuple[str, ...]
+KV_PREFIX = "past_key_values."
+
+EULER_STEP: tuple[tuple[str, dict[str, Source]], ...] = (
+    ("gen_enc", {"z": ("carry", "z"), "t": ("step", "t")}),
+    ("llm", {"inputs_embeds": ("out", "gen_enc", "step_embeds"), "attention_mask": ("const", "mask"),
+             "position_ids": ("const", "positions"), KV_PREFIX + "*": ("cache", "*")}),
+    ("gen_dec", {"hidden": ("out", "llm", "last_hidden_state"), "skip": ("out", "gen_enc", "skip"),
+                 "t_emb": ("out", "gen_enc", "t_emb"), "z": ("carry", "z"), "cfg_weight": ("const", "cfg_weight"),
+                 "dt": ("const", "dt")}),
+)
+CARRY = {"z": ("gen_dec", "z_next")}
+
+
+def source_of(feeds: dict[str, Source], name: str) -> Source | None:
+    if name in feeds:
+        return feeds[name]
+    if name.startswith(KV_PREFIX) and KV_PREFIX + "*" in feeds:
+        return feeds[KV_PREFIX + "*"]
+    return None
+
+
+def check_wiring(specs: dict[str, GraphSpec], step=EULER_STEP, carry=CARRY) -> None:
+    """Every input of every graph has a source; every ("out", g, o) names an output of a graph that runs
+    earlier in the step; the carry is produced by the step. AssertionError naming the first violation."""
+    done: dict[str, set[str]] = {}
+    for graph, feeds in step:
+        spec = specs[graph]
+        for name in spec.input_names:
+            src = source_of(feeds, name)
+            assert src is not None, f"{graph}.{name} has no source"
+            if src[0] == "out":
+                assert src[1] in done and src[2] in done[src[1]], f"{graph}.{name} reads {src[1]}.{src[2]} " \
+                                                                  f"before it is produced"
+        extra = [k for k in feeds if k not in spec.input_names and not k.endswith("*")]
+        assert not extra, f"{graph}: wiring feeds unknown inputs {extra}"
+        done[graph] = set(spec.output_names)
+    for name, (g, o) in carry.items():
+        assert o in done.get(g, set()), f"carry {name} <- {g}.{o} is not produced by the step"
+
+
+def step_constants(cache, rows: int, step_tokens: int, cfg_weight: float, steps: int) -> dict[str, np.ndarray]:
+    """Per-request constants (computed once, not per step) and the timestep table [steps, rows]."""
+    c = cache.capacity
+    return {"mask": cache.mask(np.ones((rows, step_tokens), np.int64)).copy(),
+            "positions": np.broadcast_to(np.arange(c, c + step_tokens, dtype=np.int64), (rows, step_tokens)).copy(),
+            "cfg_weight": np.array([cfg_weight], np.float32), "dt": np.array([1.0 / steps], np.float32),
+            "t_table": np.stack([np.full((rows,), timestep(i, steps), np.float32) for i in range(steps)])}
+
+
+def run_step_host(backend, state: dict[str, Any], consts: dict[str, np.ndarray], kv: dict[str, np.ndarray],
+                  t: np.ndarray) -> None:
+    """One step over backend.run (numpy seam), following EULER_STEP; updates state["z"] in place of the carry."""
+    outs: dict[str, dict[str, np.ndarray]] = {}
+    sources = {"carry": state, "step": {"t": t}, "const": consts}
+    for graph, feeds in EULER_STEP:
+        args = {}
+        for name in backend.specs[graph].input_names:
+            src = source_of(feeds, name)
+            assert src is not None
+            args[name] = outs[src[1]][src[2]] if src[0] == "out" else kv[name] if src[0] == "cache" \
+                else sources[src[0]][src[1]]
+        outs[graph] = backend.run(graph, args)
+    for name, (g, o) in CARRY.items():
+        state[name] = outs[g][o].copy()
