@@ -40,7 +40,8 @@ class Engine:
         self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self.names if n not in self.inputs]
         self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # the current binding
+        self.owned: dict[str, torch.Tensor] = {}  # allocated here, reused by later binds of the same shape
         self.bound: tuple | None = None  # (profile, input shapes, external addresses) of the current binding
         self.step: CapturedStep | None = None
 
@@ -70,9 +71,10 @@ class Engine:
             dtype = TORCH_DTYPES[self.engine.get_tensor_dtype(n)]
             t = external.get(n)
             if t is None:
-                old = self.buffers.get(n)
+                old = self.owned.get(n)  # never one lent by a caller: that one belongs to someone else
                 t = old if old is not None and tuple(old.shape) == shape and old.dtype == dtype else \
                     torch.empty(shape, dtype=dtype, device="cuda")
+                self.owned[n] = t
             assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous(), \
                 f"{n}: buffer {tuple(t.shape)} {t.dtype}, engine wants {shape} {dtype}"
             self.context.set_tensor_address(n, t.data_ptr())
