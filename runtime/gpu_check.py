@@ -1,13 +1,15 @@
-"""`janusflow gpu-check`: on an NVIDIA machine, run the checks CI cannot (the `-m gpu` tests:
-engine build, engines vs ONNX Runtime FP32 per graph with the spec tolerances, CUDA-graph replay
-equal to eager) and write pytest's JUnit report. Tests whose library is missing (TensorRT) skip with
-the reason, which the summary lists.
+"""`janusflow gpu-check`: on an NVIDIA machine, run the checks CI cannot (the `-m gpu` tests: engine
+build, engines vs ONNX Runtime FP32 per graph with the spec tolerances, CUDA-graph replay equal to eager,
+the device Euler loop) and write pytest's JUnit report plus a JSON and markdown summary of it. Tests
+whose library is missing (TensorRT) skip with the reason, which the summary lists.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from janusflow_ref.errors import JanusFlowError
@@ -24,7 +26,32 @@ def cmd_gpu_check(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-v", str(TESTS), f"--junitxml={out / 'gpu.xml'}"]
-    return subprocess.run(cmd, check=False).returncode
+    rc = subprocess.run(cmd, check=False).returncode
+    if (out / "gpu.xml").is_file():
+        write_report(summarise_junit(out / "gpu.xml"), out)
+    return rc
+
+
+def summarise_junit(path: Path) -> list[dict[str, str]]:
+    """One row per test: name, outcome (passed|failed|error|skipped), and the message where there is one."""
+    rows = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                outcome = "failed" if tag == "failure" else tag
+                message = (el.get("message") or "").splitlines()[0][:200] if el.get("message") else ""
+                break
+        rows.append({"test": case.get("name", "?"), "outcome": outcome, "message": message})
+    return rows
+
+
+def write_report(rows: list[dict[str, str]], out: Path) -> None:
+    (out / "gpu.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| test | outcome | message |", "|---|---|---|"]
+    lines += [f"| {r['test']} | {r['outcome']} | {r['message'].replace('|', '/')} |" for r in rows]
+    (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
 def register(subparsers) -> None:

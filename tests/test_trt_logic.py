@@ -301,3 +301,27 @@ def test_euler_wiring_reproduces_the_pipeline(tiny_dir, tiny_onnx, processor, cf
     for i in range(steps):
         run_step_host(ort, state, consts, cache.past_feeds(), table[i])
         np.testing.assert_array_equal(state["z"][:n], want[i])
+
+
+def test_gpu_check_report_from_a_real_pytest_run(tmp_path):
+    """Runs the -m gpu tests here for real (they skip without a GPU) and summarises pytest's own JUnit XML."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from runtime.gpu_check import TESTS, summarise_junit, write_report
+
+    xml = tmp_path / "gpu.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(TESTS),
+                    f"--junitxml={xml}", "-k", "torch_cuda"], cwd=Path(TESTS).parent.parent, check=False,
+                   capture_output=True)
+    rows = summarise_junit(xml)
+    assert [r["test"] for r in rows] == ["test_torch_cuda_graph_replay_equals_eager"]
+    want = "passed" if torch.cuda.is_available() else "skipped"
+    assert rows[0]["outcome"] == want
+    if want == "skipped":
+        assert "no CUDA GPU" in rows[0]["message"]
+    write_report(rows, tmp_path)
+    assert json.loads((tmp_path / "gpu.json").read_text()) == rows
+    assert "| test_torch_cuda_graph_replay_equals_eager | skipped |" in (tmp_path / "gpu.md").read_text() or \
+        want == "passed"
