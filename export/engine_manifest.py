@@ -9,13 +9,12 @@ machine it runs on.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from janusflow_ref.errors import CheckpointError
+from janusflow_ref.images import write_atomic
 
 from .manifest import VERSION, sha256_file
 from .trt_plan import Profile
@@ -69,14 +68,10 @@ def build_engine_manifest(target: Target, precision: str, config_sha256: str, ar
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(obj, indent=2))
+
+    write_atomic(path, write)
 
 
 def read_engine_manifest(engines_dir: Path) -> dict[str, Any]:

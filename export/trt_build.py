@@ -9,6 +9,7 @@ TensorRT or a GPU is imported inside the functions that need it; `--dry-run` nee
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ import onnx
 
 from janusflow_ref.config import JanusFlowConfig, parse_config
 from janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_ref.images import write_atomic
 
 from .engine_manifest import (
     FILE,
@@ -103,8 +105,6 @@ def plan(artifacts: Path, precision: str, graphs: list[str]) -> tuple[JanusFlowC
 
 
 def _manifest_config(artifacts: Path) -> JanusFlowConfig:
-    import json
-
     path = artifacts / "manifest.json"
     if not path.is_file():
         raise CheckpointError(f"no manifest.json in {artifacts} (run `janusflow export` first)")
@@ -140,15 +140,11 @@ def _read_cache(path: Path | None) -> bytes:
     return path.read_bytes() if path is not None and path.is_file() else b""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    write_atomic(path, write)
 
 
 def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache: bytes, opt_level: int,
@@ -217,7 +213,7 @@ def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_
             engines[p.graph] = engine_entry(f"{p.graph}.plan", tmp, p.source, p.profiles, mem,
                                             time.perf_counter() - t0)
             if timing_cache is not None:  # saved after every engine: a later failure keeps what was learnt
-                _write_atomic(timing_cache, cache)
+                _save_bytes(timing_cache, cache)
         m = build_engine_manifest(target, precision, export_manifest["config_sha256"], artifacts, engines)
         write_json_atomic(tmp / FILE, m)
         if out.exists():  # an engines directory we wrote earlier: swap, then drop the old one
