@@ -100,7 +100,8 @@ class Pipeline:
         import torch
 
         tok = self.processor.tokenizer
-        detok = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True), self.processor.clean_up_spaces)
+        detok = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True),
+                                   self.processor.clean_up_spaces)
         torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
         for t in self.engine.chat_tokens(inputs, params):
             piece = detok.put(t)

@@ -1,6 +1,6 @@
-"""What a Pipeline runs, one class per kind, the same four calls each: answer tokens, the generation
-prompt's prefix, the Euler steps over it, the VAE (ensure_vae first). Chosen once in Pipeline.from_pretrained, so no call
-branches on the backend.
+"""What a Pipeline runs, one class per kind, the same calls each: answer tokens, the generation
+prompt's prefix, the Euler steps over it, the VAE (ensure_vae first). Chosen once in
+Pipeline.from_pretrained, so no call branches on the backend.
 
 - ReferenceEngine: the official-style eager pipeline (`torch`): HF cache for chat, the whole prompt
   recomputed at every Euler step (janusflow_ref).
@@ -88,11 +88,18 @@ class RuntimeEngine:
 
 def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor: Processor,
                  artifacts: Path | None, vae_dir: Path | None, threads: int | None):
-    """Loads the weights (torch, torch-fast) or opens the artifacts (ort, trt): the one load of a Pipeline."""
+    """Loads the weights (torch, torch-fast) or opens the artifacts (ort, trt): the one load of a Pipeline.
+    The ort / trt path imports no model code (janusflow_ref.model, transformers' modeling, diffusers)."""
+    from janusflow_ref.errors import InputError
+    from runtime.backends import make_backend, physical_cores
+
+    if backend in ("ort", "trt"):
+        return RuntimeEngine(make_backend(backend, model_dir, artifacts, cfg, threads), cfg, processor)
+    if backend not in ("torch", "torch-fast"):
+        raise InputError(f"unknown backend {backend!r} (torch, torch-fast, ort, trt)")
     from janusflow_ref import vae as vae_mod
     from janusflow_ref import weights
-    from janusflow_ref.errors import InputError
-    from runtime.backends import TorchBackend, make_backend, physical_cores
+    from runtime.backends import TorchBackend
 
     def load_vae():
         return vae_mod.load_vae(vae_mod.resolve_vae_dir(model_dir, vae_dir))
@@ -100,9 +107,5 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
     if backend == "torch":
         torch.set_num_threads(threads or physical_cores())
         return ReferenceEngine(weights.load_model(model_dir), processor, load_vae)
-    if backend == "torch-fast":
-        b = TorchBackend(weights.load_model(model_dir), None, threads)
-        return RuntimeEngine(b, cfg, processor, add_vae=lambda: b.add_vae(load_vae()))
-    if backend in ("ort", "trt"):
-        return RuntimeEngine(make_backend(backend, model_dir, artifacts, cfg, threads), cfg, processor)
-    raise InputError(f"unknown backend {backend!r} (torch, torch-fast, ort, trt)")
+    b = TorchBackend(weights.load_model(model_dir), None, threads)
+    return RuntimeEngine(b, cfg, processor, add_vae=lambda: b.add_vae(load_vae()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from transformers import PreTrainedTokenizerBase
+from janusflow_ref.processor import clean_up_tokenization
 
 _CLEAN_REACH = 3  # longest clean-up pattern (" n't", " 've", " 're") minus its leading space
 
@@ -59,7 +59,7 @@ class IncrementalDecoder:
             return ""
         head, self.pending = self.pending[:cut], self.pending[cut:]
         self.shown_tail = (self.shown_tail + head)[-_CLEAN_REACH:]
-        return PreTrainedTokenizerBase.clean_up_tokenization(head)
+        return clean_up_tokenization(head)
 
     def _last_cut(self) -> int:
         """Largest c <= len(pending) with no space among the 3 raw characters before c."""
