@@ -88,7 +88,11 @@ class OrtBackend:
 
     def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, threads: int | None = None,
                  providers: list[str] | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
+                                 "(or '[gpu]' with CUDA)") from None
 
         self.dir = Path(artifacts)
         self.manifest = read_manifest(artifacts, cfg)
