@@ -27,6 +27,7 @@ from runtime.chat import decode_one_token, llm_step, new_cache, prefill
 
 from . import floors
 
+NOISY_SPREAD = 0.25  # a floor probe whose repeats differ by more than this ran beside other work
 PROMPT = "A cute and adorable baby fox with big brown eyes, autumn leaves in the background, highly detailed."
 
 
@@ -302,6 +303,12 @@ def markdown(result: dict) -> str:
             extra = f" ({s[key]:.2f}x)" if key and n != "baseline" and key in s else ""
             cells.append(f"{v:.3g}{extra}")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "gemm_probe" in result.get("floors", {}):
+        g, m = result["floors"]["gemm_probe"], result["floors"]["read_probe"]
+        out += ["", f"Floors: GEMM {g['best']:.0f} GFLOP/s (median {g['median']:.0f}, spread {g['spread']:.0%}), "
+                    f"read {m['best']:.1f} GB/s (median {m['median']:.1f}, spread {m['spread']:.0%})"
+                    + (" - NOISY: the machine was busy, floor ratios are unreliable"
+                       if max(g["spread"], m["spread"]) > NOISY_SPREAD else "")]
     parts = {n: r["decode_parts_ms"] for n, r in b.items() if "decode_parts_ms" in r}
     if parts:
         def line(n, c, p):
