@@ -33,7 +33,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check janusflow_ref export runtime calibration benchmarks tests
+	$(VENV)/bin/ruff check janusflow_trt janusflow_ref export runtime calibration benchmarks tests
 	$(VENV)/bin/mypy runtime/trt_backend.py --ignore-missing-imports
 
 bench: $(VENV)/.installed
