@@ -20,14 +20,14 @@ from PIL import Image
 from janusflow_ref import generation as ref_gen
 from janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_ref.processor import Processor
-from janusflow_ref.sampling import SamplingParams
-from janusflow_ref.understanding import chat as ref_chat
+from janusflow_trt import Pipeline
+from janusflow_trt.engines import ReferenceEngine, RuntimeEngine
 from runtime import text2img
-from runtime.chat import chat as rt_chat
 from runtime.chat import decode_one_token, llm_step, new_cache, prefill
 
 from . import floors
 
+NOISY_SPREAD = 0.25  # a floor probe whose repeats differ by more than this ran beside other work
 PROMPT = "A cute and adorable baby fox with big brown eyes, autumn leaves in the background, highly detailed."
 
 
@@ -57,6 +57,7 @@ class Baseline:
 
     def __init__(self, model, vae, processor):
         self.m, self.vae, self.p = model, vae, processor
+        self.pipe = Pipeline(model.cfg, processor, ReferenceEngine(model, processor, lambda: vae), "torch")
 
     @torch.inference_mode()
     def siglip(self, px):
@@ -71,7 +72,11 @@ class Baseline:
         return out, cache
 
     def ttft(self, image, question):
-        return ref_chat(self.m, self.p, image, question, SamplingParams(max_new_tokens=1))
+        return self.pipe.chat(image, question, max_new_tokens=1)
+
+    def chat_decode_ms(self, image, question, tokens: int) -> float:
+        self.pipe.chat(image, question, max_new_tokens=tokens)  # warm-up
+        return self.pipe.chat(image, question, max_new_tokens=tokens).timings["decode_ms_per_token"]
 
     @torch.inference_mode()
     def decode_ms(self, embeds, tokens: int) -> float:
@@ -105,33 +110,35 @@ class Baseline:
         zt = torch.from_numpy(z)
         return timed(lambda: ref_gen.vae_decode(self.vae, zt), repeat)
 
-    @torch.inference_mode()
     def image_s(self, z, steps: int) -> float:
-        t0 = time.perf_counter()
-        prefix, mask = ref_gen.prompt_prefix(self.m, self.p, PROMPT, z.shape[0])
-        for zz in ref_gen.euler_steps(self.m, prefix, mask, torch.from_numpy(z), steps, 2.0):
-            pass
-        ref_gen.vae_decode(self.vae, zz)
-        return (time.perf_counter() - t0) / z.shape[0]
+        return self.pipe.generate(PROMPT, steps=steps, init_latents=z).timings["total_s"] / z.shape[0]
 
 
 class Runtime:
-    """Our pipelines over one backend (static KV cache, prefix prefilled once)."""
+    """Our pipelines over one backend: user-facing stages (TTFT, chat decode, s/image) through the
+    Pipeline users run; per-graph stages through the same pipeline's backend."""
 
-    def __init__(self, backend, cfg: JanusFlowConfig, processor):
-        self.b, self.cfg, self.p, self.name = backend, cfg, processor, backend.name
+    def __init__(self, pipe: Pipeline):
+        self.pipe, self.b, self.cfg, self.p = pipe, pipe.engine.backend, pipe.cfg, pipe.processor
+        self.name = self.b.name
 
     def siglip(self, px):
         return self.b.run("siglip", {"pixel_values": px})
 
     def prefill(self, embeds):
-        cache = new_cache(self.cfg, 1, embeds.shape[1] + 64)
+        cache = new_cache(self.cfg, 1, embeds.shape[1])  # sized as chat sizes it: the prompt's bucket
         return prefill(self.b, cache, embeds), cache
 
     def ttft(self, image, question):
-        return rt_chat(self.b, self.cfg, self.p, image, question, SamplingParams(max_new_tokens=1))
+        return self.pipe.chat(image, question, max_new_tokens=1)
+
+    def chat_decode_ms(self, image, question, tokens: int) -> float:
+        self.pipe.chat(image, question, max_new_tokens=tokens)  # warm-up
+        return self.pipe.chat(image, question, max_new_tokens=tokens).timings["decode_ms_per_token"]
 
     def decode_ms(self, embeds, tokens: int) -> float:
+        """Median ms/token of chat's decode step (embed graph + LLM graph + cache write + argmax), the
+        cache grown in buckets as in chat."""
         logits, cache = self.prefill(embeds)
         tok = int(logits[0].argmax())
         times = []
@@ -140,6 +147,15 @@ class Runtime:
             tok = int(decode_one_token(self.b, cache, tok)[0].argmax())
             times.append(time.perf_counter() - t0)
         return statistics.median(times[2:]) * 1e3
+
+    def decode_parts_ms(self, embeds, tokens: int) -> dict[str, float]:
+        """Where a decode step's time goes: the embed graph call, the LLM graph call, the rest (host)."""
+        _, cache = self.prefill(embeds)
+        emb = self.b.run("embed", {"input_ids": np.array([[1]], np.int64)})["inputs_embeds"].copy()
+        one = np.ones((1, 1), np.int64)
+        embed = timed(lambda: self.b.run("embed", {"input_ids": np.array([[1]], np.int64)}), tokens)
+        llm = timed(lambda: llm_step(self.b, cache, emb, one, write=False), tokens)
+        return {"embed": embed, "llm": llm}
 
     def euler_ms(self, z, repeat: int) -> dict[str, float]:
         cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
@@ -161,12 +177,7 @@ class Runtime:
         return timed(lambda: text2img.vae_decode(self.b, z), repeat)
 
     def image_s(self, z, steps: int) -> float:
-        t0 = time.perf_counter()
-        cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
-        for zz in text2img.euler_loop(self.b, cache, z, steps, 2.0):
-            pass
-        text2img.vae_decode(self.b, zz)
-        return (time.perf_counter() - t0) / z.shape[0]
+        return self.pipe.generate(PROMPT, steps=steps, init_latents=z).timings["total_s"] / z.shape[0]
 
 
 def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_steps, log) -> dict:
@@ -179,13 +190,16 @@ def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_
     r["prefill_tokens"] = int(emb.shape[1])
     r["prefill_ms"] = timed(lambda: runner.prefill(emb), repeat)
     r["ttft_ms"] = timed(lambda: runner.ttft(image, "Describe this image in detail."), repeat)
+    r["chat_decode_ms"] = runner.chat_decode_ms(image, "Describe this image in detail.", 4 * decode_tokens)
     log(f"  {runner.name}: siglip {r['siglip_ms']:.1f} ms, prefill {r['prefill_ms']:.1f} ms, "
-        f"TTFT {r['ttft_ms']:.1f} ms")
+        f"TTFT {r['ttft_ms']:.1f} ms, chat decode {r['chat_decode_ms']:.2f} ms/token")
     r["decode_ms"] = {}
     for ctx in contexts:
         e = (rng.standard_normal((1, ctx, cfg.hidden)) * 0.5).astype(np.float32)
         r["decode_ms"][str(ctx)] = runner.decode_ms(e, decode_tokens)
         log(f"  {runner.name}: decode @ {ctx}: {r['decode_ms'][str(ctx)]:.2f} ms/token")
+        if hasattr(runner, "decode_parts_ms"):
+            r.setdefault("decode_parts_ms", {})[str(ctx)] = runner.decode_parts_ms(e, decode_tokens)
     z = rng.standard_normal((1, 4, 48, 48)).astype(np.float32)
     r["euler_ms"] = runner.euler_ms(z, repeat)
     r["euler_ms"]["step"] = sum(r["euler_ms"].values())
@@ -221,7 +235,8 @@ def machine_info(threads: int) -> dict:
 
 def measure_floors(result: dict) -> None:
     """Measured first: it also brings the CPU and allocator to a steady state before any backend runs."""
-    result["floors"] = {"gemm_gflops": floors.gemm_gflops(), "read_gbs": floors.read_gbs()}
+    gemm, read = floors.gemm_probe(), floors.read_probe()
+    result["floors"] = {"gemm_gflops": gemm["best"], "read_gbs": read["best"], "gemm_probe": gemm, "read_probe": read}
 
 
 def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
@@ -247,7 +262,7 @@ def ratios(result: dict) -> None:
     for r in result["backends"].values():
         r["speedup_vs_baseline"] = {
             "siglip": base["siglip_ms"] / r["siglip_ms"], "prefill": base["prefill_ms"] / r["prefill_ms"],
-            "ttft": base["ttft_ms"] / r["ttft_ms"],
+            "ttft": base["ttft_ms"] / r["ttft_ms"], "chat_decode": base["chat_decode_ms"] / r["chat_decode_ms"],
             **{f"decode@{c}": base["decode_ms"][c] / r["decode_ms"][c] for c in r["decode_ms"]},
             "euler_step": base["euler_ms"]["step"] / r["euler_ms"]["step"], "vae": base["vae_ms"] / r["vae_ms"],
             "image": base["s_per_image"] / r["s_per_image"],
@@ -260,7 +275,7 @@ def markdown(result: dict) -> str:
     ctxs = list(next(iter(b.values()))["decode_ms"])
     rows = [("SigLIP ms", lambda r: r["siglip_ms"]), (f"prefill ms ({next(iter(b.values()))['prefill_tokens']} tok)",
                                                        lambda r: r["prefill_ms"]),
-            ("TTFT ms", lambda r: r["ttft_ms"])]
+            ("TTFT ms", lambda r: r["ttft_ms"]), ("chat decode ms/token (API)", lambda r: r["chat_decode_ms"])]
     for c in ctxs:
         rows.append((f"decode ms/token @ {c}", lambda r, c=c: r["decode_ms"][c]))
         rows.append((f"tokens/s @ {c}", lambda r, c=c: 1e3 / r["decode_ms"][c]))
@@ -277,7 +292,8 @@ def markdown(result: dict) -> str:
         for n in names:
             v = f(b[n])
             s = b[n].get("speedup_vs_baseline", {})
-            key = {"SigLIP ms": "siglip", "TTFT ms": "ttft", "Euler step ms": "euler_step", "VAE ms": "vae"}.get(label)
+            key = {"SigLIP ms": "siglip", "TTFT ms": "ttft", "Euler step ms": "euler_step", "VAE ms": "vae",
+                   "chat decode ms/token (API)": "chat_decode"}.get(label)
             if label.startswith("decode ms"):
                 key = "decode@" + label.rsplit(" ", 1)[1]
             elif label.startswith("prefill"):
@@ -287,6 +303,20 @@ def markdown(result: dict) -> str:
             extra = f" ({s[key]:.2f}x)" if key and n != "baseline" and key in s else ""
             cells.append(f"{v:.3g}{extra}")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "gemm_probe" in result.get("floors", {}):
+        g, m = result["floors"]["gemm_probe"], result["floors"]["read_probe"]
+        out += ["", f"Floors: GEMM {g['best']:.0f} GFLOP/s (median {g['median']:.0f}, spread {g['spread']:.0%}), "
+                    f"read {m['best']:.1f} GB/s (median {m['median']:.1f}, spread {m['spread']:.0%})"
+                    + (" - NOISY: the machine was busy, floor ratios are unreliable"
+                       if max(g["spread"], m["spread"]) > NOISY_SPREAD else "")]
+    parts = {n: r["decode_parts_ms"] for n, r in b.items() if "decode_parts_ms" in r}
+    if parts:
+        def line(n, c, p):
+            rest = b[n]["decode_ms"][c] - p["embed"] - p["llm"]
+            return f"{n} @ {c}: embed {p['embed']:.2f}, LLM {p['llm']:.2f}, rest {rest:.2f}"
+
+        out += ["", "Decode step, by call (ms): " + "; ".join(line(n, c, p) for n, ps in parts.items()
+                                                              for c, p in ps.items())]
     return "\n".join(out) + "\n"
 
 
@@ -325,7 +355,7 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
               log: Callable[[str], None] = print) -> dict:
     from janusflow_ref.vae import load_vae
     from janusflow_ref.weights import load_model
-    from runtime.backends import OrtBackend, TorchBackend
+    from runtime.backends import TorchBackend
 
     torch.set_num_threads(threads)
     cfg = load_config(model_dir)
@@ -338,8 +368,9 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     log(f"loaded model (RSS {rss_mb():.0f} MB); measuring this machine's GEMM rate and read bandwidth ...")
     measure_floors(result)
     runners = {"baseline": lambda: Baseline(model, vae, processor),
-               "torch-fast": lambda: Runtime(TorchBackend(model, vae, threads), cfg, processor),
-               "ort": lambda: Runtime(OrtBackend(artifacts, cfg, threads), cfg, processor)}
+               "torch-fast": lambda: Runtime(Pipeline(cfg, processor, RuntimeEngine(
+                   TorchBackend(model, vae, threads), cfg, processor), "torch-fast")),
+               "ort": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, threads=threads))}
     for name in backends:
         log(f"benchmarking {name} ...")
         result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,

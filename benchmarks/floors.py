@@ -3,6 +3,7 @@ stage must do (FLOPs / bytes) counted from the config."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -10,26 +11,43 @@ import torch
 from janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
 
 
-def _best(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
+def _times(fn, repeat: int) -> list[float]:
+    fn()  # warm: page-in, thread pool start
+    out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        out.append(time.perf_counter() - t0)
+    return out
 
 
-def gemm_gflops(n: int = 1024, repeat: int = 10) -> float:
-    """Measured FP32 GEMM rate (torch.mm, current thread count), GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best(lambda: torch.mm(a, b), repeat) / 1e9
+def _probe(rates: dict[str, list[float]]) -> dict:
+    """Best rate over sizes and repeats (the STREAM convention: the best run is the machine's capability,
+    slower runs are interference), with the spread so a noisy run shows itself."""
+    best = {k: max(v) for k, v in rates.items()}
+    top = max(best.values())
+    everything = [x for v in rates.values() for x in v]
+    return {"best": top, "per_size_best": best, "median": statistics.median(everything),
+            "spread": (top - min(everything)) / top}
 
 
-def read_gbs(mbytes: int = 512, repeat: int = 5) -> float:
-    """Measured memory read bandwidth (a reduction over a buffer far larger than the caches), GB/s."""
-    x = torch.ones(mbytes * 2**20 // 4)
-    return x.numel() * 4 / _best(lambda: x.sum(), repeat) / 1e9
+def gemm_probe(sizes=(512, 1024, 2048), repeat: int = 7) -> dict:
+    """FP32 GEMM rate, GFLOP/s: torch.mm at several sizes on all intra-op threads, best of `repeat` each."""
+    rates = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        rates[str(n)] = [2 * n**3 / t / 1e9 for t in _times(lambda a=a, b=b: torch.mm(a, b), repeat)]
+    return _probe(rates)
+
+
+def read_probe(mbytes=(128, 256, 512), repeat: int = 7) -> dict:
+    """Memory read bandwidth, GB/s: a sum over buffers far beyond the last-level cache, all threads,
+    best of `repeat` each (a read-only kernel, like a decode step's pass over the weights)."""
+    rates = {}
+    for mb in mbytes:
+        x = torch.ones(mb * 2**20 // 4)
+        rates[str(mb)] = [x.numel() * 4 / t / 1e9 for t in _times(lambda x=x: x.sum(), repeat)]
+    return _probe(rates)
 
 
 def llm_layer_params(cfg: JanusFlowConfig) -> int:

@@ -10,13 +10,16 @@ This is also the "official-style" baseline of the benchmarks.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import InputError
-from .model import JanusFlow
 from .processor import Processor
+
+if TYPE_CHECKING:  # the runtime imports the helpers here without transformers' model code
+    from .model import JanusFlow
 
 LATENT_SHAPE = (4, 48, 48)
 

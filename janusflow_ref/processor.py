@@ -153,7 +153,7 @@ class Processor:
 
     def decode(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return PreTrainedTokenizerBase.clean_up_tokenization(text) if self.clean_up_spaces else text
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def chat_prompt(self, question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
         return sft_prompt([("User", f"{self.image_tag}\n{question}"), ("Assistant", "")], system_prompt)
@@ -187,6 +187,11 @@ class Processor:
         positions = torch.nonzero((t == self.image_id) | (t == self.image_start_id)).flatten()
         pixels = torch.from_numpy(preprocess_image(image, self.image_cfg))[None]
         return ChatInputs(input_ids=t[None], image_positions=positions, pixel_values=pixels, prompt=prompt)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization_spaces rule (an instance method there since v5)."""
+    return PreTrainedTokenizerBase.clean_up_tokenization(None, text)
 
 
 def _token_name(tcfg: dict, key: str) -> str | None:

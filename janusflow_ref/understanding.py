@@ -4,17 +4,19 @@ HF KV cache -> detokenised answer. The reference every other backend is checked 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 from .errors import InputError
-from .model import JanusFlow
 from .processor import SYSTEM_PROMPT, Processor
 from .sampling import SamplingParams, next_token
+
+if TYPE_CHECKING:  # the runtime imports ChatResult / check_context from here without transformers' model code
+    from .model import JanusFlow
 
 
 @dataclass
@@ -43,6 +45,23 @@ def check_context(prompt_len: int, max_new_tokens: int, max_context: int) -> Non
 
 
 @torch.inference_mode()
+def chat_tokens(model: JanusFlow, inputs, params: SamplingParams, eos_id: int) -> Iterator[int]:
+    """Answer token ids as they are sampled (the caller seeds torch's RNG); `inputs`: Processor.chat_inputs."""
+    from transformers import DynamicCache
+
+    dtype = next(model.parameters()).dtype
+    image_embeds = model.encode_image(inputs.pixel_values.to(dtype))
+    embeds = splice_image(model.embed_tokens(inputs.input_ids), image_embeds, inputs.image_positions)
+    cache = DynamicCache(config=model.cfg.llm)
+    out = model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True)
+    for _ in range(params.max_new_tokens):
+        tok = int(next_token(out.logits[:, -1, :], params)[0])
+        yield tok
+        if tok == eos_id:
+            return
+        out = model.language_model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+
+
 def chat(model: JanusFlow, processor: Processor, image: Image.Image, question: str,
          params: SamplingParams = SamplingParams(), seed: int = 42, system_prompt: str = SYSTEM_PROMPT,
          on_token: Callable[[int], None] | None = None) -> ChatResult:
@@ -50,18 +69,9 @@ def chat(model: JanusFlow, processor: Processor, image: Image.Image, question: s
     inputs = processor.chat_inputs(image, question, system_prompt)
     ids = inputs.input_ids
     check_context(ids.shape[1], params.max_new_tokens, model.cfg.max_context)
-    dtype = next(model.parameters()).dtype
-    image_embeds = model.encode_image(inputs.pixel_values.to(dtype))
-    embeds = splice_image(model.embed_tokens(ids), image_embeds, inputs.image_positions)
-    cache = DynamicCache(config=model.cfg.llm)
-    out = model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True)
     generated: list[int] = []
-    for _ in range(params.max_new_tokens):
-        tok = int(next_token(out.logits[:, -1, :], params)[0])
+    for tok in chat_tokens(model, inputs, params, processor.eos_id):
         generated.append(tok)
         if on_token is not None:
             on_token(tok)
-        if tok == processor.eos_id:
-            break
-        out = model.language_model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
     return ChatResult(text=processor.decode(generated), token_ids=generated, prompt_tokens=ids.shape[1])

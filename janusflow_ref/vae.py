@@ -25,7 +25,8 @@ def load_vae(vae_dir: str | Path, dtype: torch.dtype = torch.float32):
     if not (vae_dir / "config.json").is_file():
         raise CheckpointError(f"VAE directory {vae_dir} has no config.json (expected diffusers AutoencoderKL layout)")
     try:
-        vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype)
+        # low_cpu_mem_usage would need accelerate (not a dependency) and warns without it; the VAE is small
+        vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load VAE from {vae_dir}: {str(e).splitlines()[0]}") from None
     if vae.config.latent_channels != 4:

@@ -9,6 +9,7 @@ feeds / results are dicts of numpy arrays keyed by the graph spec's input / outp
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -40,17 +41,22 @@ class TorchBackend:
     name = "torch-fast"
 
     def __init__(self, model, vae=None, threads: int | None = None):
-        from export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph, VAEDecGraph
+        from export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph
 
         torch.set_num_threads(threads or physical_cores())
         self.cfg: JanusFlowConfig = model.cfg
         self.modules = {"siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
                         "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
-            self.modules["vae_dec"] = VAEDecGraph(vae)
+            self.add_vae(vae)
         from export.specs import build_specs
 
         self.specs = build_specs(self.cfg)
+
+    def add_vae(self, vae) -> None:
+        from export.graphs import VAEDecGraph
+
+        self.modules["vae_dec"] = VAEDecGraph(vae)
 
     @torch.inference_mode()
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -82,7 +88,11 @@ class OrtBackend:
 
     def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, threads: int | None = None,
                  providers: list[str] | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
+                                 "(or '[gpu]' with CUDA)") from None
 
         self.dir = Path(artifacts)
         self.manifest = read_manifest(artifacts, cfg)
@@ -141,32 +151,44 @@ class OrtBackend:
                 binding.bind_output(t.name, "cuda")
             sess.run_with_iobinding(binding)
             return dict(zip(spec.output_names, binding.copy_outputs_to_cpu(), strict=True))
-        out = {}
-        for t in spec.outputs:
-            shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
-            buf = self.buffers.get((graph, t.name, shape), shape, t.dtype)
-            binding.bind_output(t.name, "cpu", 0, buf.dtype, shape, buf.ctypes.data)
-            out[t.name] = buf
+        shapes = {t.name: tuple(sizes[d] if isinstance(d, str) else d for d in t.shape) for t in spec.outputs}
+        out = self.buffers.get(graph, shapes, {t.name: t.dtype for t in spec.outputs})
+        for name, buf in out.items():
+            binding.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
         sess.run_with_iobinding(binding)
         return out
 
 
 class OutputBuffers:
-    """Two preallocated buffers per (graph, output, shape), used in turn: a result stays valid until
-    the second next call of the same graph with the same shapes (callers copy what they keep longer;
-    alternating lets a step's output feed the next step's input, as z_next does)."""
+    """Preallocated outputs of each graph, per set of output shapes: two sets used in turn, so a result
+    stays valid until the second next call of the same graph with the same shapes (callers copy what
+    they keep longer; alternating lets a step's output feed the next step's input, as z_next does).
 
-    def __init__(self):
-        self.pool: dict[tuple, list[np.ndarray]] = {}
-        self.turn: dict[tuple, int] = {}
+    At most `max_shapes` shape sets are kept per graph, least recently used evicted: every prompt
+    length is a new prefill shape, and at full size one prefill's outputs are ~240 MB. An evicted
+    buffer still held by a caller stays alive until the caller lets go of it."""
 
-    def get(self, key: tuple, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        if key not in self.pool:
-            self.pool[key] = [np.empty(shape, dtype), np.empty(shape, dtype)]
-            self.turn[key] = 0
-        i = self.turn[key]
-        self.turn[key] = 1 - i
-        return self.pool[key][i]
+    def __init__(self, max_shapes: int = 4):
+        self.max_shapes = max_shapes
+        self.pool: dict[str, OrderedDict[tuple, list]] = {}
+
+    def get(self, graph: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+        lru = self.pool.setdefault(graph, OrderedDict())
+        key = tuple(shapes.values())
+        if key not in lru:
+            pair = [{n: np.empty(s, dtypes[n]) for n, s in shapes.items()} for _ in range(2)]
+            lru[key] = [pair, 0]
+            if len(lru) > self.max_shapes:
+                lru.popitem(last=False)
+        lru.move_to_end(key)
+        entry = lru[key]
+        pair, turn = entry
+        entry[1] = 1 - turn
+        return dict(pair[turn])
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for lru in self.pool.values() for pair, _ in lru.values() for d in pair
+                   for a in d.values())
 
 
 def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,

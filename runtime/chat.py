@@ -3,14 +3,13 @@ host) -> prefill -> decode loop with the static KV cache."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from janusflow_ref.processor import SYSTEM_PROMPT, Processor
+from janusflow_ref.processor import SYSTEM_PROMPT, ChatInputs, Processor
 from janusflow_ref.sampling import SamplingParams, next_token
 from janusflow_ref.understanding import ChatResult, check_context
 
@@ -49,31 +48,32 @@ def decode_one_token(backend: Backend, cache: StaticKVCache, token: int) -> np.n
     return llm_step(backend, cache, emb, np.ones((1, 1), np.int64))["logits"]
 
 
-def chat(backend: Backend, cfg, processor: Processor, image: Image.Image, question: str,
-         params: SamplingParams = SamplingParams(), seed: int = 42, system_prompt: str = SYSTEM_PROMPT,
-         on_token: Callable[[int], None] | None = None) -> ChatResult:
-    torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
-    t0 = time.perf_counter()
-    inputs = processor.chat_inputs(image, question, system_prompt)
+def chat_tokens(backend: Backend, cfg, inputs: ChatInputs, params: SamplingParams, eos_id: int) -> Iterator[int]:
+    """Answer token ids as they are sampled (the caller seeds torch's RNG); `inputs`: Processor.chat_inputs."""
     ids = inputs.input_ids.numpy()
-    check_context(ids.shape[1], params.max_new_tokens, cfg.max_context)
     image_embeds = backend.run("siglip", {"pixel_values": inputs.pixel_values.numpy()})["image_embeds"]
     embeds = backend.run("embed", {"input_ids": ids})["inputs_embeds"].copy()
     embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
-    cache = new_cache(cfg, 1, ids.shape[1] + params.max_new_tokens)
+    cache = new_cache(cfg, 1, ids.shape[1])  # grows in buckets as the answer grows (llm_step reserves)
     logits = prefill(backend, cache, embeds)
-    t_first = time.perf_counter()
-    generated: list[int] = []
     for _ in range(params.max_new_tokens):
         tok = int(next_token(torch.from_numpy(logits), params)[0])
+        yield tok
+        if tok == eos_id:
+            return
+        logits = decode_one_token(backend, cache, tok)
+
+
+def chat(backend: Backend, cfg, processor: Processor, image: Image.Image, question: str,
+         params: SamplingParams = SamplingParams(), seed: int = 42, system_prompt: str = SYSTEM_PROMPT,
+         on_token: Callable[[int], None] | None = None) -> ChatResult:
+    """The whole answer at once (janusflow_trt.Pipeline adds streaming text and timings)."""
+    torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
+    inputs = processor.chat_inputs(image, question, system_prompt)
+    check_context(inputs.input_ids.shape[1], params.max_new_tokens, cfg.max_context)
+    generated: list[int] = []
+    for tok in chat_tokens(backend, cfg, inputs, params, processor.eos_id):
         generated.append(tok)
         if on_token is not None:
             on_token(tok)
-        if tok == processor.eos_id:
-            break
-        logits = decode_one_token(backend, cache, tok)
-    t_end = time.perf_counter()
-    n_dec = max(len(generated) - 1, 1)
-    timings = {"ttft_s": t_first - t0, "total_s": t_end - t0, "decode_ms_per_token": (t_end - t_first) / n_dec * 1e3}
-    return ChatResult(text=processor.decode(generated), token_ids=generated, prompt_tokens=ids.shape[1],
-                      timings=timings)
+    return ChatResult(text=processor.decode(generated), token_ids=generated, prompt_tokens=inputs.input_ids.shape[1])

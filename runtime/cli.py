@@ -65,56 +65,35 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from janusflow_ref.config import load_config
-    from janusflow_ref.processor import Processor, load_image
+    from janusflow_ref.processor import load_image
     from janusflow_ref.sampling import SamplingParams
+    from janusflow_trt import Pipeline
 
-    from .app import chat_session
-
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    cfg = load_config(args.model)
-    processor = Processor(args.model)
+    SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)  # fail fast
     image = load_image(args.image)
     if not args.question.strip():
         raise InputError("--question is empty")
-    stream = None if args.json else _TextStream(processor.decode)
-    res = chat_session(args, cfg, processor, image, params, on_token=stream.put if stream else None)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, threads=args.threads)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.json:
+        res = pipe.chat(image, args.question, **kw)
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
                           "backend": args.backend, "seed": args.seed, "timings": res.timings}))
-    else:
-        stream.end(res.text)
+        return 0
+    for piece in pipe.chat_stream(image, args.question, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
-
-
-class _TextStream:
-    """Prints the decoded answer as tokens arrive (re-decoding the tail keeps multi-byte text intact)."""
-
-    def __init__(self, decode):
-        self.ids: list[int] = []
-        self.shown = ""
-        self.decode = decode
-
-    def put(self, tok: int) -> None:
-        self.ids.append(tok)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
-
-    def end(self, final: str) -> None:
-        sys.stdout.write(final[len(self.shown):] + "\n")
-        sys.stdout.flush()
 
 
 def cmd_generate(args) -> int:
     import numpy as np
+    from tqdm import tqdm
 
     from janusflow_ref.generation import check_generation_args
-
-    from .app import generate_session
+    from janusflow_ref.images import output_paths, save_png, write_atomic
+    from janusflow_trt import Pipeline
 
     check_generation_args(args.steps, args.cfg, args.num_images)
     out = Path(args.out)
@@ -127,12 +106,33 @@ def cmd_generate(args) -> int:
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read --init-latents {args.init_latents}: {str(e).splitlines()[0]}") from None
     t0 = time.perf_counter()
-    res = generate_session(args, init, progress=not args.json)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, vae=args.vae,
+                                    threads=args.threads)
+    bar: list[tqdm] = []  # opened at the first step, so refused input prints its one line and no bar
+
+    def progress(step: int, z) -> None:
+        if not bar:
+            bar.append(tqdm(total=args.steps, desc="euler", unit="step", disable=args.json))
+        bar[0].update(1)
+
+    try:
+        res = pipe.generate(args.prompt, num_images=args.num_images, steps=args.steps, cfg_weight=args.cfg,
+                            seed=args.seed, init_latents=init, callback=progress)
+    finally:
+        for b in bar:
+            b.close()
+    if args.save_latents:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to other names
+                np.save(f, res.latents, allow_pickle=False)
+
+        write_atomic(args.save_latents, write)
+    paths = [save_png(np.asarray(im), p) for im, p in zip(res.images, output_paths(out, len(res.images)), strict=True)]
     if args.json:
-        print(json.dumps({"images": [str(p) for p in res.paths], "seed": args.seed, "backend": args.backend,
+        print(json.dumps({"images": [str(p) for p in paths], "seed": args.seed, "backend": args.backend,
                           "latents": args.save_latents, "timings": res.timings}))
     else:
-        for p in res.paths:
+        for p in paths:
             print(f"wrote {p}")
         print(f"done in {time.perf_counter() - t0:.2f} s")
     return 0

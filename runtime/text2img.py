@@ -36,8 +36,8 @@ def euler_loop(backend: Backend, cache, z: np.ndarray, steps: int, cfg_weight: f
     z2 = np.concatenate([z, z], axis=0).astype(np.float32)
     w = np.array([cfg_weight], np.float32)
     dt = np.array([1.0 / steps], np.float32)
-    for step in range(steps):
-        t = np.full((2 * n,), timestep(step, steps), np.float32)
+    ts = [np.full((2 * n,), timestep(step, steps), np.float32) for step in range(steps)]  # once per request
+    for t in ts:
         enc = backend.run("gen_enc", {"z": z2, "t": t})
         embeds = enc["step_embeds"]  # [2n, 1+G, H]: t_emb then the latent tokens, straight from the graph
         out = llm_step(backend, cache, embeds, np.ones(embeds.shape[:2], np.int64), write=False)

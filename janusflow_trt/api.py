@@ -1,0 +1,167 @@
+"""The Python API: load once, call many times.
+
+    pipe = Pipeline.from_pretrained("JanusFlow-1.3B", backend="ort", artifacts="jf-onnx")
+    pipe.chat("cat.png", "What is in the picture?").text
+    pipe.generate("a red fox", num_images=2, seed=7).images[0].save("fox.png")
+
+Weights, tokenizer, ONNX Runtime sessions and preallocated buffers belong to the Pipeline and are
+reused by every call; a call loads nothing (the VAE and each graph's session are opened on their
+first use, once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_ref.errors import InputError
+from janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
+from janusflow_ref.images import to_uint8
+from janusflow_ref.processor import SYSTEM_PROMPT, Processor, load_image
+from janusflow_ref.sampling import SamplingParams
+from janusflow_ref.understanding import ChatResult, check_context
+from runtime.detok import IncrementalDecoder
+
+from .engines import build_engine
+
+BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
+PRECISIONS = ("fp32",)
+
+ImageLike = Image.Image | np.ndarray | str | Path
+
+
+@dataclass
+class GenerateResult:
+    images: list[Image.Image]
+    latents: np.ndarray  # [n, 4, 48, 48] float32, the final Euler state
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def as_image(image: ImageLike) -> Image.Image:
+    """A PIL image, an HxWx3 uint8 array or a path -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise InputError(f"image array must be HxWx3 (or 4) uint8, got {image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, str | Path):
+        return load_image(image)
+    raise InputError(f"image must be a PIL image, a numpy array or a path, got {type(image).__name__}")
+
+
+class Pipeline:
+    def __init__(self, cfg: JanusFlowConfig, processor: Processor, engine, backend: str):
+        self.cfg, self.processor, self.engine, self.backend = cfg, processor, engine, backend
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, backend: str = "ort", artifacts: str | Path | None = None,
+                        vae: str | Path | None = None, precision: str = "fp32", threads: int | None = None) -> Pipeline:
+        """model_dir: checkpoint in the official layout (config, tokenizer; weights for torch / torch-fast).
+        backend: torch (official-style eager reference) | torch-fast | ort | trt | torch-cuda (GPU).
+        artifacts: export directory (ort, trt). vae: SDXL-VAE directory (torch backends; default
+        MODEL/vae). threads: intra-op threads (default: physical cores)."""
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision {precision!r} is not available ({', '.join(PRECISIONS)})")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        model_dir = Path(model_dir)
+        cfg = load_config(model_dir)
+        processor = Processor(model_dir)
+        engine = build_engine(backend, model_dir, cfg, processor, Path(artifacts) if artifacts else None,
+                              Path(vae) if vae else None, threads)
+        return cls(cfg, processor, engine, backend)
+
+    # -- understanding ---------------------------------------------------------------------------
+    def _chat_request(self, image, question, max_new_tokens, temperature, top_p, system_prompt):
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        if not question.strip():
+            raise InputError("the question is empty")
+        inputs = self.processor.chat_inputs(as_image(image), question, system_prompt)
+        check_context(inputs.input_ids.shape[1], params.max_new_tokens, self.cfg.max_context)
+        return inputs, params
+
+    def chat_stream(self, image: ImageLike, question: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> Iterator[str]:
+        """Text pieces as the answer is sampled; joined, they equal chat(...).text. Bad input raises
+        before the first piece."""
+        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, system_prompt)
+        return self._stream(inputs, params, seed)
+
+    def _stream(self, inputs, params, seed) -> Iterator[str]:
+        import torch
+
+        tok = self.processor.tokenizer
+        detok = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True),
+                                   self.processor.clean_up_spaces)
+        torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
+        for t in self.engine.chat_tokens(inputs, params):
+            piece = detok.put(t)
+            if piece:
+                yield piece
+        rest = detok.end()
+        if rest:
+            yield rest
+
+    def chat(self, image: ImageLike, question: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> ChatResult:
+        """-> text, token_ids, prompt_tokens, timings (ttft_s, total_s, decode_ms_per_token)."""
+        import torch
+
+        t0 = time.perf_counter()
+        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, system_prompt)
+        torch.manual_seed(seed)
+        ids: list[int] = []
+        t_first = t0
+        for t in self.engine.chat_tokens(inputs, params):
+            if not ids:
+                t_first = time.perf_counter()
+            ids.append(t)
+        t_end = time.perf_counter()
+        timings = {"ttft_s": t_first - t0, "total_s": t_end - t0,
+                   "decode_ms_per_token": (t_end - t_first) / max(len(ids) - 1, 1) * 1e3}
+        return ChatResult(text=self.processor.decode(ids), token_ids=ids, prompt_tokens=inputs.input_ids.shape[1],
+                          timings=timings)
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, num_images: int = 1, steps: int = 30, cfg_weight: float = 2.0,
+                 seed: int = 12345, init_latents: np.ndarray | None = None,
+                 callback: Callable[[int, np.ndarray], None] | None = None) -> GenerateResult:
+        """-> PIL images, final latents, timings. init_latents [n,4,48,48] replaces the seeded noise;
+        callback(step, z) runs after each Euler step (z: [n,4,48,48], valid during the call)."""
+        check_generation_args(steps, cfg_weight, num_images)
+        if self.backend != "torch":  # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images)
+            from export.specs import build_specs
+
+            specs = build_specs(self.cfg)
+            limit = min(specs["gen_enc"].syms["B"].max // 2, specs["vae_dec"].syms["B"].max)
+            if num_images > limit:
+                raise InputError(f"num_images {num_images}: the exported graphs take at most {limit} images per "
+                                 f"call (their batch limits); generate in several calls")
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        prompt_ids(self.processor, prompt, self.cfg)  # refuses a prompt beyond the context before any work
+        z0 = initial_latents(num_images, seed, init_latents).numpy()
+        self.engine.ensure_vae()  # the first generate loads the VAE, before any step
+        t0 = time.perf_counter()
+        prefix = self.engine.prefix(prompt, num_images)
+        t1 = time.perf_counter()
+        z = z0
+        for i, z in enumerate(self.engine.euler(prefix, z0, steps, cfg_weight)):
+            if callback is not None:
+                callback(i, z)
+        latents = np.array(z, np.float32)  # a copy: z may be a reused backend buffer
+        t2 = time.perf_counter()
+        images = [Image.fromarray(a) for a in to_uint8(self.engine.vae(latents))]
+        t3 = time.perf_counter()
+        timings = {"prefix_s": t1 - t0, "euler_s": t2 - t1, "euler_ms_per_step": (t2 - t1) / steps * 1e3,
+                   "vae_s": t3 - t2, "total_s": t3 - t0}
+        return GenerateResult(images=images, latents=latents, timings=timings)
