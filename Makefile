@@ -41,7 +41,7 @@ typecheck: $(VENV)/.installed
 	$(PY) .ci/trt_stubs_overlay.py build/typings
 	MYPYPATH=build/typings $(VENV)/bin/mypy
 
-# On an NVIDIA machine: pip install -e '.[gpu,tensorrt]' into the venv first (see README "On a GPU").
+# On an NVIDIA machine: swap onnxruntime for '.[gpu,tensorrt]' in the venv first (README "On a GPU").
 gpu-check: $(VENV)/.installed
 	$(VENV)/bin/janusflow gpu-check --out gpu_check
 
