@@ -86,6 +86,17 @@ class RuntimeEngine:
         return vae_decode(self.backend, z)
 
 
+class TrtRuntimeEngine(RuntimeEngine):
+    """trt: the Euler loop on the device (runtime/trt_euler.py: shared engine buffers, one CUDA graph per
+    step). Each step's z is read back for the caller's callback (n x 36 KB); the rest stays on the GPU."""
+
+    def euler(self, cache, z0: np.ndarray, steps: int, cfg_weight: float) -> Iterator[np.ndarray]:
+        from runtime.trt_euler import DeviceEulerLoop
+
+        for z in DeviceEulerLoop(self.backend, cache, z0, steps, cfg_weight):
+            yield z.cpu().numpy()
+
+
 def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor: Processor,
                  artifacts: Path | None, vae_dir: Path | None, threads: int | None):
     """Loads the weights (torch, torch-fast) or opens the artifacts (ort, trt): the one load of a Pipeline.
@@ -94,7 +105,8 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
     from runtime.backends import make_backend, physical_cores
 
     if backend in ("ort", "trt"):
-        return RuntimeEngine(make_backend(backend, model_dir, artifacts, cfg, threads), cfg, processor)
+        kind = TrtRuntimeEngine if backend == "trt" else RuntimeEngine
+        return kind(make_backend(backend, model_dir, artifacts, cfg, threads), cfg, processor)
     if backend == "torch-cuda":  # weights and VAE on the GPU at load
         return RuntimeEngine(make_backend(backend, model_dir, None, cfg, need_vae=True, vae_dir=vae_dir), cfg,
                              processor)

@@ -143,3 +143,15 @@ def test_trt_device_euler_loop_equals_host_loop(tiny_dir, fp32_engines, processo
     assert loop.step.replays == steps - 1
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_trt
+def test_pipeline_trt_generate_matches_ort(tiny_dir, tiny_onnx, fp32_engines):
+    """End to end through the API: the device Euler loop on FP32 engines vs ONNX Runtime, same noise."""
+    from janusflow_trt import Pipeline
+
+    kw = dict(num_images=2, steps=4, seed=7)
+    ort = Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx).generate("a red fox", **kw)
+    trt = Pipeline.from_pretrained(tiny_dir, backend="trt", artifacts=fp32_engines).generate("a red fox", **kw)
+    r = compare(trt.latents, ort.latents, build_specs(load_config(tiny_dir))["gen_dec"].outputs[1].tol)
+    assert r["ok"], r
