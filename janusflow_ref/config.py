@@ -120,6 +120,7 @@ class JanusFlowConfig:
     llm: LlamaConfig = field(compare=False)
     raw: dict[str, Any] = field(compare=False, repr=False)
     sha256: str = ""
+    source: Path | None = field(default=None, compare=False)  # the checkpoint dir load_config read
 
     @property
     def hidden(self) -> int:
@@ -268,4 +269,4 @@ def load_config(model_dir: str | Path) -> JanusFlowConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return parse_config(raw, hashlib.sha256(data).hexdigest())
+    return dataclasses.replace(parse_config(raw, hashlib.sha256(data).hexdigest()), source=Path(model_dir))

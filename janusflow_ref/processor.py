@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 from transformers.image_transforms import normalize, rescale
 
 from .errors import CheckpointError, InputError
+from .images import load_image  # noqa: F401  (callers import it from here)
 
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "
@@ -83,17 +84,6 @@ def preprocess_image(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     if cfg.do_normalize:
         x = normalize(x, cfg.image_mean, cfg.image_std, input_data_format="channels_first")
     return x
-
-
-def load_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
 
 
 @dataclass
