@@ -4,6 +4,7 @@ OUT atomically with manifest.json."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -175,6 +176,18 @@ def check_ops(model: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     return ops
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs one warning per missing optional op library (torchvision) per graph."""
+    lg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
 def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False) -> dict:
     """torch -> tmp/name.onnx (raw exporter output); -> {"exporter", ["dynamo_error"]}."""
     path = tmp / f"{name}.onnx"
@@ -184,7 +197,7 @@ def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force
     # always writes external data first (no 2 GiB protobuf limit), and _save decides below
     big_module = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     exporter, fallback_reason = "dynamo", None
-    with export_patches(), torch.no_grad(), warnings.catch_warnings():
+    with export_patches(), torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             if force_legacy:

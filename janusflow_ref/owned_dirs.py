@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import JanusFlowError
-from .outputs import apply_umask_dir
+from .outputs import apply_umask_dir, apply_umask_file
 
 
 def _host() -> str:
@@ -92,7 +92,13 @@ def clean_stale(out: Path) -> list[Path]:
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Swap tmp in for out with renames only: a crash leaves either the old or the new OUT."""
+    """Swap tmp in for out with renames only: a crash leaves either the old or the new OUT.
+    Everything in tmp is ours and new: it gets the user's umask (some writers use 0600 temp files)."""
+    for root, dirs, files in os.walk(tmp):
+        for d in dirs:
+            apply_umask_dir(Path(root) / d)
+        for f in files:
+            apply_umask_file(Path(root) / f)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}-{_host()}")

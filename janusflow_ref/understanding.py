@@ -57,7 +57,7 @@ def chat(model: JanusFlow, processor: Processor, image: Image.Image, question: s
     out = model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True)
     generated: list[int] = []
     for _ in range(params.max_new_tokens):
-        tok = int(next_token(out.logits[:, -1, :], params)[0])
+        tok = int(next_token(out.logits[:, -1, :], params, len(generated))[0])
         generated.append(tok)
         if on_token is not None:
             on_token(tok)

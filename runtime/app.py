@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from janusflow_ref.config import load_config
 from janusflow_ref.errors import InputError
-from janusflow_ref.images import output_paths, save_png, to_uint8, write_atomic
+from janusflow_ref.images import output_paths, save_images, to_uint8
+from janusflow_ref.latents_io import check_finite_latents, npy_writer
 from janusflow_ref.processor import Processor
 
 from .backends import make_backend, physical_cores
@@ -64,7 +65,8 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
         t1 = time.perf_counter()
         z = z0
-        for z in ref.euler_steps(model, prefix, mask, z0, args.steps, args.cfg):
+        for i, z in enumerate(ref.euler_steps(model, prefix, mask, z0, args.steps, args.cfg)):
+            check_finite_latents(z, i, args.steps)
             bar.update(1)
         t2 = time.perf_counter()
         decoded = ref.vae_decode(vae, z)
@@ -78,24 +80,19 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
         t1 = time.perf_counter()
         z = z0.numpy()
-        for z in text2img.euler_loop(backend, cache, z0.numpy(), args.steps, args.cfg):
+        for i, z in enumerate(text2img.euler_loop(backend, cache, z0.numpy(), args.steps, args.cfg)):
+            check_finite_latents(z, i, args.steps)
             bar.update(1)
         t2 = time.perf_counter()
         decoded = text2img.vae_decode(backend, z)
     bar.close()
+    if not np.isfinite(np.asarray(decoded)).all():
+        raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
     images = to_uint8(decoded)
     t3 = time.perf_counter()
-    if args.save_latents:
-        _save_npy(args.save_latents, np.asarray(z, np.float32))
-    paths = [save_png(img, p) for img, p in zip(images, output_paths(args.out, len(images)), strict=True)]
+    latents = [(args.save_latents, npy_writer(z))] if args.save_latents else []
+    paths = save_images(images, output_paths(args.out, len(images)), extra=latents)[:len(images)]
     timings = {"prefix_s": t1 - t0, "euler_s": t2 - t1, "euler_ms_per_step": (t2 - t1) / args.steps * 1e3,
                "vae_s": t3 - t2, "total_s": t3 - t0}
     return GenerateResult(paths=paths, latents=np.asarray(z), timings=timings)
 
-
-def _save_npy(path: str | Path, arr: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to other names
-            np.save(f, arr, allow_pickle=False)
-
-    write_atomic(path, write)

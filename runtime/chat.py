@@ -65,7 +65,7 @@ def chat(backend: Backend, cfg, processor: Processor, image: Image.Image, questi
     t_first = time.perf_counter()
     generated: list[int] = []
     for _ in range(params.max_new_tokens):
-        tok = int(next_token(torch.from_numpy(logits), params)[0])
+        tok = int(next_token(torch.from_numpy(logits), params, len(generated))[0])
         generated.append(tok)
         if on_token is not None:
             on_token(tok)

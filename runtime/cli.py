@@ -14,6 +14,8 @@ from pathlib import Path
 
 from janusflow_ref.errors import InputError, JanusFlowError
 
+from .argtypes import finite, seed, threads
+
 BACKENDS = ("torch", "torch-fast", "ort", "trt")
 
 
@@ -23,24 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _finite(kind):
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {s!r}") from None
-        if kind is float and not (v == v and abs(v) != float("inf")):
-            raise argparse.ArgumentTypeError(f"must be finite, got {s}")
-        return v
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _seed(s: str) -> int:
-    v = _finite(int)(s)
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2^63), got {s}")
-    return v
+_finite, _seed = finite, seed  # names the subcommand modules used before argtypes.py
 
 
 def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
@@ -51,7 +36,7 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
                    help="torch: official-style eager reference; torch-fast: our runtime on eager torch modules; "
                         "ort: ONNX Runtime over --artifacts; trt: TensorRT engines (GPU)")
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -108,23 +93,28 @@ class _TextStream:
         sys.stdout.flush()
 
 
-def cmd_generate(args) -> int:
-    import numpy as np
+def check_generate_outputs(out: str, num_images: int, save_latents: str | None, force: bool) -> None:
+    """Every output location is checked before the run (the run writes them all at the end)."""
+    from janusflow_ref.images import IMAGE_FORMATS, output_paths
+    from janusflow_ref.outputs import check_output_file
 
+    paths = [check_output_file(p, "--out", force, tuple(IMAGE_FORMATS)) for p in output_paths(out, num_images)]
+    if save_latents:
+        lat = check_output_file(save_latents, "--save-latents", force, (".npy",))
+        if lat.resolve() in {p.resolve() for p in paths}:
+            raise InputError(f"--save-latents {lat} is also an image output")
+
+
+def cmd_generate(args) -> int:
+    from janusflow_ref.config import load_config
     from janusflow_ref.generation import check_generation_args
+    from janusflow_ref.latents_io import load_latents
 
     from .app import generate_session
 
-    check_generation_args(args.steps, args.cfg, args.num_images)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise InputError(f"output directory does not exist: {out.parent}")
-    init = None
-    if args.init_latents:
-        try:
-            init = np.load(args.init_latents, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read --init-latents {args.init_latents}: {str(e).splitlines()[0]}") from None
+    check_generation_args(args.steps, args.cfg, args.num_images, max_images(load_config(args.model)))
+    check_generate_outputs(args.out, args.num_images, args.save_latents, args.force)
+    init = load_latents(args.init_latents) if args.init_latents else None
     t0 = time.perf_counter()
     res = generate_session(args, init, progress=not args.json)
     if args.json:
@@ -137,6 +127,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def max_images(cfg) -> int:
+    from export.specs import build_specs, max_images as spec_max
+
+    return spec_max(build_specs(cfg))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="janusflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -145,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--force", action="store_true", help="replace DIR if it is a checkpoint make-tiny wrote")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("chat", help="answer a question about an image")
@@ -165,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=_finite(float), default=2.0, help="CFG weight (official demo default 2)")
     p.add_argument("--num-images", type=_finite(int), default=1)
     p.add_argument("--seed", type=_seed, default=12345)
-    p.add_argument("--init-latents", default=None, help=".npy [n,4,48,48] float32 initial noise")
+    p.add_argument("--init-latents", default=None, help=".npy [n,4,48,48] floating-point initial noise")
     p.add_argument("--save-latents", default=None, help="write the final latents to this .npy")
-    p.add_argument("--out", required=True, help="OUT.png (OUT_i.png for several images)")
+    p.add_argument("--out", required=True, help="OUT.png (OUT_i.png for several images); the suffix picks the "
+                   "format: .png .jpg .jpeg .webp .bmp .tif .tiff")
+    p.add_argument("--force", action="store_true", help="replace existing --out / --save-latents files")
     p.set_defaults(func=cmd_generate)
 
     for mod in ("export.commands", "benchmarks.commands"):
