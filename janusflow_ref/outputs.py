@@ -32,11 +32,11 @@ def apply_umask_dir(path: str | Path) -> None:
 def check_output_file(path: str | Path, flag: str, force: bool, suffixes: Sequence[str] = ()) -> Path:
     """Refuse an output we could not or must not write, before the work: -> the path."""
     path = Path(path)
+    if path.is_dir():
+        raise JanusFlowError(f"{flag} {path} is a directory")
     if suffixes and path.suffix.lower() not in suffixes:
         raise JanusFlowError(f"{flag} {path}: unknown suffix {path.suffix or '(none)'!r}; use one of "
                              f"{', '.join(suffixes)}")
-    if path.is_dir():
-        raise JanusFlowError(f"{flag} {path} is a directory")
     if path.exists() or path.is_symlink():
         if not force:
             raise JanusFlowError(f"{flag} {path} exists (use --force to replace it)")

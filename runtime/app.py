@@ -62,7 +62,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         vae = load_vae(resolve_vae_dir(args.model, args.vae))
         model = load_model(args.model)
         prefix, mask = ref.prompt_prefix(model, processor, args.prompt, args.num_images)
-        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
+        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=None if progress else True)  # None: off when not a terminal
         t1 = time.perf_counter()
         z = z0
         for i, z in enumerate(ref.euler_steps(model, prefix, mask, z0, args.steps, args.cfg)):
@@ -77,7 +77,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads, need_vae=True,
                                vae_dir=args.vae)
         cache = text2img.prefill_prefix(backend, cfg, processor, args.prompt, args.num_images)
-        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
+        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=None if progress else True)  # None: off when not a terminal
         t1 = time.perf_counter()
         z = z0.numpy()
         for i, z in enumerate(text2img.euler_loop(backend, cache, z0.numpy(), args.steps, args.cfg)):

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except JanusFlowError as e:
-        sys.stderr.write(f"janusflow {args.command}: error: {e}\n")
+        clear = "\r\033[K" if sys.stderr.isatty() else ""  # a progress bar may hold the terminal's line
+        sys.stderr.write(f"{clear}janusflow {args.command}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
