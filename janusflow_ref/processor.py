@@ -185,8 +185,10 @@ class Processor:
 _PROC_TYPES = {  # file -> key -> (check, what it must be)
     "tokenizer_config.json": {"add_bos_token": (lambda v: isinstance(v, bool), "true or false"),
                               "clean_up_tokenization_spaces": (lambda v: isinstance(v, bool), "true or false"),
-                              "bos_token": (lambda v: v is None or _token_name({"t": v}, "t") is not None, "a token string"),
-                              "eos_token": (lambda v: v is None or _token_name({"t": v}, "t") is not None, "a token string")},
+                              "bos_token": (lambda v: v is None or _token_name({"t": v}, "t") is not None,
+                                            "a token string"),
+                              "eos_token": (lambda v: v is None or _token_name({"t": v}, "t") is not None,
+                                            "a token string")},
     "processor_config.json": {"image_tag": (lambda v: isinstance(v, str) and v != "", "a token string"),
                               "num_image_tokens": (lambda v: type(v) is int and v > 0, "a positive integer"),
                               "add_special_token": (lambda v: isinstance(v, bool), "true or false")},

@@ -53,6 +53,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         raise InputError("--prompt is empty")
     z0 = initial_latents(args.num_images, args.seed, init)
     t0 = time.perf_counter()
+    # progress bars: disable=None turns them off when stderr is not a terminal (logs, pipes)
     if args.backend == "torch":
         from janusflow_ref import generation as ref
         from janusflow_ref.vae import load_vae, resolve_vae_dir
@@ -62,7 +63,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         vae = load_vae(resolve_vae_dir(args.model, args.vae))
         model = load_model(args.model)
         prefix, mask = ref.prompt_prefix(model, processor, args.prompt, args.num_images)
-        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=None if progress else True)  # None: off when not a terminal
+        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=None if progress else True)
         t1 = time.perf_counter()
         z = z0
         for i, z in enumerate(ref.euler_steps(model, prefix, mask, z0, args.steps, args.cfg)):
@@ -77,7 +78,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads, need_vae=True,
                                vae_dir=args.vae)
         cache = text2img.prefill_prefix(backend, cfg, processor, args.prompt, args.num_images)
-        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=None if progress else True)  # None: off when not a terminal
+        bar = tqdm(total=args.steps, desc="euler", unit="step", disable=None if progress else True)
         t1 = time.perf_counter()
         z = z0.numpy()
         for i, z in enumerate(text2img.euler_loop(backend, cache, z0.numpy(), args.steps, args.cfg)):

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from janusflow_ref.errors import InputError, JanusFlowError
 
@@ -128,7 +127,8 @@ def cmd_generate(args) -> int:
 
 
 def max_images(cfg) -> int:
-    from export.specs import build_specs, max_images as spec_max
+    from export.specs import build_specs
+    from export.specs import max_images as spec_max
 
     return spec_max(build_specs(cfg))
 

@@ -20,7 +20,8 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
         for p in [root, *sorted(root.rglob("*"))]:
             st = os.lstat(p)
             if p.is_file() and not p.is_symlink():
-                snap[str(p)] = ("file", st.st_size, st.st_mtime_ns, st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                snap[str(p)] = ("file", st.st_size, st.st_mtime_ns, st.st_mode, digest)
             else:
                 snap[str(p)] = ("dir" if p.is_dir() else "link", st.st_mtime_ns, st.st_mode)
     return snap
