@@ -19,6 +19,7 @@ from PIL import Image
 
 from janusflow_ref import generation as ref_gen
 from janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_ref.outputs import write_all
 from janusflow_ref.processor import Processor
 from janusflow_trt import Pipeline
 from janusflow_trt.engines import ReferenceEngine, RuntimeEngine
@@ -380,7 +381,7 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     ratios(result)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "bench.md").write_text(markdown(result))
-    chart(result, out_dir / "bench.png")
+    write_all([(out_dir / "bench.json", lambda t: Path(t).write_text(json.dumps(result, indent=2))),
+               (out_dir / "bench.md", lambda t: Path(t).write_text(markdown(result))),
+               (out_dir / "bench.png", lambda t: chart(result, t))])
     return result

@@ -8,16 +8,47 @@ import tempfile
 from pathlib import Path
 
 from janusflow_ref.errors import InputError
+from runtime.argtypes import int_range, threads
 
 
 def _ints(s: str) -> list[int]:
     try:
         v = [int(x) for x in s.split(",") if x]
     except ValueError:
-        raise InputError(f"expected comma-separated integers, got {s!r}") from None
+        raise InputError(f"--contexts: expected comma-separated integers, got {s!r}") from None
     if not v or min(v) < 1:
-        raise InputError(f"expected positive integers, got {s!r}")
+        raise InputError(f"--contexts: expected positive integers, got {s!r}")
     return v
+
+
+OUTPUTS = ("bench.json", "bench.md", "bench.png")
+DECODE_MARGIN = 32  # decode tokens (<= 16) after a context, plus warm-up, must still fit the model's context
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Before the run: OUT is a directory we may create or write bench.* into."""
+    from janusflow_ref.outputs import check_output_file
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+    if out.is_dir():
+        for name in OUTPUTS:
+            check_output_file(out / name, "--out", force)
+
+
+def max_context(args) -> int:
+    from janusflow_ref.config import load_config
+
+    if args.model:
+        return load_config(args.model).max_context
+    from janusflow_ref.tiny import model_config
+
+    return int(model_config(args.size, 0)["language_config"]["max_position_embeddings"])
 
 
 def cmd_bench(args) -> int:
@@ -34,7 +65,12 @@ def cmd_bench(args) -> int:
         if b not in ("baseline", "torch-fast", "ort"):
             raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort)")
     contexts = _ints(args.contexts)
+    limit = max_context(args) - DECODE_MARGIN
+    if max(contexts) > limit:
+        raise InputError(f"--contexts {max(contexts)} does not fit the model: at most {limit} (context "
+                         f"{limit + DECODE_MARGIN} minus {DECODE_MARGIN} for the decoded tokens)")
     out = Path(args.out)
+    check_out(out, args.force)
     work = Path(tempfile.mkdtemp(prefix="janusflow-bench-"))
     try:
         return _bench(args, threads, backends, contexts, out, work, run_bench)
@@ -72,9 +108,10 @@ def register(sub) -> None:
     p.add_argument("--artifacts", default=None, help="export dir for the ort backend (default: export on the fly)")
     p.add_argument("--backends", default="baseline,torch-fast,ort")
     p.add_argument("--contexts", default="64,256,1024", help="decode contexts")
-    p.add_argument("--steps", type=int, default=30, help="Euler steps for the end-to-end s/image")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", type=int_range(1, 1000), default=30, help="Euler steps for the end-to-end s/image")
+    p.add_argument("--repeat", type=int_range(1, 1000), default=5)
+    p.add_argument("--threads", type=threads, default=None)
     p.add_argument("--quick", action="store_true", help="one repeat, few decode tokens (demo/CI smoke)")
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, bench.png")
+    p.add_argument("--force", action="store_true", help="replace existing bench.* files in --out")
     p.set_defaults(func=cmd_bench)

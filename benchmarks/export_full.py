@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         make_tiny(ckpt, size="full", seed=0, force=True)
         print(f"made full checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
-    m = export_graphs(ckpt, None, out, graphs=args.graphs, progress=True)
+    m = export_graphs(ckpt, None, out, graphs=args.graphs, progress=True, force=True)  # our own work dir
     total = time.perf_counter() - t0
     rows = []
     print("phases: export = torch -> ONNX (model in memory); check = checker, ORT, onnxslim (model freed).")

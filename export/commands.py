@@ -21,7 +21,7 @@ def cmd_export(args) -> int:
 
     graphs = parse_graphs(args.graphs)  # unknown names fail before anything is loaded
     m = export_graphs(args.model, _default_vae(args.model, args.vae), args.out, graphs=graphs, opset=args.opset,
-                      progress=not args.quiet)
+                      progress=not args.quiet, force=args.force)
     for name, g in m["graphs"].items():
         print(f"{name:8} {g['exporter']:7} {g['seconds']:7.1f} s  peak RSS {g['peak_rss_mb']:8.0f} MB  {g['file']}")
     print(f"wrote {len(m['graphs'])} graph(s) and manifest.json to {args.out}")
@@ -93,7 +93,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export the graphs to ONNX (OUT/manifest.json)")
     p.add_argument("--model", required=True, help="checkpoint directory (official JanusFlow layout)")
     p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory, written atomically (an existing one is "
+                   "replaced only with --force, and only if it is an earlier export)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier export")
     p.add_argument("--graphs", default=None, 
                    help="comma list of siglip,embed,llm,gen_enc,gen_dec,vae_dec (default all)")
     p.add_argument("--opset", type=_opset, default=18)

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from janusflow_ref.config import JanusFlowConfig
 from janusflow_ref.errors import CheckpointError
+from janusflow_ref.fingerprint import quick_digest, sha256_file
+from janusflow_ref.weights import weights_fingerprint
 
-from .specs import GraphSpec
+from .specs import GRAPH_NAMES, GraphSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file size + quick digest, weights fingerprint
 VERSION = "0.1.0"  # janusflow-trt
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "transformers", "diffusers")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["sha256_file", "load_checked", "build_manifest", "graph_entry", "write_manifest", "VERSION"]
 
 
 def library_versions() -> dict[str, str]:
@@ -41,50 +36,113 @@ def tensor_entry(spec: GraphSpec, t) -> dict[str, Any]:
     return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "ranges": ranges}
 
 
+def file_record(out_dir: Path, file: str) -> dict[str, Any]:
+    """Full hash (checked by verify) and size + quick digest (checked at every start)."""
+    p = out_dir / file
+    return {"file": file, "sha256": sha256_file(p), "size": p.stat().st_size, "quick": quick_digest(p)}
+
+
 def graph_entry(spec: GraphSpec, file: str, data_file: str | None, out_dir: Path, opset: int,
                 info: dict[str, Any]) -> dict[str, Any]:
-    e = {"file": file, "sha256": sha256_file(out_dir / file), "opset": opset,
+    e = {**file_record(out_dir, file), "opset": opset,
          "inputs": [tensor_entry(spec, t) for t in spec.inputs],
          "outputs": [tensor_entry(spec, t) for t in spec.outputs], **info}
     if data_file:  # external data (graphs > 2 GB)
-        e["external_data"] = {"file": data_file, "sha256": sha256_file(out_dir / data_file)}
+        e["external_data"] = file_record(out_dir, data_file)
     return e
 
 
 def build_manifest(cfg: JanusFlowConfig, graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    weights = weights_fingerprint(cfg.source) if cfg.source is not None else None
     return {"format_version": FORMAT_VERSION, "janusflow_trt_version": VERSION, "config_sha256": cfg.sha256,
-            "config": cfg.raw, "versions": library_versions(), "graphs": graphs}
+            "weights_fingerprint": weights, "config": cfg.raw, "versions": library_versions(), "graphs": graphs}
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False))
 
 
-def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True) -> dict[str, Any]:
-    """The manifest, after refusing a missing one, another config, or a missing/changed graph file."""
-    path = Path(artifacts) / "manifest.json"
+def _version(v: Any) -> tuple[int, ...] | None:
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", str(v))
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_record(where: str, r: Any) -> None:
+    if not isinstance(r, dict):
+        raise CheckpointError(f"{where} is not an object")
+    f = r.get("file")
+    if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+        raise CheckpointError(f"{where}.file must be a file name inside the export directory, got {f!r}")
+    for k in ("sha256", "quick"):
+        if not isinstance(r.get(k), str) or not _HEX64.fullmatch(r[k]):
+            raise CheckpointError(f"{where}.{k} must be a sha256 hex digest, got {r.get(k)!r}")
+    if not isinstance(r.get("size"), int) or isinstance(r["size"], bool) or r["size"] < 0:
+        raise CheckpointError(f"{where}.size must be a non-negative integer, got {r.get('size')!r}")
+
+
+def _check_entries(path: Path, m: dict[str, Any]) -> None:
+    """Every field the loaders use, with its type, before anything is read from the graphs."""
+    for name, g in m["graphs"].items():
+        if name not in GRAPH_NAMES:
+            raise CheckpointError(f"{path}: unknown graph {name!r} (known: {', '.join(GRAPH_NAMES)})")
+        where = f"{path}: graphs.{name}"
+        _check_record(where, g)
+        if not isinstance(g.get("opset"), int) or isinstance(g["opset"], bool):
+            raise CheckpointError(f"{where}.opset must be an integer, got {g.get('opset')!r}")
+        if g.get("external_data") is not None:
+            _check_record(f"{where}.external_data", g["external_data"])
+
+
+def _check_files(artifacts: Path, m: dict[str, Any], full: bool) -> None:
+    for name, g in m["graphs"].items():
+        for r in [g] + ([g["external_data"]] if g.get("external_data") else []):
+            p = artifacts / r["file"]
+            if not p.is_file():
+                raise CheckpointError(f"graph {name}: file missing: {p}")
+            if p.stat().st_size != r["size"]:
+                raise CheckpointError(f"graph {name}: {p} is {p.stat().st_size} bytes, manifest.json says "
+                                      f"{r['size']} (truncated or modified?); re-export")
+            if quick_digest(p) != r["quick"] or full and sha256_file(p) != r["sha256"]:
+                raise CheckpointError(f"graph {name}: {p} sha256 differs from manifest.json (modified?); re-export")
+
+
+def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True, full: bool = False
+                 ) -> dict[str, Any]:
+    """The manifest, after refusing a missing or malformed one, another version, config or checkpoint,
+    or a missing/changed graph file. Files: size + quick digest; full=True: full sha256 too (verify)."""
+    artifacts = Path(artifacts)
+    path = artifacts / "manifest.json"
     if not path.is_file():
         raise CheckpointError(f"no manifest.json in {artifacts} (run `janusflow export` first)")
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(m, dict) or not isinstance(m.get("graphs"), dict):
         raise CheckpointError(f"{path}: not a janusflow-trt manifest (no 'graphs')")
+    theirs, ours = _version(m.get("janusflow_trt_version")), _version(VERSION)
+    if theirs is None:
+        raise CheckpointError(f"{path}: janusflow_trt_version {m.get('janusflow_trt_version')!r} is not x.y.z")
+    if theirs > ours or theirs[0] != ours[0]:
+        raise CheckpointError(f"{path} was written by janusflow-trt {'.'.join(map(str, theirs))}; this is {VERSION}"
+                              f"{' (older)' if theirs > ours else ''}: re-export with this version")
     if m.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}; "
+                              "re-export")
+    _check_entries(path, m)
     if m.get("config_sha256") != cfg.sha256:
         raise CheckpointError(f"{path} was exported from another config (sha256 {str(m.get('config_sha256'))[:12]}, "
                               f"checkpoint {cfg.sha256[:12]}); re-export")
+    # a checkpoint dir without weights (enough for the ort backend) has nothing to confuse them with
+    local = weights_fingerprint(cfg.source) if cfg.source is not None else None
+    if local is not None and m.get("weights_fingerprint") != local:
+        raise CheckpointError(f"{path} was exported from other weights than {cfg.source} (same config.json, "
+                              "different model.safetensors); re-export")
     if check_files:
-        for name, g in m["graphs"].items():
-            files = [(g["file"], g["sha256"])]
-            if g.get("external_data"):
-                files.append((g["external_data"]["file"], g["external_data"]["sha256"]))
-            for f, digest in files:
-                p = Path(artifacts) / f
-                if not p.is_file():
-                    raise CheckpointError(f"graph {name}: file missing: {p}")
-                if sha256_file(p) != digest:
-                    raise CheckpointError(f"graph {name}: {p} sha256 differs from manifest.json (modified?); re-export")
+        _check_files(artifacts, m, full)
     return m

@@ -4,11 +4,12 @@ OUT atomically with manifest.json."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -21,6 +22,7 @@ import torch
 
 from janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_ref.owned_dirs import check_out_dir, make_tmp, replace_dir
 
 from . import graphs as G
 from .manifest import build_manifest, graph_entry, write_manifest
@@ -28,6 +30,7 @@ from .patches import export_patches
 from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
 from .trt_ops import OPERATORS_MD, graph_ops, unsupported_ops
 
+MIN_OPSET, MAX_OPSET = 18, 21  # dynamo exports 18+; below it onnxscript's down-converter fails
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,18 @@ def check_ops(model: onnx.ModelProto, spec: GraphSpec) -> list[str]:
     return graph_ops(model)
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs one warning per missing optional op library (torchvision) per graph."""
+    lg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
 def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False) -> dict:
     """torch -> tmp/name.onnx (raw exporter output); -> {"exporter", ["dynamo_error"]}."""
     path = tmp / f"{name}.onnx"
@@ -176,7 +191,7 @@ def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force
     # always writes external data first (no 2 GiB protobuf limit), and _save decides below
     big_module = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     exporter, fallback_reason = "dynamo", None
-    with export_patches(), torch.no_grad(), warnings.catch_warnings():
+    with export_patches(), torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             if force_legacy:
@@ -200,12 +215,19 @@ def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force
     return info
 
 
-def _finish_one(name: str, spec: GraphSpec, tmp: Path) -> dict:
+def graph_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _finish_one(name: str, spec: GraphSpec, tmp: Path, opset: int) -> dict:
     """ONNX-side work on tmp/name.onnx (no torch model needed): rename dims, check, infer shapes,
     simplify + re-check, TensorRT op check; -> manifest fields."""
     path = tmp / f"{name}.onnx"
     feeds = dummy_inputs(spec, seed=1)
     model = onnx.load(str(path))
+    real = graph_opset(model)
+    if real != opset:  # an exporter that quietly kept another opset would make the manifest lie
+        raise ExportError(f"graph {name}: the exporter wrote opset {real}, not the requested {opset}")
     big = initializer_bytes(model) > EXTERNAL_DATA_BYTES
     _rename_dims(model, spec)
     data = _save(model, path, big)
@@ -216,7 +238,8 @@ def _finish_one(name: str, spec: GraphSpec, tmp: Path) -> dict:
     simplified = _simplify(path, spec, feeds, before, big)
     model = onnx.load(str(path), load_external_data=False)
     ops = check_ops(model, spec)
-    return {"data": data, "simplified": simplified, "ops": ops, "nodes": len(model.graph.node)}
+    return {"data": data, "simplified": simplified, "ops": ops, "nodes": len(model.graph.node),
+            "opset": graph_opset(model)}
 
 
 def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big: bool) -> bool | str:
@@ -294,40 +317,42 @@ class PeakRSS:
 
 
 # -- all graphs, atomically ------------------------------------------------------------------------
-def _make_tmp(out: Path) -> Path:
+def is_export_dir(d: Path) -> bool:
+    """An earlier export of ours: a manifest of ours, and nothing in d it does not list."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists() and not out.is_dir():
-            raise JanusFlowError(f"--out {out} exists and is not a directory")
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise JanusFlowError(f"cannot write --out {out}: {e.strerror or e}") from None
+        m = json.loads((d / "manifest.json").read_text())
+        listed = {"manifest.json"}
+        for g in m["graphs"].values():
+            listed.add(g["file"])
+            if g.get("external_data"):
+                listed.add(g["external_data"]["file"])
+        assert "janusflow_trt_version" in m and "format_version" in m
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
+        return False
+    return {p.name for p in d.iterdir()} <= listed
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Swap tmp in for out with renames only: a crash leaves either the old or the new OUT."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise JanusFlowError(f"--opset {opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET} "
+                             f"(the dynamo exporter writes opset {MIN_OPSET} and newer)")
 
 
 def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
-                  force_legacy: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo."""
+                  force_legacy: tuple[str, ...] = (), force: bool = False) -> dict[str, Any]:
+    """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
+    An existing out_dir is replaced only if it is an earlier export and force is set."""
     from tqdm import tqdm
 
     names = parse_graphs(graphs)
-    if not 14 <= opset <= 21:
-        raise JanusFlowError(f"--opset {opset} is outside the supported range 14..21")
-    model_dir, out = Path(model_dir), Path(out_dir)
+    check_opset(opset)
+    model_dir = Path(model_dir)
     cfg: JanusFlowConfig = load_config(model_dir)
     vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
-    tmp = _make_tmp(out)
+    protected = [("model", model_dir)] + ([("VAE", vae)] if vae is not None else [])
+    out = check_out_dir(out_dir, "--out", force, is_export_dir, "an earlier export (manifest.json)", protected)
+    tmp = make_tmp(out, "--out")
     try:
         cfg, mods = load_modules(model_dir, vae, names)
         specs = build_specs(cfg)
@@ -349,7 +374,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             bar.set_postfix_str(name)
             t0 = time.perf_counter()
             with PeakRSS() as rss:
-                info = _finish_one(name, specs[name], tmp)
+                info = _finish_one(name, specs[name], tmp, opset)
             e = entries[name]
             e.update(info, check_seconds=round(time.perf_counter() - t0, 2), check_peak_rss_mb=rss.peak_mb,
                      check_start_rss_mb=rss.start_mb)
@@ -357,10 +382,10 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             e.update(seconds=round(e["export_seconds"] + e["check_seconds"], 2),
                      peak_rss_mb=max(e["export_peak_rss_mb"], e["check_peak_rss_mb"]))
             data = e.pop("data")
-            entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, opset, e)
+            entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, e.pop("opset"), e)
         manifest = build_manifest(cfg, entries)
         write_manifest(tmp, manifest)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

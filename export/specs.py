@@ -138,6 +138,13 @@ def build_specs(cfg: JanusFlowConfig, vae_upscale: int = 8) -> dict[str, GraphSp
     return specs
 
 
+def max_images(specs: dict[str, GraphSpec]) -> int:
+    """Most images one text-to-image run may ask for: the smallest batch limit along its graphs
+    (gen_enc / gen_dec / llm carry 2 CFG rows per image, vae_dec one)."""
+    rows = min(specs[g].syms["B"].max for g in ("gen_enc", "gen_dec", "llm", "embed"))
+    return min(rows // 2, specs["vae_dec"].syms["B"].max)
+
+
 def trt_profiles(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """TensorRT-style optimisation profile: input name -> (min, opt, max) shapes."""
     return {t.name: tuple(spec.shape(t, w) for w in ("min", "opt", "max")) for t in spec.inputs}

@@ -19,7 +19,7 @@ from janusflow_ref.errors import CheckpointError
 
 from .manifest import load_checked
 from .onnx_export import load_modules, ort_session
-from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
+from .specs import GraphSpec, build_specs, compare, dummy_inputs
 
 PROMPT_CHAT = "Describe the image."
 PROMPT_GEN = "a red fox"
@@ -170,23 +170,28 @@ def _real_cases(run: _Runner, model_dir: Path, cfg, names: list[str]) -> None:
         run.check("vae_dec", "latent", {"latents": z})
 
 
+def _session(path: Path):
+    try:
+        return ort_session(path)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise CheckpointError(f"cannot load {path}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r}"
+                              ) from None
+
+
 def verify(model_dir: str | Path, artifacts_dir: str | Path, vae_dir: str | Path | None = None,
            print_table: bool = True) -> Report:
     model_dir, art = Path(model_dir), Path(artifacts_dir)
     cfg = load_config(model_dir)
-    manifest = load_checked(art, cfg)
+    manifest = load_checked(art, cfg, full=True)  # verify reads every byte anyway: full hashes here
     names = [n for n in manifest["graphs"]]
     if not names:
         raise CheckpointError(f"{art}/manifest.json lists no graphs")
-    unknown = [n for n in names if n not in GRAPH_NAMES]
-    if unknown:
-        raise CheckpointError(f"{art}/manifest.json lists unknown graph {unknown[0]!r}")
     # the torch side also needs embed/siglip/gen_enc to build realistic inputs for the others
     helpers = {"llm": ["embed", "siglip"], "gen_dec": ["gen_enc"]}
     need = sorted(set(names) | {h for n in names for h in helpers.get(n, [])})
     cfg, mods = load_modules(model_dir, vae_dir, need)
     specs = build_specs(cfg)
-    sessions = {n: ort_session(art / manifest["graphs"][n]["file"]) for n in names}
+    sessions = {n: _session(art / manifest["graphs"][n]["file"]) for n in names}
     report = Report()
     run = _Runner(specs, mods, sessions, report)
     for n in names:

@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+from .config_schema import schema_problems
 from .errors import CheckpointError
 
 # Official SigLIP presets (janus/janusflow/models/siglip_vit.py: SigLIP_MODEL_CONFIG).
@@ -120,6 +121,7 @@ class JanusFlowConfig:
     llm: LlamaConfig = field(compare=False)
     raw: dict[str, Any] = field(compare=False, repr=False)
     sha256: str = ""
+    source: Path | None = field(default=None, compare=False)  # the checkpoint dir load_config read
 
     @property
     def hidden(self) -> int:
@@ -176,8 +178,13 @@ def parse_config(raw: dict[str, Any], sha256: str = "") -> JanusFlowConfig:
             f"config.json: model_type is {raw.get('model_type')!r}, expected 'multi_modality' (JanusFlow)"
         )
     und = _sub(raw, "vision_und_enc_config", "CLIPVisionTower")
+    _sub(raw, "vision_gen_enc_config", "ShallowUViTEncoder")
+    _sub(raw, "vision_gen_dec_config", "ShallowUViTDecoder")
+    problems = schema_problems(raw)
+    if problems:
+        raise CheckpointError("config.json: " + "; ".join(problems))
     model_name = und.get("model_name", "siglip_large_patch16_384")
-    if model_name not in SIGLIP_PRESETS:
+    if not isinstance(model_name, str) or model_name not in SIGLIP_PRESETS:
         raise CheckpointError(
             f"config.json: vision_und_enc_config.params.model_name {model_name!r} is not one of "
             f"{sorted(SIGLIP_PRESETS)}"
@@ -210,14 +217,19 @@ def parse_config(raw: dict[str, Any], sha256: str = "") -> JanusFlowConfig:
         raise CheckpointError("config.json: 'language_config' must be an object")
     try:
         llm = LlamaConfig(**lang)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json: bad language_config: {e}") from None
+    except Exception as e:  # transformers validates with several exception types
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"config.json: bad language_config: {msg}") from None
     cfg = JanusFlowConfig(siglip=siglip, gen_enc=gen_enc, gen_dec=gen_dec, llm=llm, raw=raw, sha256=sha256)
     _validate(cfg)
     return cfg
 
 
+U, E, D = ("vision_und_enc_config.params", "vision_gen_enc_config.params", "vision_gen_dec_config.params")
+
+
 def _validate(cfg: JanusFlowConfig) -> None:
+    """Cross-field consistency (types and ranges were checked by config_schema)."""
     s, e, d = cfg.siglip, cfg.gen_enc, cfg.gen_dec
     problems = []
     for name, v in (("SigLIP width", s.width), ("SigLIP heads", s.heads), ("image_size", s.image_size),
@@ -227,29 +239,29 @@ def _validate(cfg: JanusFlowConfig) -> None:
             problems.append(f"{name} must be a positive integer, got {v!r}")
     if not problems:
         if s.width % s.heads:
-            problems.append(f"SigLIP width {s.width} is not divisible by heads {s.heads}")
+            problems.append(f"{U}.width {s.width} is not divisible by {U}.heads {s.heads}")
         if s.depth <= 0:
-            problems.append(f"select_layer {s.select_layer} leaves no SigLIP blocks")
+            problems.append(f"{U}.select_layer {s.select_layer} leaves no SigLIP blocks")
         if s.image_size % s.patch_size:
-            problems.append(f"SigLIP image_size {s.image_size} is not a multiple of patch_size {s.patch_size}")
+            problems.append(f"{U}.image_size {s.image_size} is not a multiple of {U}.patch_size {s.patch_size}")
         if s.select_feature not in ("patch", "cls_patch", "same"):
             problems.append(f"unknown select_feature {s.select_feature!r}")
         if e.input_channels != LATENT_CHANNELS or d.out_channels != LATENT_CHANNELS:
             problems.append(
-                f"generation encoder input_channels ({e.input_channels}) and decoder out_channels "
+                f"{E}.input_channels ({e.input_channels}) and {D}.out_channels "
                 f"({d.out_channels}) must both be the SDXL-VAE latent channels ({LATENT_CHANNELS})"
             )
         if e.hidden_size != cfg.hidden or d.hidden_size != cfg.hidden:
-            problems.append(f"generation encoder/decoder hidden_size must equal the LLM hidden_size {cfg.hidden}")
+            problems.append(f"{E}.hidden_size and {D}.hidden_size must equal language_config.hidden_size {cfg.hidden}")
         if d.in_channels != e.channels or d.block_out_channels[-1] != e.channels:
             problems.append(
-                f"decoder in_channels ({d.in_channels}) and block_out_channels[-1] must equal the encoder "
-                f"channels ({e.channels}): the skip tensor is concatenated"
+                f"{D}.in_channels ({d.in_channels}) and block_out_channels[-1] must equal "
+                f"{E}.block_out_channels[-1] ({e.channels}): the skip tensor is concatenated"
             )
         if cfg.latent_grid <= 0 or cfg.latent_grid * 2**d.upsamples != LATENT_SIZE:
             problems.append(
-                f"encoder grid {cfg.latent_grid} x 2^upsamples ({d.upsamples}) does not give back the "
-                f"{LATENT_SIZE}x{LATENT_SIZE} latent"
+                f"{E} stride/kernel_size/padding give a {cfg.latent_grid} grid; x 2^{D}.upsamples "
+                f"({d.upsamples}) does not give back the {LATENT_SIZE}x{LATENT_SIZE} latent"
             )
     if problems:
         raise CheckpointError("config.json: " + "; ".join(problems))
@@ -268,4 +280,4 @@ def load_config(model_dir: str | Path) -> JanusFlowConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    return parse_config(raw, hashlib.sha256(data).hexdigest())
+    return dataclasses.replace(parse_config(raw, hashlib.sha256(data).hexdigest()), source=Path(model_dir))

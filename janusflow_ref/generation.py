@@ -24,13 +24,14 @@ if TYPE_CHECKING:  # the runtime imports the helpers here without transformers' 
 LATENT_SHAPE = (4, 48, 48)
 
 
-def check_generation_args(steps: int, cfg_weight: float, num_images: int) -> None:
+def check_generation_args(steps: int, cfg_weight: float, num_images: int, max_images: int = 64) -> None:
+    """max_images: the batch limit of the exported graphs (export.specs.max_images)."""
     if not 1 <= steps <= 1000:
         raise InputError(f"--steps must be in [1, 1000], got {steps}")
     if not (cfg_weight == cfg_weight) or not -100.0 <= cfg_weight <= 100.0:
         raise InputError(f"--cfg must be a finite number in [-100, 100], got {cfg_weight}")
-    if not 1 <= num_images <= 64:
-        raise InputError(f"--num-images must be in [1, 64], got {num_images}")
+    if not 1 <= num_images <= max_images:
+        raise InputError(f"--num-images must be in [1, {max_images}] (the graphs' batch limit), got {num_images}")
 
 
 def initial_latents(num_images: int, seed: int, init: np.ndarray | None = None) -> torch.Tensor:

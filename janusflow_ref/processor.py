@@ -15,17 +15,19 @@ janus/utils/conversation.py, demo/app_janusflow.py):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 from transformers.image_transforms import normalize, rescale
 
 from .errors import CheckpointError, InputError
+from .images import load_image  # noqa: F401  (callers import it from here)
 
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "
@@ -85,17 +87,6 @@ def preprocess_image(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
     return x
 
 
-def load_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
-
-
 @dataclass
 class ChatInputs:
     input_ids: torch.Tensor  # [1, T] long (placeholders stay image ids; they are overwritten by embeddings)
@@ -117,13 +108,14 @@ class Processor:
         tcfg = _read_json(d / "tokenizer_config.json", required=False)
         pcfg = _read_json(d / "processor_config.json", required=False)
         icfg = _read_json(d / "preprocessor_config.json", required=False)
-        self.add_bos = bool(tcfg.get("add_bos_token", True))
-        self.clean_up_spaces = bool(tcfg.get("clean_up_tokenization_spaces", True))
+        _check_types(d, tcfg, pcfg, icfg)
+        self.add_bos = tcfg.get("add_bos_token", True)
+        self.clean_up_spaces = tcfg.get("clean_up_tokenization_spaces", True)
         self.image_tag = pcfg.get("image_tag", "<image_placeholder>")
         self.image_start_tag = "<begin_of_image>"
         self.image_end_tag = "<end_of_image>"
-        self.num_image_tokens = int(pcfg.get("num_image_tokens", 576))
-        self.add_special_token = bool(pcfg.get("add_special_token", False))
+        self.num_image_tokens = pcfg.get("num_image_tokens", 576)
+        self.add_special_token = pcfg.get("add_special_token", False)
         if pcfg.get("sft_format", "deepseek") != "deepseek":
             raise CheckpointError(f"processor_config.json: sft_format {pcfg.get('sft_format')!r} is not 'deepseek'")
         fields = ImageConfig.__dataclass_fields__
@@ -131,6 +123,7 @@ class Processor:
         if "image_size" not in icfg:
             raise CheckpointError(f"preprocessor_config.json in {d} is missing image_size")
         self.image_cfg = ImageConfig(**kw)
+        _check_against_config(d, self)
         bos, eos = _token_name(tcfg, "bos_token"), _token_name(tcfg, "eos_token")
         self.bos_id = self._id(bos or "<｜begin▁of▁sentence｜>")
         self.eos_id = self._id(eos or "<｜end▁of▁sentence｜>")
@@ -194,11 +187,63 @@ def clean_up_tokenization(text: str) -> str:
     return PreTrainedTokenizerBase.clean_up_tokenization(None, text)
 
 
+_PROC_TYPES = {  # file -> key -> (check, what it must be)
+    "tokenizer_config.json": {"add_bos_token": (lambda v: isinstance(v, bool), "true or false"),
+                              "clean_up_tokenization_spaces": (lambda v: isinstance(v, bool), "true or false"),
+                              "bos_token": (lambda v: v is None or _token_name({"t": v}, "t") is not None,
+                                            "a token string"),
+                              "eos_token": (lambda v: v is None or _token_name({"t": v}, "t") is not None,
+                                            "a token string")},
+    "processor_config.json": {"image_tag": (lambda v: isinstance(v, str) and v != "", "a token string"),
+                              "num_image_tokens": (lambda v: type(v) is int and v > 0, "a positive integer"),
+                              "add_special_token": (lambda v: isinstance(v, bool), "true or false")},
+    "preprocessor_config.json": {
+        "image_size": (lambda v: type(v) is int and 1 <= v <= 4096, "an integer in [1, 4096]"),
+        "min_size": (lambda v: type(v) is int and 1 <= v <= 4096, "an integer in [1, 4096]"),
+        "image_mean": (lambda v: _nums(v, 0.0, 1.0), "a list of 3 numbers in [0, 1]"),
+        "image_std": (lambda v: _nums(v, 1e-6, 10.0), "a list of 3 numbers in (0, 10]"),
+        "rescale_factor": (lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "do_normalize": (lambda v: isinstance(v, bool), "true or false")},
+}
+
+
+def _num(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _nums(v, lo: float, hi: float) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_num(x) and lo <= x <= hi for x in v)
+
+
+def _check_types(d: Path, *cfgs: dict) -> None:
+    problems = [f"{name}: {k} must be {what}, got {c[k]!r}"[:200]
+                for (name, checks), c in zip(_PROC_TYPES.items(), cfgs, strict=True)
+                for k, (ok, what) in checks.items() if k in c and not ok(c[k])]
+    if problems:
+        raise CheckpointError(f"{d}: " + "; ".join(problems))
+
+
+def _check_against_config(d: Path, proc: Processor) -> None:
+    """The processor files must describe the model config.json describes."""
+    from .config import load_config
+
+    cfg = load_config(d)
+    problems = []
+    if proc.image_cfg.image_size != cfg.siglip.image_size:
+        problems.append(f"preprocessor_config.json image_size {proc.image_cfg.image_size} differs from config.json's "
+                        f"vision image_size {cfg.siglip.image_size}")
+    if proc.num_image_tokens != cfg.siglip.num_patches:
+        problems.append(f"processor_config.json num_image_tokens {proc.num_image_tokens} differs from the "
+                        f"{cfg.siglip.num_patches} patches of the vision config")
+    if problems:
+        raise CheckpointError(f"{d}: " + "; ".join(problems))
+
+
 def _token_name(tcfg: dict, key: str) -> str | None:
     v = tcfg.get(key)
     if isinstance(v, dict):  # AddedToken serialised as {"content": ...}
         v = v.get("content")
-    return v
+    return v if isinstance(v, str) and v else None
 
 
 def _read_json(path: Path, required: bool = True) -> dict:

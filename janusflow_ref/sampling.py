@@ -16,6 +16,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from .errors import InputError
 
 DEFAULT_TOP_K = 50  # transformers 4.x GenerationConfig default, in force for the official demo
+# logits / T must stay finite in float32: with |logits| up to ~1e4, T >= 1e-3 keeps them below 1e7
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,9 @@ class SamplingParams:
     max_new_tokens: int = 512
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature or self.temperature > 100:
-            raise InputError(f"--temperature must be a number in [0, 100], got {self.temperature}")
+        t = self.temperature
+        if not (t == 0.0 or MIN_TEMPERATURE <= t <= 100):
+            raise InputError(f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 100], got {t}")
         if not (0.0 < self.top_p <= 1.0):
             raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -51,10 +54,15 @@ def warp(scores: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return scores
 
 
-def next_token(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits [B,V] -> token ids [B] (long)."""
+def next_token(logits: torch.Tensor, p: SamplingParams, position: int | None = None) -> torch.Tensor:
+    """logits [B,V] -> token ids [B] (long); position: the answer token being chosen (for errors)."""
     logits = logits.to(torch.float32)
+    if not bool(torch.isfinite(logits).all()):  # the host reads the token right after anyway
+        where = f" for answer token {position + 1}" if position is not None else ""
+        raise InputError(f"the model produced non-finite logits (NaN or Inf){where}; check the weights")
     if p.greedy:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(warp(logits, p), dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # logits / temperature overflowed float32
+        raise InputError(f"--temperature {p.temperature:g} overflows these logits; use a larger temperature")
     return torch.multinomial(probs, num_samples=1).squeeze(1)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import parse_config
 from .errors import JanusFlowError
+from .owned_dirs import check_out_dir, make_tmp, replace_dir
 from .tokenizer_factory import build_tokenizer
 from .weights import expected_shapes
 
@@ -115,16 +114,22 @@ def write_vae(out: Path, size: str, gen: torch.Generator) -> None:
     vae.save_pretrained(str(out), safe_serialization=True)
 
 
+MARKER = ".janusflow-make-tiny"  # written into every checkpoint we make: --force replaces only those
+
+
+def is_tiny_dir(d: Path) -> bool:
+    return (d / MARKER).is_file()
+
+
 def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False) -> Path:
+    """An existing DIR is replaced only if it is empty, or a checkpoint of ours and force is set."""
     if size not in PRESETS:
         raise JanusFlowError(f"unknown --size {size!r}; choose from {', '.join(PRESETS)}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise JanusFlowError(f"{out} exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir, "DIR", force, is_tiny_dir, "a checkpoint written by make-tiny")
     gen = torch.Generator().manual_seed(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_tmp(out, "DIR")
     try:
+        (tmp / MARKER).write_text(json.dumps({"size": size, "seed": seed}) + "\n")
         tok = build_tokenizer(tmp, PRESETS[size]["tok_vocab"])
         raw = model_config(size, tok.get_vocab_size())
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
@@ -136,9 +141,7 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: boo
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del state
         write_vae(tmp / "vae", size, gen)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -54,8 +54,8 @@ def chat_tokens(model: JanusFlow, inputs, params: SamplingParams, eos_id: int) -
     embeds = splice_image(model.embed_tokens(inputs.input_ids), image_embeds, inputs.image_positions)
     cache = DynamicCache(config=model.cfg.llm)
     out = model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True)
-    for _ in range(params.max_new_tokens):
-        tok = int(next_token(out.logits[:, -1, :], params)[0])
+    for i in range(params.max_new_tokens):
+        tok = int(next_token(out.logits[:, -1, :], params, i)[0])
         yield tok
         if tok == eos_id:
             return

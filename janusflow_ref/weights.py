@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .config import JanusFlowConfig, load_config
 from .errors import CheckpointError
+from .fingerprint import quick_digest
 from .model import JanusFlow
 
 INDEX = "model.safetensors.index.json"
@@ -39,6 +41,25 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"no {SINGLE} or {INDEX} in {model_dir}")
 
 
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """Cheap fingerprint of the weight files (size + first/last MiB each); None when there are none."""
+    model_dir = Path(model_dir)
+    try:
+        files = checkpoint_files(model_dir)
+    except CheckpointError:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            h.update(f"{f.name}\0{quick_digest(f)}\0".encode())
+        except OSError as e:
+            raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in checkpoint_files(model_dir):
@@ -46,6 +67,11 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
             part = load_file(str(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+        bad = [(k, v.dtype) for k, v in part.items() if v.dtype not in FLOAT_DTYPES]
+        if bad:  # an int8 tensor would be cast to float silently: a quantised or broken checkpoint
+            raise CheckpointError(f"{f}: tensor {bad[0][0]} is {str(bad[0][1]).removeprefix('torch.')}; weights must "
+                                  f"be floating point (float32, float16, bfloat16)"
+                                  + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
         state.update(part)
     return state
 

@@ -23,6 +23,7 @@ from janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_ref.errors import InputError
 from janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
 from janusflow_ref.images import to_uint8
+from janusflow_ref.latents_io import check_finite_latents
 from janusflow_ref.processor import SYSTEM_PROMPT, Processor, load_image
 from janusflow_ref.sampling import SamplingParams
 from janusflow_ref.understanding import ChatResult, check_context
@@ -137,15 +138,11 @@ class Pipeline:
                  callback: Callable[[int, np.ndarray], None] | None = None) -> GenerateResult:
         """-> PIL images, final latents, timings. init_latents [n,4,48,48] replaces the seeded noise;
         callback(step, z) runs after each Euler step (z: [n,4,48,48], valid during the call)."""
-        check_generation_args(steps, cfg_weight, num_images)
-        if self.backend != "torch":  # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images)
-            from export.specs import build_specs
+        from export.specs import build_specs, max_images
 
-            specs = build_specs(self.cfg)
-            limit = min(specs["gen_enc"].syms["B"].max // 2, specs["vae_dec"].syms["B"].max)
-            if num_images > limit:
-                raise InputError(f"num_images {num_images}: the exported graphs take at most {limit} images per "
-                                 f"call (their batch limits); generate in several calls")
+        # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images), for every backend:
+        # they also bound the eager reference's memory
+        check_generation_args(steps, cfg_weight, num_images, max_images(build_specs(self.cfg)))
         if not prompt.strip():
             raise InputError("the prompt is empty")
         prompt_ids(self.processor, prompt, self.cfg)  # refuses a prompt beyond the context before any work
@@ -156,11 +153,15 @@ class Pipeline:
         t1 = time.perf_counter()
         z = z0
         for i, z in enumerate(self.engine.euler(prefix, z0, steps, cfg_weight)):
+            check_finite_latents(z, i, steps)
             if callback is not None:
                 callback(i, z)
         latents = np.array(z, np.float32)  # a copy: z may be a reused backend buffer
         t2 = time.perf_counter()
-        images = [Image.fromarray(a) for a in to_uint8(self.engine.vae(latents))]
+        decoded = np.asarray(self.engine.vae(latents))
+        if not np.isfinite(decoded).all():
+            raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
+        images = [Image.fromarray(a) for a in to_uint8(decoded)]
         t3 = time.perf_counter()
         timings = {"prefix_s": t1 - t0, "euler_s": t2 - t1, "euler_ms_per_step": (t2 - t1) / steps * 1e3,
                    "vae_s": t3 - t2, "total_s": t3 - t0}

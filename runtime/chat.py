@@ -56,8 +56,8 @@ def chat_tokens(backend: Backend, cfg, inputs: ChatInputs, params: SamplingParam
     embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
     cache = new_cache(cfg, 1, ids.shape[1])  # grows in buckets as the answer grows (llm_step reserves)
     logits = prefill(backend, cache, embeds)
-    for _ in range(params.max_new_tokens):
-        tok = int(next_token(torch.from_numpy(logits), params)[0])
+    for i in range(params.max_new_tokens):
+        tok = int(next_token(torch.from_numpy(logits), params, i)[0])
         yield tok
         if tok == eos_id:
             return

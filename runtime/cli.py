@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from janusflow_ref.errors import InputError, JanusFlowError
+
+from .argtypes import finite, seed, threads
 
 BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
 
@@ -23,24 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _finite(kind):
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {s!r}") from None
-        if kind is float and not (v == v and abs(v) != float("inf")):
-            raise argparse.ArgumentTypeError(f"must be finite, got {s}")
-        return v
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _seed(s: str) -> int:
-    v = _finite(int)(s)
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2^63), got {s}")
-    return v
+_finite, _seed = finite, seed  # names the subcommand modules used before argtypes.py
 
 
 def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
@@ -52,7 +36,7 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
                         "ort: ONNX Runtime over --artifacts; trt: TensorRT engines from `build` (GPU); "
                         "torch-cuda: the graph modules in BF16 on the GPU with CUDA graphs")
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -87,32 +71,36 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def check_generate_outputs(out: str, num_images: int, save_latents: str | None, force: bool) -> None:
+    """Every output location is checked before the run (the run writes them all at the end)."""
+    from janusflow_ref.images import IMAGE_FORMATS, output_paths
+    from janusflow_ref.outputs import check_output_file
+
+    paths = [check_output_file(p, "--out", force, tuple(IMAGE_FORMATS)) for p in output_paths(out, num_images)]
+    if save_latents:
+        lat = check_output_file(save_latents, "--save-latents", force, (".npy",))
+        if lat.resolve() in {p.resolve() for p in paths}:
+            raise InputError(f"--save-latents {lat} is also an image output")
+
+
 def cmd_generate(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from janusflow_ref.generation import check_generation_args
-    from janusflow_ref.images import output_paths, save_png, write_atomic
+    from janusflow_ref.images import output_paths, save_images
+    from janusflow_ref.latents_io import load_latents, npy_writer
     from janusflow_trt import Pipeline
 
-    check_generation_args(args.steps, args.cfg, args.num_images)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise InputError(f"output directory does not exist: {out.parent}")
-    init = None
-    if args.init_latents:
-        try:
-            init = np.load(args.init_latents, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read --init-latents {args.init_latents}: {str(e).splitlines()[0]}") from None
+    check_generate_outputs(args.out, args.num_images, args.save_latents, args.force)
+    init = load_latents(args.init_latents) if args.init_latents else None
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, vae=args.vae,
                                     threads=args.threads)
     bar: list[tqdm] = []  # opened at the first step, so refused input prints its one line and no bar
 
     def progress(step: int, z) -> None:
-        if not bar:
-            bar.append(tqdm(total=args.steps, desc="euler", unit="step", disable=args.json))
+        if not bar:  # disable=None: off when stderr is not a terminal (logs, pipes)
+            bar.append(tqdm(total=args.steps, desc="euler", unit="step", disable=True if args.json else None))
         bar[0].update(1)
 
     try:
@@ -121,13 +109,10 @@ def cmd_generate(args) -> int:
     finally:
         for b in bar:
             b.close()
-    if args.save_latents:
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to other names
-                np.save(f, res.latents, allow_pickle=False)
-
-        write_atomic(args.save_latents, write)
-    paths = [save_png(np.asarray(im), p) for im, p in zip(res.images, output_paths(out, len(res.images)), strict=True)]
+    # every output was checked before the run; they are written to temporaries and renamed together
+    extra = [(args.save_latents, npy_writer(res.latents))] if args.save_latents else []
+    images = np.stack([np.asarray(im) for im in res.images])
+    paths = save_images(images, output_paths(args.out, len(images)), extra=extra)[:len(images)]
     if args.json:
         print(json.dumps({"images": [str(p) for p in paths], "seed": args.seed, "backend": args.backend,
                           "latents": args.save_latents, "timings": res.timings}))
@@ -146,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--force", action="store_true", help="replace DIR if it is a checkpoint make-tiny wrote")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("chat", help="answer a question about an image")
@@ -166,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=_finite(float), default=2.0, help="CFG weight (official demo default 2)")
     p.add_argument("--num-images", type=_finite(int), default=1)
     p.add_argument("--seed", type=_seed, default=12345)
-    p.add_argument("--init-latents", default=None, help=".npy [n,4,48,48] float32 initial noise")
+    p.add_argument("--init-latents", default=None, help=".npy [n,4,48,48] floating-point initial noise")
     p.add_argument("--save-latents", default=None, help="write the final latents to this .npy")
-    p.add_argument("--out", required=True, help="OUT.png (OUT_i.png for several images)")
+    p.add_argument("--out", required=True, help="OUT.png (OUT_i.png for several images); the suffix picks the "
+                   "format: .png .jpg .jpeg .webp .bmp .tif .tiff")
+    p.add_argument("--force", action="store_true", help="replace existing --out / --save-latents files")
     p.set_defaults(func=cmd_generate)
 
     for mod in ("export.commands", "benchmarks.commands", "runtime.gpu_check"):
@@ -188,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except JanusFlowError as e:
-        sys.stderr.write(f"janusflow {args.command}: error: {e}\n")
+        clear = "\r\033[K" if sys.stderr.isatty() else ""  # a progress bar may hold the terminal's line
+        sys.stderr.write(f"{clear}janusflow {args.command}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

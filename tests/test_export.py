@@ -14,7 +14,7 @@ import torch
 
 from export import onnx_export
 from export.commands import register
-from export.manifest import sha256_file
+from export.manifest import file_record, sha256_file
 from export.onnx_export import ExportError, check_ops, export_graphs, ort_session
 from export.specs import GRAPH_NAMES, build_specs, compare, dummy_inputs, trt_profiles
 from export.verify import grow_cache, llm_feeds, verify
@@ -60,12 +60,15 @@ def test_manifest(tiny, exported):
     m = json.loads((exported / "manifest.json").read_text())
     cfg = load_config(tiny)
     specs = build_specs(cfg)
-    assert m["format_version"] == 1 and m["janusflow_trt_version"] == "0.1.0"
+    assert m["format_version"] == 2 and m["janusflow_trt_version"] == "0.1.0"
     assert m["config_sha256"] == cfg.sha256 and m["config"] == json.loads((tiny / "config.json").read_text())
     assert {"torch", "onnx", "onnxruntime", "transformers", "diffusers"} <= set(m["versions"])
     assert list(m["graphs"]) == list(GRAPH_NAMES)
     for name, g in m["graphs"].items():
         assert sha256_file(exported / g["file"]) == g["sha256"]
+        assert (exported / g["file"]).stat().st_size == g["size"]
+        model = onnx.load(str(exported / g["file"]))
+        assert [o.version for o in model.opset_import if o.domain == ""] == [g["opset"]]
         assert g["opset"] == 18 and g["exporter"] == "dynamo" and g["seconds"] > 0 and g["peak_rss_mb"] > 0
         assert [t["name"] for t in g["inputs"]] == specs[name].input_names
         assert [t["name"] for t in g["outputs"]] == specs[name].output_names
@@ -240,7 +243,7 @@ def test_interrupted_export_keeps_previous_out(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_export, "_export_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_graphs(tiny, None, out, graphs="embed,gen_enc", progress=False)
+        export_graphs(tiny, None, out, graphs="embed,gen_enc", progress=False, force=True)
     assert calls == ["embed", "gen_enc"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not leftovers(tmp_path, "out")
@@ -258,7 +261,7 @@ def test_verify_refusals(tiny, exported, tmp_path):
         verify(model, art)
     with open(art / "embed.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(CheckpointError, match="graph embed: .* sha256 differs"):
+    with pytest.raises(CheckpointError, match="graph embed: .* bytes, manifest.json says"):
         verify(tiny, art)
     (art / "siglip.onnx").unlink()
     with pytest.raises(CheckpointError, match="graph siglip: file missing"):
@@ -276,7 +279,7 @@ def test_verify_detects_parity_failure(tiny, exported, tmp_path, capsys):
     w += 0.01
     model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, model.graph.initializer[0].name))
     onnx.save(model, str(art / "embed.onnx"))
-    m["graphs"]["embed"]["sha256"] = sha256_file(art / "embed.onnx")
+    m["graphs"]["embed"].update(file_record(art, "embed.onnx"))
     (art / "manifest.json").write_text(json.dumps(m))
     assert cli(["verify", "--model", str(tiny), "--artifacts", str(art)]) == 1
     assert "graph embed" in capsys.readouterr().err

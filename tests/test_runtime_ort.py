@@ -113,7 +113,7 @@ def test_ort_refusals(tiny_dir, tiny_onnx, test_image, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps(cfg))
     cases = [(broken("no-manifest"), tiny_dir, "no manifest.json"),
              (broken("missing-graph"), tiny_dir, "missing"),
-             (broken("corrupt-graph"), tiny_dir, "sha256"),
+             (broken("corrupt-graph"), tiny_dir, "truncated or modified"),
              (broken("other-version"), tiny_dir, "janusflow-trt 7.0.0"),
              (tiny_onnx, other, "another config")]
     for artifacts, model, needle in cases:
