@@ -10,8 +10,7 @@ from typing import Any
 
 from janusflow_ref.config import JanusFlowConfig
 from janusflow_ref.errors import CheckpointError
-from janusflow_ref.fingerprint import quick_digest, sha256_file
-from janusflow_ref.weights import weights_fingerprint
+from janusflow_ref.fingerprint import quick_digest, sha256_file, weights_fingerprint
 
 from .specs import GRAPH_NAMES, GraphSpec
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -13,49 +11,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .config import JanusFlowConfig, load_config
 from .errors import CheckpointError
-from .fingerprint import quick_digest
+from .fingerprint import INDEX, SINGLE, checkpoint_files, weights_fingerprint  # noqa: F401  (re-exported)
 from .model import JanusFlow
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    if (model_dir / INDEX).is_file():
-        try:
-            index = json.loads((model_dir / INDEX).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{model_dir / INDEX}: not a valid safetensors index ({e})") from None
-        files = [model_dir / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"shard listed in {INDEX} is missing: {f}")
-        return files
-    if (model_dir / SINGLE).is_file():
-        return [model_dir / SINGLE]
-    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-        raise CheckpointError(
-            f"{model_dir} has only pickle weights (*.bin/*.pt); convert them to safetensors (pickle is not loaded)"
-        )
-    raise CheckpointError(f"no {SINGLE} or {INDEX} in {model_dir}")
-
-
-def weights_fingerprint(model_dir: str | Path) -> str | None:
-    """Cheap fingerprint of the weight files (size + first/last MiB each); None when there are none."""
-    model_dir = Path(model_dir)
-    try:
-        files = checkpoint_files(model_dir)
-    except CheckpointError:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        try:
-            h.update(f"{f.name}\0{quick_digest(f)}\0".encode())
-        except OSError as e:
-            raise CheckpointError(f"cannot read {f}: {e.strerror or e}") from None
-    return h.hexdigest()
-
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
