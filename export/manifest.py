@@ -125,6 +125,7 @@ def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True
     if not isinstance(m, dict) or not isinstance(m.get("graphs"), dict):
         raise CheckpointError(f"{path}: not a janusflow-trt manifest (no 'graphs')")
     theirs, ours = _version(m.get("janusflow_trt_version")), _version(VERSION)
+    assert ours is not None, VERSION
     if theirs is None:
         raise CheckpointError(f"{path}: janusflow_trt_version {m.get('janusflow_trt_version')!r} is not x.y.z")
     if theirs > ours or theirs[0] != ours[0]:

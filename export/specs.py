@@ -147,7 +147,7 @@ def max_images(specs: dict[str, GraphSpec]) -> int:
 
 def trt_profiles(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """TensorRT-style optimisation profile: input name -> (min, opt, max) shapes."""
-    return {t.name: tuple(spec.shape(t, w) for w in ("min", "opt", "max")) for t in spec.inputs}
+    return {t.name: (spec.shape(t, "min"), spec.shape(t, "opt"), spec.shape(t, "max")) for t in spec.inputs}
 
 
 def dummy_inputs(spec: GraphSpec, seed: int = 0, **sizes: int) -> dict[str, np.ndarray]:

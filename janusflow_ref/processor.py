@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ class Processor:
         if pcfg.get("sft_format", "deepseek") != "deepseek":
             raise CheckpointError(f"processor_config.json: sft_format {pcfg.get('sft_format')!r} is not 'deepseek'")
         fields = ImageConfig.__dataclass_fields__
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in icfg.items() if k in fields}
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in icfg.items() if k in fields}
         if "image_size" not in icfg:
             raise CheckpointError(f"preprocessor_config.json in {d} is missing image_size")
         self.image_cfg = ImageConfig(**kw)

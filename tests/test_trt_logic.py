@@ -264,7 +264,8 @@ def test_num_images_beyond_the_specs_batch_limit_is_refused(tiny_dir, tiny_onnx,
             "a fox", "--steps", "1", "--out", str(tmp_path / "x.png")]
     assert main([*args, "--num-images", "9"]) == 2  # gen_enc takes 16 CFG rows = 8 images
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "at most 8 images" in err and list(tmp_path.iterdir()) == []
+    assert len(err.strip().splitlines()) == 1 and "[1, 8]" in err and "batch limit" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- the Euler step's wiring (what the GPU loop captures as one CUDA graph) -------------------------
