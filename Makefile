@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= demo_out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/janusflow bench --size small --out bench_out
+
+# plants one-line numerics bugs in a temporary copy and runs the suite on each (slow; not in CI)
+mutation: $(VENV)/.installed
+	$(PY) tools/mutants.py --json mutation_out.json
 
 clean:
 	rm -rf $(VENV) $(OUT) bench_out

@@ -104,13 +104,10 @@ def test_cfg_rows_attend_as_official(tiny_model, processor, fast):
         assert r["ok"], f"{name} velocity: {r}"
 
 
-def test_generation_deterministic_and_init_latents(tiny_model, processor):
+def test_init_latents_pass_through_and_seed():
     z_a = ref_gen.initial_latents(2, 3)
     z_b = ref_gen.initial_latents(2, 3, z_a.numpy())
     assert torch.equal(z_a, z_b) and not torch.equal(z_a, ref_gen.initial_latents(2, 4))
-    prefix, mask = ref_gen.prompt_prefix(tiny_model, processor, "x", 2)
-    runs = [list(ref_gen.euler_steps(tiny_model, prefix, mask, z_a, 2, 2.0))[-1] for _ in range(2)]
-    assert torch.equal(*runs)
 
 
 def test_cli_generate_writes_pngs_and_latents(tiny_dir, tmp_path, capsys):

@@ -146,7 +146,8 @@ def generation_goldens(vl_gpt, proc, vae) -> dict[str, np.ndarray]:
     g["latents_first_steps"] = torch.stack(zs).numpy()  # [FIRST_STEPS, n, 4, 48, 48]
     g["latents_final"] = z.numpy()
     decoded = vae.decode(z / vae.config.scaling_factor).sample
-    g["decoded_center"] = decoded[:, :, 176:208, 176:208].numpy()  # a 32x32 float crop
+    # a 32x32 float crop, copied: the demo's .float().clip_() below clips `decoded` in place (FP32)
+    g["decoded_center"] = decoded[:, :, 176:208, 176:208].numpy().copy()
     images = decoded.float().clip_(-1.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
     g["image_uint8"] = ((images + 1) / 2.0 * 255).astype(np.uint8)
     return g
