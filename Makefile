@@ -41,7 +41,8 @@ bench: $(VENV)/.installed
 
 # plants one-line numerics bugs in a temporary copy and runs the suite on each (slow; not in CI)
 mutation: $(VENV)/.installed
-	$(PY) tools/mutants.py --json mutation_out.json
+	mkdir -p mutation_out
+	$(PY) tools/mutants.py --baseline --json mutation_out/mutation.json
 
 clean:
-	rm -rf $(VENV) $(OUT) bench_out
+	rm -rf $(VENV) $(OUT) bench_out mutation_out

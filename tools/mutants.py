@@ -1,7 +1,7 @@
 """Mutation check: plant one-line numerics bugs, one at a time, in a TEMPORARY copy of the tree and
 run the test suite there; a mutant is killed when the suite fails. Never touches the working tree.
 
-    python tools/mutants.py [--only ID,ID] [--json out.json]      (make mutation; not in CI: ~1-5 min a mutant)
+    python tools/mutants.py [--baseline] [--only ID,ID] [--json out.json]   (make mutation; not in CI: minutes a mutant)
 
 Each mutant replaces one exact snippet that must occur exactly once in its file (so a refactor that
 removes it shows up as an error, not as a silent pass). Tests run fast files first with -x, so a
@@ -179,6 +179,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated mutant ids")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--baseline", action="store_true", help="first run the unmutated suite; stop if it fails")
     args = ap.parse_args()
     chosen = [m for m in MUTANTS if not args.only or m.id in args.only.split(",")]
     results = []
@@ -187,7 +188,12 @@ def main() -> int:
         base.mkdir()
         copy_tree(base)
         for m in chosen:  # every snippet must exist once before anything runs
-            apply(Path(tmp) / "base", m, dry=True)
+            apply(base, m, dry=True)
+        if args.baseline:
+            failed, by, secs = run_suite(base, args.timeout)
+            print(f"baseline: {'FAILED ' + by if failed else 'passed'} ({secs:.0f} s)", flush=True)
+            if failed:
+                return 1
         for m in chosen:
             tree = Path(tmp) / m.id
             shutil.copytree(base, tree)
