@@ -35,59 +35,71 @@ class Mutant:
     old: str
     new: str
     what: str
+    first: tuple[str, ...] = ()  # tests likely to kill it, run first (the whole order follows)
 
 
-M = Mutant
+def M(id: str, path: str, old: str, new: str, what: str, *first: str) -> Mutant:  # noqa: A002
+    return Mutant(id, path, old, new, what, tuple(first))
+
+
+G, P = "tests/test_golden.py::", "tests/test_pipelines.py::"
+CHAT_RT = P + "test_runtime_chat_equals_reference"
+STEPS_RT = P + "test_prefix_reuse_equals_full_recompute"
+ROWS_RT = P + "test_cfg_rows_attend_as_official"
+STEPS_REF, STEP0_REF = G + "test_first_euler_steps[torch]", G + "test_step0_t_emb_and_velocities[torch]"
+TOK_BROAD, TOK_DEMO = G + "test_chat_tokens_exact[torch-broad]", G + "test_chat_tokens_exact[torch-demo]"
+ROWS_GOLD = G + "test_generation_prompt_rows_mask_schedule_noise"
+
 MUTANTS = [
     # the four bugs of issue 8
     M("skip-order", "janusflow_ref/uvit.py", "torch.cat([channels_last_norm(self.input_norm, x), skip], dim=1)",
       "torch.cat([skip, channels_last_norm(self.input_norm, x)], dim=1)", "decoder skip concatenated first"),
     M("uncond-unmasked", "janusflow_ref/generation.py", "mask[num_images:, 1:prefix_len] = 0",
-      "mask[num_images:, 1:prefix_len] = 1", "uncond CFG rows see the pads"),
+      "mask[num_images:, 1:prefix_len] = 1", "uncond CFG rows see the pads", ROWS_RT),
     M("t-no-1000", "janusflow_ref/generation.py", "return step / steps * 1000.0", "return step / steps",
-      "timestep without x1000"),
-    M("top-k-0", "janusflow_ref/sampling.py", "DEFAULT_TOP_K = 50", "DEFAULT_TOP_K = 0", "no top-k 50 in sampling"),
+      "timestep without x1000", STEPS_REF),
+    M("top-k-0", "janusflow_ref/sampling.py", "DEFAULT_TOP_K = 50", "DEFAULT_TOP_K = 0", "no top-k 50", TOK_BROAD),
     # mask, rows, positions
     M("mask-bos", "janusflow_ref/generation.py", "mask[num_images:, 1:prefix_len] = 0",
-      "mask[num_images:, 0:prefix_len] = 0", "uncond rows lose BOS too"),
+      "mask[num_images:, 0:prefix_len] = 0", "uncond rows lose BOS too", ROWS_RT),
     M("uncond-tokens", "janusflow_ref/generation.py", "tokens[num_images:, 1:] = pad_id",
-      "tokens[num_images:, 2:] = pad_id", "uncond rows keep the first prompt token"),
+      "tokens[num_images:, 2:] = pad_id", "uncond rows keep the first prompt token", ROWS_GOLD),
     M("prefix-drop", "janusflow_ref/generation.py", "return tokens, tokens[:, :-1]", "return tokens, tokens[:, 1:]",
-      "runtime prefix drops BOS instead of <begin_of_image>"),
+      "runtime prefix drops BOS instead of <begin_of_image>", STEPS_RT),
     M("positions-0", "runtime/chat.py", "np.arange(cache.length, cache.length + s, dtype=np.int64)",
-      "np.arange(0, s, dtype=np.int64)", "positions restart at 0 after the cache"),
+      "np.arange(0, s, dtype=np.int64)", "positions restart at 0 after the cache", CHAT_RT),
     M("positions+1", "runtime/chat.py", "np.arange(cache.length, cache.length + s, dtype=np.int64)",
-      "np.arange(cache.length + 1, cache.length + s + 1, dtype=np.int64)", "positions off by one"),
+      "np.arange(cache.length + 1, cache.length + s + 1, dtype=np.int64)", "positions off by one", CHAT_RT),
     M("kv-valid", "runtime/kv_cache.py", "self.valid[:, at:at + s] = new_mask", "self.valid[:, at:at + s] = 1",
-      "cache forgets the prefix mask"),
+      "cache forgets the prefix mask", ROWS_RT),
     M("decode-mask", "runtime/kv_cache.py", "self._decode_mask[:, cap] = 1", "self._decode_mask[:, cap] = 0",
-      "decode token cannot see itself"),
+      "decode token cannot see itself", CHAT_RT),
     M("rope-pos", "export/graphs.py", "cos, sin = base.rotary_emb(inputs_embeds, position_ids)",
-      "cos, sin = base.rotary_emb(inputs_embeds, position_ids + 1)", "rope shifted by one"),
+      "cos, sin = base.rotary_emb(inputs_embeds, position_ids + 1)", "rope shifted by one", CHAT_RT),
     M("rope-swap", "export/graphs.py", "q, k = apply_rotary_pos_emb(q, k, cos, sin)",
-      "q, k = apply_rotary_pos_emb(q, k, sin, cos)", "rope cos/sin swapped"),
+      "q, k = apply_rotary_pos_emb(q, k, sin, cos)", "rope cos/sin swapped", CHAT_RT),
     M("gqa-repeat", "export/graphs.py", "t.repeat_interleave(groups, dim=1) if groups > 1",
-      "t.repeat(1, groups, 1, 1) if groups > 1", "KV heads tiled instead of interleaved (GQA grouping)"),
+      "t.repeat(1, groups, 1, 1) if groups > 1", "KV heads tiled, not interleaved (GQA)", "tests/test_gqa.py"),
     M("buffers-turn", "runtime/backends.py", "self.turn[key] = 1 - i", "self.turn[key] = i",
-      "one output buffer per graph instead of two in turn"),
-    M("attn-scale", "export/graphs.py", "q = q * attn.scaling", "q = q", "decode attention unscaled"),
+      "one output buffer per graph instead of two in turn", "tests/test_buffers.py"),
+    M("attn-scale", "export/graphs.py", "q = q * attn.scaling", "q = q", "decode attention unscaled", CHAT_RT),
     # CFG, Euler, timestep
     M("cfg-ref", "janusflow_ref/generation.py", "v = cfg_weight * v_cond - (cfg_weight - 1.0) * v_uncond",
-      "v = cfg_weight * v_uncond - (cfg_weight - 1.0) * v_cond", "reference CFG with cond/uncond swapped"),
+      "v = cfg_weight * v_uncond - (cfg_weight - 1.0) * v_cond", "reference CFG with cond/uncond swapped", STEPS_REF),
     M("cfg-graph", "export/graphs.py", "return w * v_cond - (w - 1.0) * v_uncond", "return w * v_cond - w * v_uncond",
-      "runtime CFG formula"),
-    M("euler-ref", "janusflow_ref/generation.py", "z = z + dt * v", "z = z - dt * v", "reference Euler sign"),
-    M("euler-graph", "export/graphs.py", "return z + dt * v", "return z + v", "runtime Euler without dt"),
+      "runtime CFG formula", STEPS_RT),
+    M("euler-ref", "janusflow_ref/generation.py", "z = z + dt * v", "z = z - dt * v", "reference Euler -", STEPS_REF),
+    M("euler-graph", "export/graphs.py", "return z + dt * v", "return z + v", "runtime Euler without dt", STEPS_RT),
     M("dt-runtime", "runtime/text2img.py", "dt = np.array([1.0 / steps], np.float32)",
-      "dt = np.array([1.0 / (steps + 1)], np.float32)", "runtime dt"),
+      "dt = np.array([1.0 / (steps + 1)], np.float32)", "runtime dt", STEPS_RT),
     M("t-runtime", "runtime/text2img.py", "np.full((2 * n,), timestep(step, steps), np.float32)",
-      "np.full((2 * n,), timestep(step + 1, steps), np.float32)", "runtime t one step ahead"),
+      "np.full((2 * n,), timestep(step + 1, steps), np.float32)", "runtime t one step ahead", STEPS_RT),
     M("t-proj-order", "export/graphs.py", "t_proj = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)",
-      "t_proj = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)", "graph timestep projection sin first"),
+      "t_proj = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)", "graph t projection sin first", STEPS_RT),
     M("film", "janusflow_ref/uvit.py", "(1 + scale)[:, :, None, None]", "scale[:, :, None, None]",
       "FiLM without the 1 +"),
     M("dec-slice", "export/graphs.py", "hidden[:, -self.model.cfg.num_gen_tokens:]",
-      "hidden[:, :self.model.cfg.num_gen_tokens]", "decoder reads t_emb's position"),
+      "hidden[:, :self.model.cfg.num_gen_tokens]", "decoder reads t_emb's position", STEPS_RT),
     M("vae-scale", "export/graphs.py", "latents / self.scaling_factor", "latents * self.scaling_factor",
       "VAE scaling factor multiplied"),
     M("vae-scale-ref", "janusflow_ref/generation.py", "vae.decode(z / vae.config.scaling_factor)",
@@ -96,7 +108,7 @@ MUTANTS = [
     M("rms-eps-patch", "export/patches.py", "x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon",
       "x.pow(2).mean(-1, keepdim=True) + 1e-2", "exported RMSNorm eps 1e-2"),
     M("rms-eps-aligner", "janusflow_ref/model.py", "LlamaRMSNorm(h, eps=cfg.llm.rms_norm_eps)",
-      "LlamaRMSNorm(h, eps=1e-5)", "aligner RMSNorm eps 1e-5 (config: 1e-6)"),
+      "LlamaRMSNorm(h, eps=1e-5)", "aligner RMSNorm eps 1e-5 (config: 1e-6)", STEP0_REF),
     M("grn-eps", "janusflow_ref/uvit.py", "nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)",
       "nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-3)", "GRN eps"),
     M("siglip-ln-eps", "janusflow_ref/siglip.py", "self.norm = nn.LayerNorm(cfg.width, eps=1e-6)",
@@ -125,7 +137,7 @@ MUTANTS = [
       '("Assistant", "")], "")', "generation prompt without <begin_of_image>"),
     # sampling
     M("sample-unwarped", "janusflow_ref/sampling.py", "probs = torch.softmax(warp(logits, p), dim=-1)",
-      "probs = torch.softmax(logits, dim=-1)", "sampling ignores temperature/top-k/top-p"),
+      "probs = torch.softmax(logits, dim=-1)", "sampling ignores temperature/top-k/top-p", TOK_DEMO),
     M("sample-order", "janusflow_ref/sampling.py",
       "    if p.temperature != 1.0:\n        scores = TemperatureLogitsWarper(p.temperature)(None, scores)\n"
       "    if p.top_k:\n        scores = TopKLogitsWarper(top_k=p.top_k, min_tokens_to_keep=1)(None, scores)\n"
@@ -133,7 +145,7 @@ MUTANTS = [
       "    if p.top_k:\n        scores = TopKLogitsWarper(top_k=p.top_k, min_tokens_to_keep=1)(None, scores)\n"
       "    if p.top_p < 1.0:\n        scores = TopPLogitsWarper(top_p=p.top_p, min_tokens_to_keep=1)(None, scores)\n"
       "    if p.temperature != 1.0:\n        scores = TemperatureLogitsWarper(p.temperature)(None, scores)\n",
-      "temperature applied after top-k/top-p (a reordering, not one line)"),
+      "temperature applied after top-k/top-p (a reordering, not one line)", TOK_DEMO),
 ]
 
 
@@ -157,11 +169,11 @@ def apply(tree: Path, m: Mutant, dry: bool = False) -> None:
         p.write_text(text.replace(m.old, m.new))
 
 
-def run_suite(tree: Path, timeout: int) -> tuple[bool, str, float]:
+def run_suite(tree: Path, timeout: int, first: tuple[str, ...] = ()) -> tuple[bool, str, float]:
     """-> (killed, first failing test or reason, seconds)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
-           *dict.fromkeys(TEST_ORDER)]
+           *dict.fromkeys([*first, *TEST_ORDER])]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
@@ -198,7 +210,7 @@ def main() -> int:
             tree = Path(tmp) / m.id
             shutil.copytree(base, tree)
             apply(tree, m)
-            killed, by, secs = run_suite(tree, args.timeout)
+            killed, by, secs = run_suite(tree, args.timeout, m.first)
             shutil.rmtree(tree)
             results.append({"id": m.id, "file": m.path, "what": m.what, "killed": killed, "by": by,
                             "seconds": round(secs, 1)})
