@@ -286,3 +286,15 @@ def test_full_run_and_image_torch_fast(model, backends, processor, meta, ggen, s
     check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))
     diff = np.abs(to_uint8(img).astype(np.int16) - ggen["image_uint8"].astype(np.int16))
     assert diff.max() <= 1, f"uint8 image differs by {diff.max()} levels"  # within Tol, truncation may flip 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vae_decode_of_the_official_latents(backend, vae, backends, ggen, specs):
+    z = ggen["latents_final"]
+    if backend == "torch":
+        img = ref_gen.vae_decode(vae, torch.from_numpy(z)).numpy()
+    else:
+        from runtime import text2img
+
+        img = text2img.vae_decode(backends[backend], z)
+    check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))
