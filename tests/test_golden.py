@@ -92,6 +92,11 @@ def backends(ckpt, model, vae, tmp_path_factory):
     return {"torch-fast": TorchBackend(model, vae, threads=2), "ort": OrtBackend(onnx, model.cfg, threads=2)}
 
 
+def runtime(request, name: str):
+    """The runtime backend `name`, built on first use (the torch-reference cases never export)."""
+    return request.getfixturevalue("backends")[name]
+
+
 @pytest.fixture(scope="module")
 def image():
     return Image.open(GOLDEN / "input.png").convert("RGB")
@@ -122,8 +127,8 @@ def test_chat_prompt_and_pixels(chat_inputs, gchat, specs):
     check("pixel_values", chat_inputs.pixel_values[0], gchat["pixel_values"], tol_of(specs, "embed", "inputs_embeds"))
 
 
-def spliced_embeds(backend_name, model, backends, chat_inputs) -> tuple[np.ndarray, np.ndarray]:
-    """-> (SigLIP features rows or None, spliced input embeddings [T, H])."""
+def spliced_embeds(backend_name, model, request, chat_inputs) -> tuple[np.ndarray, np.ndarray]:
+    """-> (SigLIP features or None, spliced input embeddings [T, H]); backends are built only when needed."""
     ids, pix, pos = chat_inputs.input_ids, chat_inputs.pixel_values, chat_inputs.image_positions
     if backend_name == "torch":
         with torch.inference_mode():
@@ -131,7 +136,7 @@ def spliced_embeds(backend_name, model, backends, chat_inputs) -> tuple[np.ndarr
             emb = model.embed_tokens(ids)[0].clone()
             emb[pos] = model.encode_image(pix)[0]
         return feats, emb.numpy()
-    b = backends[backend_name]
+    b = runtime(request, backend_name)
     img = b.run("siglip", {"pixel_values": pix.numpy()})["image_embeds"]
     emb = b.run("embed", {"input_ids": ids.numpy()})["inputs_embeds"][0].copy()
     emb[pos.numpy()] = img[0]
@@ -139,8 +144,8 @@ def spliced_embeds(backend_name, model, backends, chat_inputs) -> tuple[np.ndarr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_siglip_and_spliced_embeddings(backend, model, backends, chat_inputs, gchat, specs, meta):
-    feats, emb = spliced_embeds(backend, model, backends, chat_inputs)
+def test_siglip_and_spliced_embeddings(backend, model, request, chat_inputs, gchat, specs, meta):
+    feats, emb = spliced_embeds(backend, model, request, chat_inputs)
     tol = tol_of(specs, "siglip", "image_embeds")
     rows = slice(None, None, meta["rows_stride"])
     if feats is not None:
@@ -154,7 +159,7 @@ def test_siglip_and_spliced_embeddings(backend, model, backends, chat_inputs, gc
 
 def test_reference_logits_every_greedy_step(model, chat_inputs, gchat, specs):
     """Teacher-forced over the official greedy answer: the logits of all 20 decoding positions."""
-    _, emb = spliced_embeds("torch", model, {}, chat_inputs)
+    _, emb = spliced_embeds("torch", model, None, chat_inputs)
     toks = torch.from_numpy(gchat["greedy_tokens"][:-1])[None]
     with torch.inference_mode():
         full = torch.cat([torch.from_numpy(emb)[None], model.embed_tokens(toks)], dim=1)
@@ -163,10 +168,10 @@ def test_reference_logits_every_greedy_step(model, chat_inputs, gchat, specs):
 
 
 @pytest.mark.parametrize("backend", ("torch-fast", "ort"))
-def test_runtime_first_step_logits(backend, model, backends, chat_inputs, gchat, specs):
+def test_runtime_first_step_logits(backend, model, backends, request, chat_inputs, gchat, specs):
     from runtime.chat import new_cache, prefill
 
-    _, emb = spliced_embeds(backend, model, backends, chat_inputs)
+    _, emb = spliced_embeds(backend, model, request, chat_inputs)
     cache = new_cache(model.cfg, 1, emb.shape[0] + 1)
     logits = prefill(backends[backend], cache, np.ascontiguousarray(emb[None]))
     check("first-step logits", logits[0], gchat["greedy_logits"][0], tol_of(specs, "llm", "logits"))
@@ -174,7 +179,7 @@ def test_runtime_first_step_logits(backend, model, backends, chat_inputs, gchat,
 
 @pytest.mark.parametrize("mode", ("greedy", "demo", "broad"))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chat_tokens_exact(backend, mode, model, backends, processor, image, gchat, meta):
+def test_chat_tokens_exact(backend, mode, model, request, processor, image, gchat, meta):
     if mode == "greedy":
         params, seed, want = SamplingParams(max_new_tokens=meta["max_new_tokens"]), meta["chat_seed"], "greedy"
     else:
@@ -188,7 +193,7 @@ def test_chat_tokens_exact(backend, mode, model, backends, processor, image, gch
     else:
         from runtime.chat import chat
 
-        got = chat(backends[backend], model.cfg, processor, image, meta["question"], params, seed)
+        got = chat(runtime(request, backend), model.cfg, processor, image, meta["question"], params, seed)
     assert got.token_ids == gchat[f"{want}_tokens"].tolist()
 
 
@@ -239,11 +244,11 @@ def runtime_step0(backend, model, processor, meta, ggen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_step0_t_emb_and_velocities(backend, model, backends, processor, meta, ggen, specs):
+def test_step0_t_emb_and_velocities(backend, model, request, processor, meta, ggen, specs):
     if backend == "torch":
         step_in, t_emb, v = reference_step0(model, processor, meta, ggen)
     else:
-        step_in, t_emb, v = runtime_step0(backends[backend], model, processor, meta, ggen)
+        step_in, t_emb, v = runtime_step0(runtime(request, backend), model, processor, meta, ggen)
     n = meta["num_images"]
     check("t_emb", t_emb, ggen["step0_t_emb"], tol_of(specs, "gen_enc", "t_emb"))
     rows = slice(None, None, meta["rows_stride"])
@@ -253,7 +258,7 @@ def test_step0_t_emb_and_velocities(backend, model, backends, processor, meta, g
     check("v_uncond", v[n:], ggen["step0_velocity"][n:], vtol)
 
 
-def latents(backend_name, model, backends, processor, meta, ggen, steps_to_run):
+def latents(backend_name, model, request, processor, meta, ggen, steps_to_run):
     """z after each of the first `steps_to_run` steps of a `meta['steps']`-step schedule."""
     n, steps, w = meta["num_images"], meta["steps"], meta["cfg_weight"]
     if backend_name == "torch":
@@ -262,25 +267,25 @@ def latents(backend_name, model, backends, processor, meta, ggen, steps_to_run):
         return [next(it).numpy() for _ in range(steps_to_run)]
     from runtime import text2img
 
-    b = backends[backend_name]
+    b = runtime(request, backend_name)
     cache = text2img.prefill_prefix(b, model.cfg, processor, meta["prompt"], n)
     it = text2img.euler_loop(b, cache, ggen["z0"].copy(), steps, w)
     return [next(it) for _ in range(steps_to_run)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_first_euler_steps(backend, model, backends, processor, meta, ggen, specs):
-    zs = latents(backend, model, backends, processor, meta, ggen, meta["first_steps"])
+def test_first_euler_steps(backend, model, request, processor, meta, ggen, specs):
+    zs = latents(backend, model, request, processor, meta, ggen, meta["first_steps"])
     for i, z in enumerate(zs):
         check(f"z after step {i + 1}", z, ggen["latents_first_steps"][i], tol_of(specs, "gen_dec", "z_next"))
 
 
-def test_full_run_and_image_torch_fast(model, backends, processor, meta, ggen, specs):
+def test_full_run_and_image_torch_fast(model, backends, request, processor, meta, ggen, specs):
     from janusflow_ref.images import to_uint8
     from runtime import text2img
 
     b = backends["torch-fast"]
-    z = latents("torch-fast", model, backends, processor, meta, ggen, meta["steps"])[-1]
+    z = latents("torch-fast", model, request, processor, meta, ggen, meta["steps"])[-1]
     check(f"z after {meta['steps']} steps", z, ggen["latents_final"], tol_of(specs, "gen_dec", "z_next"))
     img = text2img.vae_decode(b, z)
     check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))
@@ -289,12 +294,12 @@ def test_full_run_and_image_torch_fast(model, backends, processor, meta, ggen, s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vae_decode_of_the_official_latents(backend, vae, backends, ggen, specs):
+def test_vae_decode_of_the_official_latents(backend, vae, request, ggen, specs):
     z = ggen["latents_final"]
     if backend == "torch":
         img = ref_gen.vae_decode(vae, torch.from_numpy(z)).numpy()
     else:
         from runtime import text2img
 
-        img = text2img.vae_decode(backends[backend], z)
+        img = text2img.vae_decode(runtime(request, backend), z)
     check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))

@@ -49,6 +49,8 @@ ROWS_RT = P + "test_cfg_rows_attend_as_official"
 STEPS_REF, STEP0_REF = G + "test_first_euler_steps[torch]", G + "test_step0_t_emb_and_velocities[torch]"
 TOK_BROAD, TOK_DEMO = G + "test_chat_tokens_exact[torch-broad]", G + "test_chat_tokens_exact[torch-demo]"
 ROWS_GOLD = G + "test_generation_prompt_rows_mask_schedule_noise"
+PIX, PROC = G + "test_chat_prompt_and_pixels", "tests/test_processor.py"
+SIGLIP_REF = G + "test_siglip_and_spliced_embeddings[torch]"
 
 MUTANTS = [
     # the four bugs of issue 8
@@ -97,44 +99,46 @@ MUTANTS = [
     M("t-proj-order", "export/graphs.py", "t_proj = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)",
       "t_proj = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)", "graph t projection sin first", STEPS_RT),
     M("film", "janusflow_ref/uvit.py", "(1 + scale)[:, :, None, None]", "scale[:, :, None, None]",
-      "FiLM without the 1 +"),
+      "FiLM without the 1 +", "tests/test_blocks.py::test_film_in_convnext_block"),
     M("dec-slice", "export/graphs.py", "hidden[:, -self.model.cfg.num_gen_tokens:]",
       "hidden[:, :self.model.cfg.num_gen_tokens]", "decoder reads t_emb's position", STEPS_RT),
     M("vae-scale", "export/graphs.py", "latents / self.scaling_factor", "latents * self.scaling_factor",
-      "VAE scaling factor multiplied"),
+      "VAE scaling factor multiplied", "tests/test_runtime_ort.py::test_ort_generation_equals_reference"),
     M("vae-scale-ref", "janusflow_ref/generation.py", "vae.decode(z / vae.config.scaling_factor)",
-      "vae.decode(z)", "reference VAE without scaling"),
+      "vae.decode(z)", "reference VAE without scaling", G + "test_vae_decode_of_the_official_latents[torch]"),
     # norms
     M("rms-eps-patch", "export/patches.py", "x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon",
-      "x.pow(2).mean(-1, keepdim=True) + 1e-2", "exported RMSNorm eps 1e-2"),
+      "x.pow(2).mean(-1, keepdim=True) + 1e-2", "exported RMSNorm eps 1e-2",
+      "tests/test_export.py::test_export_and_verify_pass"),
     M("rms-eps-aligner", "janusflow_ref/model.py", "LlamaRMSNorm(h, eps=cfg.llm.rms_norm_eps)",
       "LlamaRMSNorm(h, eps=1e-5)", "aligner RMSNorm eps 1e-5 (config: 1e-6)", STEP0_REF),
     M("grn-eps", "janusflow_ref/uvit.py", "nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)",
-      "nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-3)", "GRN eps"),
+      "nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-3)", "GRN eps", "tests/test_blocks.py::test_grn_formula"),
     M("siglip-ln-eps", "janusflow_ref/siglip.py", "self.norm = nn.LayerNorm(cfg.width, eps=1e-6)",
-      "self.norm = nn.LayerNorm(cfg.width, eps=1e-5)", "SigLIP final LayerNorm eps 1e-5"),
+      "self.norm = nn.LayerNorm(cfg.width, eps=1e-5)", "SigLIP final LayerNorm eps 1e-5", SIGLIP_REF),
     # understanding embeddings
     M("beg-order", "janusflow_ref/model.py", "torch.cat([beg.to(feats.dtype), feats], dim=1)",
-      "torch.cat([feats, beg.to(feats.dtype)], dim=1)", "begin-of-understanding after the patches"),
+      "torch.cat([feats, beg.to(feats.dtype)], dim=1)", "begin-of-understanding after the patches", SIGLIP_REF),
     # preprocessing
     M("resize", "janusflow_ref/processor.py", "img.resize((new_w, new_h), Image.Resampling.BICUBIC)",
-      "img.resize((new_w, new_h), Image.Resampling.BILINEAR)", "bilinear resize"),
+      "img.resize((new_w, new_h), Image.Resampling.BILINEAR)", "bilinear resize", PIX, PROC),
     M("pad-colour", "janusflow_ref/processor.py", "tuple(int(x * 255) for x in self.image_mean)",
-      "tuple(round(x * 255) for x in self.image_mean)", "pad colour rounded, not truncated"),
+      "tuple(round(x * 255) for x in self.image_mean)", "pad colour rounded, not truncated", PIX, PROC),
     M("pad-centre", "janusflow_ref/processor.py", "out.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))",
-      "out.paste(img, (0, 0))", "image pasted in the corner"),
+      "out.paste(img, (0, 0))", "image pasted in the corner", PIX, PROC),
     M("rescale", "janusflow_ref/processor.py", "rescale(x, cfg.rescale_factor,", "rescale(x, 1.0 / 256,",
-      "rescale by 1/256"),
+      "rescale by 1/256", PIX, PROC),
     M("normalise-off", "janusflow_ref/processor.py", "    if cfg.do_normalize:\n", "    if not cfg.do_normalize:\n",
-      "normalisation skipped"),
+      "normalisation skipped", PIX, PROC),
     M("normalise-swap", "janusflow_ref/processor.py", "normalize(x, cfg.image_mean, cfg.image_std,",
-      "normalize(x, cfg.image_std, cfg.image_mean,", "mean and std swapped"),
+      "normalize(x, cfg.image_std, cfg.image_mean,", "mean and std swapped", PIX, PROC),
     # template
-    M("sep", "janusflow_ref/processor.py", 'SEP, SEP2 = "\\n\\n",', 'SEP, SEP2 = "\\n",', "template separator"),
+    M("sep", "janusflow_ref/processor.py", 'SEP, SEP2 = "\\n\\n",', 'SEP, SEP2 = "\\n",', "template separator",
+      PROC, PIX),
     M("role-space", "janusflow_ref/processor.py", 'f"{role}: {message}', 'f"{role}:{message}',
-      "no space after the role"),
+      "no space after the role", PROC, PIX),
     M("gen-boi", "janusflow_ref/processor.py", '("Assistant", "")], "") + self.image_start_tag',
-      '("Assistant", "")], "")', "generation prompt without <begin_of_image>"),
+      '("Assistant", "")], "")', "generation prompt without <begin_of_image>", PROC, ROWS_GOLD),
     # sampling
     M("sample-unwarped", "janusflow_ref/sampling.py", "probs = torch.softmax(warp(logits, p), dim=-1)",
       "probs = torch.softmax(logits, dim=-1)", "sampling ignores temperature/top-k/top-p", TOK_DEMO),
@@ -169,11 +173,12 @@ def apply(tree: Path, m: Mutant, dry: bool = False) -> None:
         p.write_text(text.replace(m.old, m.new))
 
 
-def run_suite(tree: Path, timeout: int, first: tuple[str, ...] = ()) -> tuple[bool, str, float]:
+def run_suite(tree: Path, timeout: int, first: tuple[str, ...] = (), targeted: bool = False
+              ) -> tuple[bool, str, float]:
     """-> (killed, first failing test or reason, seconds)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
-           *dict.fromkeys([*first, *TEST_ORDER])]
+           *dict.fromkeys([*first] if targeted and first else [*first, *TEST_ORDER])]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
@@ -192,6 +197,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--baseline", action="store_true", help="first run the unmutated suite; stop if it fails")
+    ap.add_argument("--targeted", action="store_true",
+                    help="run only each mutant's likely killers (quick; surviving them is not surviving the suite)")
     args = ap.parse_args()
     chosen = [m for m in MUTANTS if not args.only or m.id in args.only.split(",")]
     results = []
@@ -210,10 +217,10 @@ def main() -> int:
             tree = Path(tmp) / m.id
             shutil.copytree(base, tree)
             apply(tree, m)
-            killed, by, secs = run_suite(tree, args.timeout, m.first)
+            killed, by, secs = run_suite(tree, args.timeout, m.first, args.targeted)
             shutil.rmtree(tree)
             results.append({"id": m.id, "file": m.path, "what": m.what, "killed": killed, "by": by,
-                            "seconds": round(secs, 1)})
+                            "seconds": round(secs, 1), "targeted": bool(args.targeted and m.first)})
             print(f"{'KILLED ' if killed else 'SURVIVED'} {m.id:18s} {secs:6.0f}s  {by}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2) + "\n")
