@@ -3,7 +3,10 @@
 Presets keep every official spatial shape (384x384 images, 576 understanding and generation
 tokens, 4x48x48 latents) and shrink widths, depths and the vocabulary:
   tiny  - tests (seconds); small - CPU benchmarks (real width ratios / 4, 2 layers);
-  full  - the real JanusFlow-1.3B shapes (scale tests; never in CI).
+  full  - the real JanusFlow-1.3B shapes (scale tests; never in CI);
+  golden - the official hard-coded widths (SigLIP-L 1024 cut to 2 blocks by select_layer, LLM 2048,
+           generation 768) with 2 small LLM layers: the official code loads it (tests/golden/);
+  tiny-gqa - tiny with 2 KV heads for 4 query heads (grouped-query attention).
 Every tensor is random (norm weights around 1, biases, GRN, the begin embedding included):
 zeros and ones from init would hide bugs.
 """
@@ -35,16 +38,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                   vae=(32, 64, 128, 128), vae_layers=1, vae_groups=32, dtype=torch.float32),
     "full": dict(sw=1024, sh=16, sl=24, h=2048, L=24, nh=16, inter=5632, vocab=102400, gc=768, tok_vocab=4096,
                  vae=(128, 256, 512, 512), vae_layers=2, vae_groups=32, dtype=torch.bfloat16),
+    # official SigLIP-L (no extension keys), select_layer 2 keeps 2 blocks; official aligner widths
+    "golden": dict(sw=1024, sh=16, sl=24, select_layer=2, official_siglip=True, h=2048, L=2, nh=16, inter=256, mid=1,
+                   vocab=512, gc=768, tok_vocab=512, vae=(8, 16, 16, 16), vae_layers=1, vae_groups=4,
+                   dtype=torch.float32),
 }
+PRESETS["tiny-gqa"] = {**PRESETS["tiny"], "nkv": 2}
 
 
 def model_config(size: str, vocab: int) -> dict[str, Any]:
     p = PRESETS[size]
-    und: dict[str, Any] = {"image_size": 384, "model_name": SYSTEM, "select_feature": "same", "select_layer": -1}
-    if size != "full":  # extension keys (see config.py); the full preset is the official SigLIP-L
+    und: dict[str, Any] = {"image_size": 384, "model_name": SYSTEM, "select_feature": "same",
+                           "select_layer": p.get("select_layer", -1)}
+    # extension keys (see config.py); full and golden build the official SigLIP-L
+    if size != "full" and not p.get("official_siglip"):
         und.update(width=p["sw"], heads=p["sh"], layers=p["sl"])
     gen_common = {"block_out_channels": [p["gc"]], "elementwise_affine": True, "hidden_size": p["h"],
-                  "layers_in_middle": 2, "norm_eps": 1e-05, "use_bias": True, "use_mid_block": True}
+                  "layers_in_middle": p.get("mid", 2), "norm_eps": 1e-05, "use_bias": True, "use_mid_block": True}
     return {
         "architectures": ["MultiModalityCausalLM"],
         "model_type": "multi_modality",
@@ -52,7 +62,7 @@ def model_config(size: str, vocab: int) -> dict[str, Any]:
         "language_config": {
             "hidden_size": p["h"], "intermediate_size": p["inter"], "max_position_embeddings": 4096,
             "model_type": "llama", "num_attention_heads": p["nh"], "num_hidden_layers": p["L"],
-            "num_key_value_heads": p["nh"], "vocab_size": max(p["vocab"], vocab), "rms_norm_eps": 1e-06,
+            "num_key_value_heads": p.get("nkv", p["nh"]), "vocab_size": max(p["vocab"], vocab), "rms_norm_eps": 1e-06,
             "rope_theta": 10000.0, "torch_dtype": "bfloat16",
         },
         "vision_und_enc_config": {"cls": "CLIPVisionTower", "model_type": "vision_und_enc", "params": und},

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a random checkpoint in the official layout")
     p.add_argument("dir")
-    p.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
+    p.add_argument("--size", choices=("tiny", "small", "full", "golden", "tiny-gqa"), default="tiny")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--force", action="store_true", help="replace DIR if it is a checkpoint make-tiny wrote")
     p.set_defaults(func=cmd_make_tiny)

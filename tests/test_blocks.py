@@ -86,15 +86,19 @@ def test_unpatchify_pixel_shuffle_layout():
                 np.testing.assert_allclose(out[0, c, i::2, j::2].numpy(), y[0, c * 4 + i * 2 + j], rtol=1e-6)
 
 
-def test_decoder_concat_order_and_shapes():
+def test_decoder_input_norm_and_concat_order():
+    """Official ShallowUViTDecoder: cat([RMSNorm over channels of x, skip]) -> mid block -> out convs."""
     dec = ShallowUViTDecoder(GenDecoderConfig(in_channels=8, out_channels=4, block_out_channels=(8,), upsamples=1,
-                                              hidden_size=12))
+                                              hidden_size=12, norm_eps=1e-6))
     randomize(dec, G)
     x, skip, t = rand(2, 8, 6, 6), rand(2, 8, 6, 6), rand(2, 12)
-    v = dec(x, skip, t)
+    with torch.no_grad():
+        v = dec(x, skip, t)
+        w = dec.input_norm.weight[None, :, None, None]
+        normed = x / torch.sqrt((x * x).mean(dim=1, keepdim=True) + 1e-6) * w  # RMSNorm over C
+        want = dec.out_convs[0](dec.mid_block(torch.cat([normed, skip], dim=1), t))
     assert v.shape == (2, 4, 12, 12)
-    # swapping the skip for the input changes the output: the concat order matters and is [norm(x), skip]
-    assert not torch.allclose(dec(skip, x, t), v)
+    np.testing.assert_allclose(v.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_and_euler_update():

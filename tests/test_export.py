@@ -189,6 +189,16 @@ def test_legacy_fallback(tiny, tmp_path, monkeypatch):
     assert report.ok, report.failure_lines()
 
 
+def test_legacy_exporter_on_the_llm_graph(tiny, tmp_path):
+    """The TorchScript exporter is the fallback for every graph; the LLM (KV cache, masks) is the one
+    most likely to diverge, so it is exported with it and verified against the eager modules."""
+    out = tmp_path / "legacy_llm"
+    m = export_graphs(tiny, None, out, graphs="llm", progress=False, force_legacy=("llm",))
+    assert m["graphs"]["llm"]["exporter"] == "legacy"
+    report = verify(tiny, out, print_table=False)
+    assert report.ok, report.failure_lines()
+
+
 # -- refusals and bad inputs -------------------------------------------------------------------------
 def test_trt_unsupported_op_fails(tiny):
     spec = build_specs(load_config(tiny))["embed"]

@@ -1,0 +1,32 @@
+"""OutputBuffers lifetime as documented in runtime/backends.py: a result stays valid until the second
+next call of the same graph with the same shapes, and the ORT backend really writes into them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.backends import OrtBackend, OutputBuffers
+
+
+def test_two_buffers_alternate():
+    ob = OutputBuffers()
+    a, b = ob.get(("g", "y", (2,)), (2,), "float32"), ob.get(("g", "y", (2,)), (2,), "float32")
+    assert a is not b and not np.shares_memory(a, b)
+    assert ob.get(("g", "y", (2,)), (2,), "float32") is a
+    other = ob.get(("g", "y", (3,)), (3,), "float32")  # another shape: its own pair
+    assert other.shape == (3,) and other is not a and other is not b
+
+
+def test_ort_result_survives_one_call_and_is_reused_by_the_second(tiny_dir, tiny_onnx):
+    from janusflow_ref.config import load_config
+
+    be = OrtBackend(tiny_onnx, load_config(tiny_dir), threads=2)
+    feeds = [{"input_ids": np.array([[i, i + 1, i + 2]], np.int64)} for i in (3, 10, 20)]
+    first = be.run("embed", feeds[0])["inputs_embeds"]
+    kept = first.copy()
+    second = be.run("embed", feeds[1])["inputs_embeds"]
+    np.testing.assert_array_equal(first, kept)  # still valid after the next call
+    assert not np.array_equal(second, kept)
+    third = be.run("embed", feeds[2])["inputs_embeds"]
+    assert third is first  # the second next call reuses the buffer
+    assert not np.array_equal(first, kept)
