@@ -323,11 +323,16 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
-                  force_legacy: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo."""
+                  force_legacy: tuple[str, ...] = (), precisions: str | list[str] | None = None,
+                  calib_inputs=None, vae_precision: str = "fp16") -> dict[str, Any]:
+    """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
+    precisions: fp32 always, fp16 derived from it (export/variants.py) on calib_inputs (default: built-in)."""
     from tqdm import tqdm
 
+    from .variants import parse_precisions
+
     names = parse_graphs(graphs)
+    precs = parse_precisions(precisions)
     if not 14 <= opset <= 21:
         raise JanusFlowError(f"--opset {opset} is outside the supported range 14..21")
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -365,6 +370,14 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             data = e.pop("data")
             entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, opset, e)
         manifest = build_manifest(cfg, entries)
+        if "fp16" in precs:
+            from calibration.data import calibration_set
+
+            from .variants import add_fp16
+
+            inputs = calib_inputs if calib_inputs is not None else calibration_set()
+            manifest["calibration"] = add_fp16(model_dir, vae, tmp, out, specs, entries, inputs, vae_precision,
+                                               progress)
         write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:

@@ -32,7 +32,7 @@ def chat_session(args, cfg, processor: Processor, image, params, on_token=None):
         return res
     from .chat import chat
 
-    backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads)
+    backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads, precision=args.precision)
     return chat(backend, cfg, processor, image, args.question, params, args.seed, on_token=on_token)
 
 
@@ -73,7 +73,7 @@ def generate_session(args, init: np.ndarray | None, progress: bool = True) -> Ge
         from . import text2img
 
         backend = make_backend(args.backend, args.model, args.artifacts, cfg, args.threads, need_vae=True,
-                               vae_dir=args.vae)
+                               vae_dir=args.vae, precision=args.precision)
         cache = text2img.prefill_prefix(backend, cfg, processor, args.prompt, args.num_images)
         bar = tqdm(total=args.steps, desc="euler", unit="step", disable=not progress)
         t1 = time.perf_counter()
