@@ -5,10 +5,10 @@ backend behind a Recorder, which saves the feeds of chosen calls as DIR/<graph>/
 kept, per graph (bounded so the set stays small at every model size):
 - chat, one call per photograph: siglip and the prefill embed/llm calls, plus the llm decode call
   of every `decode_stride`-th new token (CHAT_TOKENS new tokens, greedy);
-- text-to-image, one image per prompt: prompt p keeps the Euler step (p * stride) mod steps, so the
-  prompts together cover every timestep; the loop stops after that step, except for the first
-  `full_runs` prompts, which run all steps and feed their final latents to vae_dec; the prefix prefill
-  (embed, llm) is kept for those too.
+- text-to-image, one image per prompt, seeded latents: the first `full_runs` prompts run all steps,
+  keep every `full_stride`-th step (together: every timestep) and the prefix prefill (embed, llm), and
+  feed their final latents to vae_dec; every other prompt keeps one of the first `early_steps` steps
+  and stops there (see Plan).
 DIR/index.json lists every file with its sha256; the set's hash is the sha256 of that list.
 A set is reused when its key (checkpoint, inputs, recipe) matches.
 """
@@ -36,15 +36,21 @@ CHAT_TOKENS = 8
 
 @dataclass(frozen=True)
 class Plan:
+    """Which calls are kept. The Euler loop is the cost (every kept step needs all steps before it), so
+    a few prompts run the whole loop and cover every timestep, and the rest add prompt diversity in
+    the early steps only: ~full_runs * steps + (prompts - full_runs) * early_steps / 2 Euler steps."""
+
     steps: int = 30
     cfg_weight: float = 2.0
-    full_runs: int = 4
+    full_runs: int = 4  # prompts run through all steps; their final latents feed vae_dec
+    full_stride: int = 2  # a full run keeps every full_stride-th step (offset by prompt: all timesteps)
+    early_steps: int = 4  # any other prompt keeps one step among the first early_steps, then stops
     decode_stride: int = 3
 
-    def euler_step(self, p: int, n_prompts: int) -> int:
-        """The one Euler step prompt p keeps: consecutive prompts spread over all `steps` timesteps."""
-        stride = max(1, self.steps // max(1, min(n_prompts, self.steps)))
-        return (p * stride + p // self.steps) % self.steps
+    def kept_steps(self, p: int) -> set[int]:
+        if p < self.full_runs:
+            return set(range(p % self.full_stride, self.steps, self.full_stride))
+        return {p % min(self.early_steps, self.steps)}
 
 
 class Recorder:
@@ -126,15 +132,15 @@ def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, i
         n = len(inputs.prompts)
         for p, prompt in enumerate(tqdm(inputs.prompts, desc="calib t2i", disable=not progress)):
             full = p < plan.full_runs
-            keep = plan.euler_step(p, n)
+            keep = plan.kept_steps(p)
             rec.source, rec.active = f"t2i:{p}", ({"embed", "llm"} if full else set())
             cache = text2img.prefill_prefix(rec, cfg, processor, prompt, 1)
             z0 = initial_latents(1, seed=1000 + p).numpy()
             loop = text2img.euler_loop(rec, cache, z0, plan.steps, plan.cfg_weight)
             z = z0
-            for step in range(plan.steps if full else keep + 1):
+            for step in range(plan.steps if full else max(keep) + 1):
                 rec.source = f"t2i:{p}:step{step}"
-                rec.active = {"gen_enc", "llm", "gen_dec"} if step == keep else set()
+                rec.active = {"gen_enc", "llm", "gen_dec"} if step in keep else set()
                 z = next(loop)
             loop.close()
             if full and vae_dir is not None:

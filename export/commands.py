@@ -57,6 +57,23 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from .quality import run_quality, summary_lines
+    from .variants import parse_precisions
+
+    precisions = [p for p in parse_precisions(args.precision) if p != "fp32"]
+    if not precisions:
+        raise JanusFlowError("--precision: name a precision to compare with fp32 (e.g. fp16)")
+    if args.tokens < 1 or args.steps < 1:
+        raise JanusFlowError("--tokens and --steps must be >= 1")
+    r = run_quality(args.model, args.artifacts, precisions, args.out, tokens=args.tokens, steps=args.steps,
+                    progress=not args.quiet)
+    for line in summary_lines(r):
+        print(line)
+    print(f"wrote {args.out}/quality.json, quality.md, quality.png")
+    return 0
+
+
 def _opset(s: str) -> int:
     try:
         return int(s)
@@ -86,6 +103,16 @@ def register(subparsers) -> None:
     p.add_argument("--vae", default=None, help="SDXL-VAE directory (default MODEL/vae)")
     p.add_argument("--precision", default="fp32", help="fp32 | fp16: which exported variant to check")
     p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("quality", help="an exported precision vs FP32 on held-out inputs (quality.json/md/png)")
+    p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
+    p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
+    p.add_argument("--precision", default="fp16", help="comma list of precisions to compare with fp32")
+    p.add_argument("--tokens", type=int, default=32, help="chat tokens per held-out pair")
+    p.add_argument("--steps", type=int, default=30, help="Euler steps per held-out prompt")
+    p.add_argument("--out", default="quality_out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quality)
 
 
 __all__ = ["register", "JanusFlowError"]

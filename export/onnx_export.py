@@ -324,7 +324,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
                   force_legacy: tuple[str, ...] = (), precisions: str | list[str] | None = None,
-                  calib_inputs=None, vae_precision: str = "fp16") -> dict[str, Any]:
+                  calib_inputs=None, vae_precision: str = "fp16", calib_plan=None) -> dict[str, Any]:
     """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
     precisions: fp32 always, fp16 derived from it (export/variants.py) on calib_inputs (default: built-in)."""
     from tqdm import tqdm
@@ -377,7 +377,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
 
             inputs = calib_inputs if calib_inputs is not None else calibration_set()
             manifest["calibration"] = add_fp16(model_dir, vae, tmp, out, specs, entries, inputs, vae_precision,
-                                               progress)
+                                               progress, calib_plan)
         write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:

@@ -52,7 +52,7 @@ def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: 
 
 def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, specs: dict[str, GraphSpec],
              entries: dict[str, dict[str, Any]], inputs: InputSet, vae_precision: str = "fp16",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, plan: Plan | None = None) -> dict[str, Any]:
     """Write tmp/<graph>.fp16.onnx for every exported graph; fill entries[g]['precisions']['fp16'];
     -> the manifest's 'calibration' record."""
     from .fp16 import derive_fp16
@@ -62,7 +62,7 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
         raise JanusFlowError(f"--vae-precision must be one of {','.join(VAE_PRECISIONS)}, got {vae_precision!r}")
     t0 = time.perf_counter()
     calib, reused = calibration_data(model_dir, vae_dir if "vae_dec" in entries else None, tmp, old_out, inputs,
-                                     Plan(), progress)
+                                     plan or Plan(), progress)
     record_s = time.perf_counter() - t0
     for name, e in entries.items():
         t0 = time.perf_counter()
