@@ -108,8 +108,41 @@ def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.M
 
     fp16_io = set(fp16_boundary(spec))
     keep = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32" and t.name not in fp16_io]
-    return convert_float_to_float16(model, keep_io_types=keep, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                    node_block_list=block)
+    model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                     node_block_list=block)
+    drop_fp16_round_trips(model)
+    return model
+
+
+def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """kept -> Cast(fp16) -> Cast(fp32) -> kept: the converter casts every kept-FP32 node's output to FP16,
+    even when the consumer is kept FP32 too, which brings back the overflow the island exists to avoid
+    (measured: the overflow test's VAE gives NaN without this). Consumers of such a pair read the FP32
+    tensor directly. Only the converter's own casts (by their names) are touched: OnnxModel's
+    remove_cascaded_cast_nodes would also fold casts the graph had before (float->int->float), which
+    changes values. -> the number of round trips removed."""
+    g = model.graph
+    by_out = {o: n for n in g.node for o in n.output}
+    rewire: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type == "Cast" and n.name.endswith("_cast_to_fp32_node"):
+            p = by_out.get(n.input[0])
+            if p is not None and p.op_type == "Cast" and p.name.endswith("_cast_to_fp16_node"):
+                rewire[n.output[0]] = p.input[0]
+    if not rewire:
+        return 0
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x in rewire:
+                n.input[i] = rewire[x]
+    outputs = {o.name for o in g.output}
+    dead = [n for n in g.node if n.op_type == "Cast" and n.output[0] in rewire and n.output[0] not in outputs]
+    for n in dead:
+        g.node.remove(n)
+    used = {x for n in g.node for x in n.input} | outputs
+    for n in [n for n in g.node if n.name.endswith("_cast_to_fp16_node") and n.output[0] not in used]:
+        g.node.remove(n)
+    return len(rewire)
 
 
 def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bool,

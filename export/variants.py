@@ -61,7 +61,7 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
     if vae_precision not in VAE_PRECISIONS:
         raise JanusFlowError(f"--vae-precision must be one of {','.join(VAE_PRECISIONS)}, got {vae_precision!r}")
     t0 = time.perf_counter()
-    calib, reused = calibration_data(model_dir, vae_dir if "vae_dec" in entries else None, tmp, old_out, inputs,
+    calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs,
                                      plan or Plan(), progress)
     record_s = time.perf_counter() - t0
     for name, e in entries.items():
