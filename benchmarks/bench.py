@@ -120,7 +120,8 @@ class Runtime:
 
     def __init__(self, backend, cfg: JanusFlowConfig, processor):
         self.b, self.cfg, self.p = backend, cfg, processor
-        self.name = backend.name if getattr(backend, "precision", "fp32") == "fp32" else f"{backend.name}-{backend.precision}"
+        prec = getattr(backend, "precision", "fp32")
+        self.name = backend.name if prec == "fp32" else f"{backend.name}-{prec}"
 
     def siglip(self, px):
         return self.b.run("siglip", {"pixel_values": px})

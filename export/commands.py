@@ -17,10 +17,9 @@ def _default_vae(model: str, vae: str | None) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from .onnx_export import export_graphs, parse_graphs
-
     from calibration.data import calibration_set
 
+    from .onnx_export import export_graphs, parse_graphs
     from .variants import parse_precisions
 
     graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
@@ -40,9 +39,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify
-
     from .variants import parse_precisions
+    from .verify import verify
 
     precision = args.precision
     if precision not in parse_precisions(precision):
