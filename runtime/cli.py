@@ -64,6 +64,15 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _check_precision(args) -> None:
+    from export.variants import parse_precisions
+
+    if args.precision not in parse_precisions(args.precision):  # unknown names raise in parse_precisions
+        raise InputError(f"--precision takes one precision, got {args.precision!r}")
+    if args.precision != "fp32" and args.backend not in ("ort", "trt"):
+        raise InputError(f"--precision {args.precision} runs exported graphs: use --backend ort")
+
+
 def cmd_chat(args) -> int:
     from janusflow_ref.config import load_config
     from janusflow_ref.processor import Processor, load_image
@@ -71,6 +80,7 @@ def cmd_chat(args) -> int:
 
     from .app import chat_session
 
+    _check_precision(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     cfg = load_config(args.model)
     processor = Processor(args.model)
@@ -116,6 +126,7 @@ def cmd_generate(args) -> int:
 
     from .app import generate_session
 
+    _check_precision(args)
     check_generation_args(args.steps, args.cfg, args.num_images)
     out = Path(args.out)
     if not out.parent.is_dir():
