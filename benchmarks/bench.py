@@ -24,7 +24,7 @@ from janusflow_ref.processor import Processor
 from janusflow_trt import Pipeline
 from janusflow_trt.engines import ReferenceEngine, RuntimeEngine
 from runtime import text2img
-from runtime.chat import decode_one_token, llm_step, new_cache, prefill
+from runtime.chat import decode_one_token, kv_dtype, llm_step, new_cache, prefill
 
 from . import floors
 
@@ -121,13 +121,14 @@ class Runtime:
 
     def __init__(self, pipe: Pipeline):
         self.pipe, self.b, self.cfg, self.p = pipe, pipe.engine.backend, pipe.cfg, pipe.processor
-        self.name = self.b.name
+        prec = getattr(self.b, "precision", "fp32")
+        self.name = self.b.name if prec == "fp32" else f"{self.b.name}-{prec}"
 
     def siglip(self, px):
         return self.b.run("siglip", {"pixel_values": px})
 
     def prefill(self, embeds):
-        cache = new_cache(self.cfg, 1, embeds.shape[1])  # sized as chat sizes it: the prompt's bucket
+        cache = new_cache(self.cfg, 1, embeds.shape[1], dtype=kv_dtype(self.b))  # sized as chat sizes it
         return prefill(self.b, cache, embeds), cache
 
     def ttft(self, image, question):
@@ -371,7 +372,9 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     runners = {"baseline": lambda: Baseline(model, vae, processor),
                "torch-fast": lambda: Runtime(Pipeline(cfg, processor, RuntimeEngine(
                    TorchBackend(model, vae, threads), cfg, processor), "torch-fast")),
-               "ort": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, threads=threads))}
+               "ort": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, threads=threads)),
+               "ort-fp16": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, precision="fp16",
+                                                                    threads=threads))}
     for name in backends:
         log(f"benchmarking {name} ...")
         result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,

@@ -17,21 +17,36 @@ def _default_vae(model: str, vae: str | None) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from .onnx_export import export_graphs, parse_graphs
+    from calibration.data import calibration_set
 
-    graphs = parse_graphs(args.graphs)  # unknown names fail before anything is loaded
+    from .onnx_export import export_graphs, parse_graphs
+    from .variants import parse_precisions
+
+    graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
+    precisions = parse_precisions(args.precision)
+    inputs = calibration_set(args.calib_prompts, args.calib_images) if "fp16" in precisions else None
     m = export_graphs(args.model, _default_vae(args.model, args.vae), args.out, graphs=graphs, opset=args.opset,
-                      progress=not args.quiet, force=args.force)
+                      progress=not args.quiet, force=args.force, precisions=precisions, calib_inputs=inputs,
+                      vae_precision=args.vae_precision)
     for name, g in m["graphs"].items():
         print(f"{name:8} {g['exporter']:7} {g['seconds']:7.1f} s  peak RSS {g['peak_rss_mb']:8.0f} MB  {g['file']}")
+        for prec, v in g.get("precisions", {}).items():
+            kept = v["recipe"].get("kept_fp32_counts", v["recipe"].get("kept_fp32"))
+            print(f"{'':8} {prec:7} {v.get('seconds', 0):7.1f} s  peak RSS {v.get('peak_rss_mb', 0):8.0f} MB  "
+                  f"{v['file']}  kept FP32: {kept}")
     print(f"wrote {len(m['graphs'])} graph(s) and manifest.json to {args.out}")
     return 0
 
 
 def cmd_verify(args) -> int:
+    from .variants import parse_precisions
     from .verify import verify
 
-    report = verify(args.model, args.artifacts, _default_vae(args.model, args.vae), print_table=True)
+    precision = args.precision
+    if precision not in parse_precisions(precision):
+        raise JanusFlowError(f"--precision takes one precision, got {precision!r}")
+    report = verify(args.model, args.artifacts, _default_vae(args.model, args.vae), print_table=True,
+                    precision=precision)
     if not report.ok:
         for line in report.failure_lines():
             print(f"FAIL {line}", file=sys.stderr)
@@ -82,6 +97,23 @@ def _gb(s: str) -> float:
     return v
 
 
+def cmd_quality(args) -> int:
+    from .quality import run_quality, summary_lines
+    from .variants import parse_precisions
+
+    precisions = [p for p in parse_precisions(args.precision) if p != "fp32"]
+    if not precisions:
+        raise JanusFlowError("--precision: name a precision to compare with fp32 (e.g. fp16)")
+    if args.tokens < 1 or args.steps < 1:
+        raise JanusFlowError("--tokens and --steps must be >= 1")
+    r = run_quality(args.model, args.artifacts, precisions, args.out, tokens=args.tokens, steps=args.steps,
+                    progress=not args.quiet)
+    for line in summary_lines(r):
+        print(line)
+    print(f"wrote {args.out}/quality.json, quality.md, quality.png")
+    return 0
+
+
 def _opset(s: str) -> int:
     try:
         return int(s)
@@ -100,12 +132,18 @@ def register(subparsers) -> None:
                    help="comma list of siglip,embed,llm,gen_enc,gen_dec,vae_dec (default all)")
     p.add_argument("--opset", type=_opset, default=18)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32,fp16 (fp16 is derived from fp32)")
+    p.add_argument("--vae-precision", default="fp16", choices=("fp16", "fp32"),
+                   help="fp16: the VAE's fp16 variant with measured FP32 islands; fp32: keep the VAE all FP32")
+    p.add_argument("--calib-prompts", default=None, help="text-to-image calibration prompts, one per line (UTF-8)")
+    p.add_argument("--calib-images", default=None, help="directory of calibration photographs for chat")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="ONNX Runtime vs torch parity of an export directory")
     p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
     p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
     p.add_argument("--vae", default=None, help="SDXL-VAE directory (default MODEL/vae)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16: which exported variant to check")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("build", help="TensorRT engines from an export directory (OUT/engines.json)")
@@ -120,6 +158,16 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and buffer budget; needs no TensorRT")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_build)
+
+    p = subparsers.add_parser("quality", help="an exported precision vs FP32 on held-out inputs (quality.json/md/png)")
+    p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
+    p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
+    p.add_argument("--precision", default="fp16", help="comma list of precisions to compare with fp32")
+    p.add_argument("--tokens", type=int, default=32, help="chat tokens per held-out pair")
+    p.add_argument("--steps", type=int, default=30, help="Euler steps per held-out prompt")
+    p.add_argument("--out", default="quality_out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quality)
 
 
 __all__ = ["register", "JanusFlowError"]

@@ -146,3 +146,40 @@ def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True
     if check_files:
         _check_files(artifacts, m, full)
     return m
+
+
+# -- precision variants: m["graphs"][name]["precisions"][precision] --------------------------------
+def precision_entry(out_dir: Path, file: str, data_file: str | None, recipe: dict[str, Any],
+                    derived_from: str) -> dict[str, Any]:
+    e = {"file": file, "sha256": sha256_file(out_dir / file), "recipe": recipe, "derived_from": derived_from}
+    if data_file:
+        e["external_data"] = {"file": data_file, "sha256": sha256_file(out_dir / data_file)}
+    return e
+
+
+def exported_precisions(m: dict[str, Any], name: str) -> list[str]:
+    g = m.get("graphs", {}).get(name)
+    return [] if g is None else ["fp32", *g.get("precisions", {})]
+
+
+def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str) -> dict[str, Any]:
+    """The manifest entry (file, sha256, ...) of graph `name` at `precision`; refuses one that was not
+    exported, or whose file is missing or changed (fp32 files are checked by load_checked)."""
+    g = m.get("graphs", {}).get(name)
+    if g is None:
+        raise CheckpointError(f"{artifacts}/manifest.json has no graph {name!r} (re-export with it)")
+    if precision == "fp32":
+        return g
+    e = g.get("precisions", {}).get(precision)
+    if e is None:
+        raise CheckpointError(f"graph {name} was not exported at precision {precision} (exported: "
+                              f"{','.join(exported_precisions(m, name))}); re-export with --precision fp32,{precision}")
+    files = [(e["file"], e["sha256"])] + ([(e["external_data"]["file"], e["external_data"]["sha256"])]
+                                          if e.get("external_data") else [])
+    for f, digest in files:
+        p = Path(artifacts) / f
+        if not p.is_file():
+            raise CheckpointError(f"graph {name} ({precision}): file missing: {p}")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"graph {name} ({precision}): {p} sha256 differs from manifest.json; re-export")
+    return e

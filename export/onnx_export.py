@@ -340,12 +340,18 @@ def check_opset(opset: int) -> None:
 
 def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
-                  force_legacy: tuple[str, ...] = (), force: bool = False) -> dict[str, Any]:
+                  force_legacy: tuple[str, ...] = (), force: bool = False,
+                  precisions: str | list[str] | None = None, calib_inputs=None, vae_precision: str = "fp16",
+                  calib_plan=None) -> dict[str, Any]:
     """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
-    An existing out_dir is replaced only if it is an earlier export and force is set."""
+    An existing out_dir is replaced only if it is an earlier export and force is set.
+    precisions: fp32 always, fp16 derived from it (export/variants.py) on calib_inputs (default: built-in)."""
     from tqdm import tqdm
 
+    from .variants import parse_precisions
+
     names = parse_graphs(graphs)
+    precs = parse_precisions(precisions)
     check_opset(opset)
     model_dir = Path(model_dir)
     cfg: JanusFlowConfig = load_config(model_dir)
@@ -384,6 +390,14 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             data = e.pop("data")
             entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, e.pop("opset"), e)
         manifest = build_manifest(cfg, entries)
+        if "fp16" in precs:
+            from calibration.data import calibration_set
+
+            from .variants import add_fp16
+
+            inputs = calib_inputs if calib_inputs is not None else calibration_set()
+            manifest["calibration"] = add_fp16(model_dir, vae, tmp, out, specs, entries, inputs, vae_precision,
+                                               progress, calib_plan)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:

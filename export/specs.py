@@ -199,3 +199,34 @@ def compare(out: np.ndarray, ref: np.ndarray, tol: Tol) -> dict[str, float | boo
     finite = bool(np.isfinite(a).all())
     ok = finite and cosine > tol.cos_min and bool((err <= tol.atol + tol.rtol * np.abs(r)).all())
     return {"max_abs": float(err.max()), "max_rel": max_rel, "cosine": cosine, "ok": ok}
+
+
+# -- precision variants of a spec ------------------------------------------------------------------
+PRECISIONS = ("fp32", "fp16")
+# verify's bar for FP16 graphs vs the torch modules: ~1e-3 relative per op, accumulated over the graph
+FP16_TOL = Tol(cos_min=0.9995, rtol=0.1, atol=0.5)
+FP16_IO = ("past_key_values.", "present.")  # boundary tensors that are FP16 in the fp16 variant
+
+
+def precision_variant(spec: GraphSpec, precision: str) -> GraphSpec:
+    """The same graph at another precision: fp16 carries the KV cache in FP16 (half its memory and
+    read bandwidth, and the FP16 attention reads it as is); everything else keeps FP32 at the boundary
+    (logits for sampling, latents through the Euler update, pixels, and the hidden states / t_emb /
+    skip that cross between graphs: casting those is a cheap node inside the graph)."""
+    if precision == "fp32":
+        return spec
+    if precision != "fp16":
+        raise ValueError(f"unknown precision {precision!r}")
+
+    def var(t: TensorSpec) -> TensorSpec:
+        if t.name.startswith(FP16_IO) and t.dtype == "float32":
+            return TensorSpec(t.name, "float16", t.shape, FP16_TOL if t.tol else None)
+        return TensorSpec(t.name, t.dtype, t.shape, FP16_TOL if t.tol else None)
+
+    return GraphSpec(spec.name, [var(t) for t in spec.inputs], [var(t) for t in spec.outputs], spec.syms)
+
+
+def fp16_boundary(spec: GraphSpec) -> list[str]:
+    """Names of the I/O tensors that become FP16 in the fp16 variant."""
+    v = precision_variant(spec, "fp16")
+    return [t.name for t in v.inputs + v.outputs if t.dtype == "float16"]

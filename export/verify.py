@@ -17,9 +17,9 @@ import torch
 from janusflow_ref.config import load_config
 from janusflow_ref.errors import CheckpointError
 
-from .manifest import load_checked
+from .manifest import load_checked, resolve_graph
 from .onnx_export import load_modules, ort_session
-from .specs import GraphSpec, build_specs, compare, dummy_inputs
+from .specs import GraphSpec, build_specs, compare, dummy_inputs, precision_variant
 
 PROMPT_CHAT = "Describe the image."
 PROMPT_GEN = "a red fox"
@@ -62,8 +62,9 @@ def test_image(seed: int = 0):
 
 
 class _Runner:
-    def __init__(self, specs: dict[str, GraphSpec], mods, sessions, report: Report):
+    def __init__(self, specs: dict[str, GraphSpec], mods, sessions, report: Report, precision: str = "fp32"):
         self.specs, self.mods, self.sessions, self.report = specs, mods, sessions, report
+        self.variants = {n: precision_variant(s, precision) for n, s in specs.items()}  # ORT side I/O + tols
 
     def torch(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[graph]
@@ -76,9 +77,11 @@ class _Runner:
         """Run both, record one row per output; -> the torch outputs (inputs for the next graph)."""
         spec = self.specs[graph]
         ref = self.torch(graph, feeds)
-        got = self.sessions[graph].run(spec.output_names, {n: feeds[n] for n in spec.input_names})
-        for t, g in zip(spec.outputs, got, strict=True):
-            r = compare(g, ref[t.name], t.tol)
+        var = self.variants[graph]
+        ins = {t.name: np.asarray(feeds[t.name], t.dtype) for t in var.inputs}
+        got = self.sessions[graph].run(spec.output_names, ins)
+        for t, g in zip(var.outputs, got, strict=True):
+            r = compare(g.astype(ref[t.name].dtype), ref[t.name], t.tol)
             self.report.rows.append({"graph": graph, "case": case, "output": t.name, **r,
                                      "cos_min": t.tol.cos_min, "atol": t.tol.atol, "rtol": t.tol.rtol})
         return ref
@@ -179,7 +182,7 @@ def _session(path: Path):
 
 
 def verify(model_dir: str | Path, artifacts_dir: str | Path, vae_dir: str | Path | None = None,
-           print_table: bool = True) -> Report:
+           print_table: bool = True, precision: str = "fp32") -> Report:
     model_dir, art = Path(model_dir), Path(artifacts_dir)
     cfg = load_config(model_dir)
     manifest = load_checked(art, cfg, full=True)  # verify reads every byte anyway: full hashes here
@@ -191,9 +194,9 @@ def verify(model_dir: str | Path, artifacts_dir: str | Path, vae_dir: str | Path
     need = sorted(set(names) | {h for n in names for h in helpers.get(n, [])})
     cfg, mods = load_modules(model_dir, vae_dir, need)
     specs = build_specs(cfg)
-    sessions = {n: _session(art / manifest["graphs"][n]["file"]) for n in names}
+    sessions = {n: _session(art / resolve_graph(manifest, art, n, precision)["file"]) for n in names}
     report = Report()
-    run = _Runner(specs, mods, sessions, report)
+    run = _Runner(specs, mods, sessions, report, precision)
     for n in names:
         run.check(n, "dummy", dummy_inputs(specs[n], seed=0))
     _real_cases(run, model_dir, cfg, names)

@@ -32,7 +32,6 @@ from runtime.detok import IncrementalDecoder
 from .engines import build_engine
 
 BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
-PRECISIONS = ("fp32",)
 
 ImageLike = Image.Image | np.ndarray | str | Path
 
@@ -70,15 +69,19 @@ class Pipeline:
         MODEL/vae). threads: intra-op threads (default: physical cores)."""
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
+        from export.specs import PRECISIONS
+
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not available ({', '.join(PRECISIONS)})")
+        if precision != "fp32" and backend not in ("ort", "trt"):
+            raise InputError(f"precision {precision} runs exported graphs: use backend='ort'")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         model_dir = Path(model_dir)
         cfg = load_config(model_dir)
         processor = Processor(model_dir)
         engine = build_engine(backend, model_dir, cfg, processor, Path(artifacts) if artifacts else None,
-                              Path(vae) if vae else None, threads)
+                              Path(vae) if vae else None, threads, precision)
         return cls(cfg, processor, engine, backend)
 
     # -- understanding ---------------------------------------------------------------------------

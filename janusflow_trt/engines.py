@@ -98,7 +98,7 @@ class TrtRuntimeEngine(RuntimeEngine):
 
 
 def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor: Processor,
-                 artifacts: Path | None, vae_dir: Path | None, threads: int | None):
+                 artifacts: Path | None, vae_dir: Path | None, threads: int | None, precision: str = "fp32"):
     """Loads the weights (torch, torch-fast) or opens the artifacts (ort, trt): the one load of a Pipeline.
     The ort / trt path imports no model code (janusflow_ref.model, transformers' modeling, diffusers)."""
     from janusflow_ref.errors import InputError
@@ -106,7 +106,7 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
 
     if backend in ("ort", "trt"):
         kind = TrtRuntimeEngine if backend == "trt" else RuntimeEngine
-        return kind(make_backend(backend, model_dir, artifacts, cfg, threads), cfg, processor)
+        return kind(make_backend(backend, model_dir, artifacts, cfg, threads, precision=precision), cfg, processor)
     if backend == "torch-cuda":  # weights and VAE on the GPU at load
         return RuntimeEngine(make_backend(backend, model_dir, None, cfg, need_vae=True, vae_dir=vae_dir), cfg,
                              processor)

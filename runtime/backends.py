@@ -87,15 +87,22 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, precision: str = "fp32"):
         try:
             import onnxruntime as ort
         except ImportError:
             raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
                                  "(or '[gpu]' with CUDA)") from None
 
+        from export.manifest import resolve_graph
+        from export.specs import build_specs, precision_variant
+
         self.dir = Path(artifacts)
         self.manifest = read_manifest(artifacts, cfg)
+        self.precision = precision
+        self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}  # I/O dtypes
+        for g in self.manifest.get("graphs", {}):  # a precision that was not exported: refused up front
+            resolve_graph(self.manifest, self.dir, g, precision)
         self.cfg = cfg
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -109,9 +116,6 @@ class OrtBackend:
         self.providers = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"]
                                        if "CUDAExecutionProvider" in avail else ["CPUExecutionProvider"])
         self.sessions: dict = {}
-        from export.specs import build_specs
-
-        self.specs = build_specs(cfg)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.buffers = OutputBuffers()
 
@@ -119,9 +123,9 @@ class OrtBackend:
         if graph not in self.sessions:
             import onnxruntime as ort
 
-            entry = self.manifest.get("graphs", {}).get(graph)
-            if entry is None:
-                raise CheckpointError(f"{self.dir}/manifest.json has no graph {graph!r} (re-export with it)")
+            from export.manifest import resolve_graph
+
+            entry = resolve_graph(self.manifest, self.dir, graph, self.precision)
             path = self.dir / entry["file"]
             if not path.is_file():
                 raise CheckpointError(f"graph file missing: {path}")
@@ -158,6 +162,10 @@ class OrtBackend:
         sess.run_with_iobinding(binding)
         return out
 
+    @property
+    def kv_dtype(self) -> np.dtype:
+        return np.dtype(self.specs["llm"].inputs[3].dtype)
+
 
 class OutputBuffers:
     """Preallocated outputs of each graph, per set of output shapes: two sets used in turn, so a result
@@ -192,7 +200,14 @@ class OutputBuffers:
 
 
 def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,
-                 threads: int | None = None, need_vae: bool = False, vae_dir: str | Path | None = None):
+                 threads: int | None = None, need_vae: bool = False, vae_dir: str | Path | None = None,
+                 precision: str = "fp32"):
+    from export.specs import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise JanusFlowError(f"unknown precision {precision!r}; choose from {','.join(PRECISIONS)}")
+    if precision != "fp32" and name not in ("ort", "trt"):
+        raise JanusFlowError(f"--precision {precision} needs --backend ort (exported variants); {name} runs FP32")
     if name == "torch-cuda":
         from janusflow_ref.vae import resolve_vae_dir
 
@@ -208,7 +223,7 @@ def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None,
     if artifacts is None:
         raise JanusFlowError(f"--backend {name} needs --artifacts DIR (an export directory)")
     if name == "ort":
-        return OrtBackend(artifacts, cfg, threads)
+        return OrtBackend(artifacts, cfg, threads, precision=precision)
     if name == "trt":
         from .trt_backend import TrtBackend
 

@@ -17,11 +17,18 @@ from .backends import Backend
 from .kv_cache import StaticKVCache
 
 
-def new_cache(cfg, batch: int, capacity: int, exact: bool = False) -> StaticKVCache:
-    """exact: capacity as given (a cache that will not grow, like the Euler loop's prompt prefix)."""
+def new_cache(cfg, batch: int, capacity: int, exact: bool = False, dtype=np.float32) -> StaticKVCache:
+    """exact: capacity as given (a cache that will not grow, like the Euler loop's prompt prefix);
+    dtype: the backend's KV dtype (its spec variant: FP16 for fp16 graphs)."""
     llm = cfg.llm
     hd = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
-    return StaticKVCache(llm.num_hidden_layers, batch, llm.num_key_value_heads, hd, capacity, exact=exact)
+    return StaticKVCache(llm.num_hidden_layers, batch, llm.num_key_value_heads, hd, capacity, dtype=dtype,
+                         exact=exact)
+
+
+def kv_dtype(backend: Backend):
+    """Backends with FP16 variants say so (OrtBackend.kv_dtype); the rest run an FP32 cache."""
+    return getattr(backend, "kv_dtype", np.float32)
 
 
 def llm_step(backend: Backend, cache: StaticKVCache, embeds: np.ndarray, new_mask: np.ndarray,
@@ -54,7 +61,7 @@ def chat_tokens(backend: Backend, cfg, inputs: ChatInputs, params: SamplingParam
     image_embeds = backend.run("siglip", {"pixel_values": inputs.pixel_values.numpy()})["image_embeds"]
     embeds = backend.run("embed", {"input_ids": ids})["inputs_embeds"].copy()
     embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
-    cache = new_cache(cfg, 1, ids.shape[1])  # grows in buckets as the answer grows (llm_step reserves)
+    cache = new_cache(cfg, 1, ids.shape[1], dtype=kv_dtype(backend))  # grows in buckets with the answer
     logits = prefill(backend, cache, embeds)
     for i in range(params.max_new_tokens):
         tok = int(next_token(torch.from_numpy(logits), params, i)[0])

@@ -37,6 +37,7 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
                         "torch-cuda: the graph modules in BF16 on the GPU with CUDA graphs")
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
     p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16: which exported variant --backend ort runs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -48,16 +49,27 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _check_precision(args) -> None:
+    from export.variants import parse_precisions
+
+    if args.precision not in parse_precisions(args.precision):  # unknown names raise in parse_precisions
+        raise InputError(f"--precision takes one precision, got {args.precision!r}")
+    if args.precision != "fp32" and args.backend not in ("ort", "trt"):
+        raise InputError(f"--precision {args.precision} runs exported graphs: use --backend ort")
+
+
 def cmd_chat(args) -> int:
     from janusflow_ref.processor import load_image
     from janusflow_ref.sampling import SamplingParams
     from janusflow_trt import Pipeline
 
+    _check_precision(args)
     SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)  # fail fast
     image = load_image(args.image)
     if not args.question.strip():
         raise InputError("--question is empty")
-    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, threads=args.threads)
+    pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, threads=args.threads,
+                                    precision=args.precision)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.json:
         res = pipe.chat(image, args.question, **kw)
@@ -91,11 +103,12 @@ def cmd_generate(args) -> int:
     from janusflow_ref.latents_io import load_latents, npy_writer
     from janusflow_trt import Pipeline
 
+    _check_precision(args)
     check_generate_outputs(args.out, args.num_images, args.save_latents, args.force)
     init = load_latents(args.init_latents) if args.init_latents else None
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, vae=args.vae,
-                                    threads=args.threads)
+                                    threads=args.threads, precision=args.precision)
     bar: list[tqdm] = []  # opened at the first step, so refused input prints its one line and no bar
 
     def progress(step: int, z) -> None:

@@ -16,7 +16,7 @@ from janusflow_ref.generation import cfg_rows, generation_mask, prompt_ids, time
 from janusflow_ref.processor import Processor
 
 from .backends import Backend
-from .chat import llm_step, new_cache
+from .chat import kv_dtype, llm_step, new_cache
 
 
 def prefill_prefix(backend: Backend, cfg, processor: Processor, prompt: str, num_images: int):
@@ -25,7 +25,7 @@ def prefill_prefix(backend: Backend, cfg, processor: Processor, prompt: str, num
     prefix = backend.run("embed", {"input_ids": prefix_ids.numpy()})["inputs_embeds"]
     mask = generation_mask(num_images, prefix.shape[1], cfg.num_gen_tokens).numpy().astype(np.int64)
     # exactly the prefix: every step attends to these slots and nothing else is ever written
-    cache = new_cache(cfg, 2 * num_images, prefix.shape[1], exact=True)
+    cache = new_cache(cfg, 2 * num_images, prefix.shape[1], exact=True, dtype=kv_dtype(backend))
     llm_step(backend, cache, prefix, mask[:, :prefix.shape[1]])
     return cache
 

@@ -1,0 +1,194 @@
+"""Record the FP32 runtime's actual inputs to each graph, during chat and during the Euler loop.
+
+The runtime pipelines (runtime/chat.py, runtime/text2img.py) run unchanged on the FP32 torch-fast
+backend behind a Recorder, which saves the feeds of chosen calls as DIR/<graph>/<n>.npz. What is
+kept, per graph (bounded so the set stays small at every model size):
+- chat, one call per photograph: siglip and the prefill embed/llm calls, plus the llm decode call
+  of every `decode_stride`-th new token (CHAT_TOKENS new tokens, greedy);
+- text-to-image, one image per prompt, seeded latents: the first `full_runs` prompts run all steps,
+  keep every `full_stride`-th step (together: every timestep) and the prefix prefill (embed, llm), and
+  feed their final latents to vae_dec; every other prompt keeps one of the first `early_steps` steps
+  and stops there (see Plan).
+DIR/index.json lists every file with its sha256; the set's hash is the sha256 of that list.
+A set is reused when its key (checkpoint, inputs, recipe) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from janusflow_ref.errors import CheckpointError
+
+from .data import InputSet
+
+RECORDER_VERSION = 1
+CHAT_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which calls are kept. The Euler loop is the cost (every kept step needs all steps before it), so
+    a few prompts run the whole loop and cover every timestep, and the rest add prompt diversity in
+    the early steps only: ~full_runs * steps + (prompts - full_runs) * early_steps / 2 Euler steps."""
+
+    steps: int = 30
+    cfg_weight: float = 2.0
+    full_runs: int = 4  # prompts run through all steps; their final latents feed vae_dec
+    full_stride: int = 2  # a full run keeps every full_stride-th step (offset by prompt: all timesteps)
+    early_steps: int = 4  # any other prompt keeps one step among the first early_steps, then stops
+    decode_stride: int = 3
+
+    def kept_steps(self, p: int) -> set[int]:
+        if p < self.full_runs:
+            return set(range(p % self.full_stride, self.steps, self.full_stride))
+        return {p % min(self.early_steps, self.steps)}
+
+
+class Recorder:
+    """A backend wrapper that saves the feeds of calls to graphs in `active` (as `source`)."""
+
+    def __init__(self, inner, out: Path):
+        self.inner, self.out = inner, out
+        self.name = f"record({inner.name})"
+        self.active: set[str] = set()
+        self.source = ""
+        self.files: list[dict[str, Any]] = []
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph in self.active:
+            d = self.out / graph
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / f"{sum(f['graph'] == graph for f in self.files):05d}.npz"
+            np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            self.files.append({"graph": graph, "source": self.source, "file": f"{graph}/{path.name}",
+                               "sha256": _sha256(path)})
+        return self.inner.run(graph, feeds)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat(path: Path) -> list:
+    files = sorted(p for p in Path(path).rglob("*.safetensors*")) if Path(path).is_dir() else []
+    return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan: Plan) -> str:
+    """What the recorded set depends on: the checkpoint (config + weight files' size and mtime; hashing
+    GBs of weights on every export would cost more than re-recording), the inputs and the plan."""
+    from janusflow_ref.config import load_config
+
+    doc = {"v": RECORDER_VERSION, "config": load_config(model_dir).sha256, "weights": _stat(model_dir),
+           "vae": _stat(vae_dir) if vae_dir else None, "inputs": inputs.sha256(), "plan": plan.__dict__}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, inputs: InputSet,
+           plan: Plan = Plan(), progress: bool = True) -> dict[str, Any]:
+    """Run chat and text-to-image on the FP32 torch-fast runtime; write DIR atomically; -> index."""
+    from tqdm import tqdm
+
+    from janusflow_ref.config import load_config
+    from janusflow_ref.generation import initial_latents
+    from janusflow_ref.processor import Processor
+    from janusflow_ref.sampling import SamplingParams
+    from runtime import text2img
+    from runtime.backends import make_backend
+    from runtime.chat import chat
+
+    model_dir, out = Path(model_dir), Path(out)
+    vae_dir = Path(vae_dir) if vae_dir is not None else None
+    cfg = load_config(model_dir)
+    processor = Processor(model_dir)
+    backend = make_backend("torch-fast", model_dir, None, cfg, need_vae=vae_dir is not None, vae_dir=vae_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        rec = Recorder(backend, tmp)
+        params = SamplingParams(temperature=0.0, max_new_tokens=CHAT_TOKENS)
+        for name, image, question in tqdm(inputs.pairs, desc="calib chat", disable=not progress):
+            rec.source, rec.active = f"chat:{name}", {"siglip", "embed", "llm"}
+            seen = {"n": 0}
+
+            def after_prefill(tok: int, seen=seen) -> None:  # decode calls: every decode_stride-th token
+                seen["n"] += 1
+                rec.active = {"llm"} if seen["n"] % plan.decode_stride == 0 else set()
+
+            chat(rec, cfg, processor, image, question, params, on_token=after_prefill)
+        n = len(inputs.prompts)
+        for p, prompt in enumerate(tqdm(inputs.prompts, desc="calib t2i", disable=not progress)):
+            full = p < plan.full_runs
+            keep = plan.kept_steps(p)
+            rec.source, rec.active = f"t2i:{p}", ({"embed", "llm"} if full else set())
+            cache = text2img.prefill_prefix(rec, cfg, processor, prompt, 1)
+            z0 = initial_latents(1, seed=1000 + p).numpy()
+            loop = text2img.euler_loop(rec, cache, z0, plan.steps, plan.cfg_weight)
+            z = z0
+            for step in range(plan.steps if full else max(keep) + 1):
+                rec.source = f"t2i:{p}:step{step}"
+                rec.active = {"gen_enc", "llm", "gen_dec"} if step in keep else set()
+                z = next(loop)
+            loop.close()
+            if full and vae_dir is not None:
+                rec.source, rec.active = f"t2i:{p}:final", {"vae_dec"}
+                text2img.vae_decode(rec, z)
+        rec.active = set()
+        index = {"recorder_version": RECORDER_VERSION, "key": recording_key(model_dir, vae_dir, inputs, plan),
+                 "plan": plan.__dict__, "inputs_sha256": inputs.sha256(),
+                 "num_prompts": n, "num_pairs": len(inputs.pairs), "files": rec.files}
+        index["sha256"] = hashlib.sha256(json.dumps(rec.files, sort_keys=True).encode()).hexdigest()
+        index["bytes"] = sum((tmp / f["file"]).stat().st_size for f in rec.files)
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+class CalibrationData:
+    """A recorded set on disk: samples per graph, checked against index.json."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.index = json.loads((self.path / "index.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"calibration data {self.path}: unreadable index.json ({e})") from None
+        if self.index.get("recorder_version") != RECORDER_VERSION:
+            raise CheckpointError(f"calibration data {self.path}: recorder version "
+                                  f"{self.index.get('recorder_version')!r}, expected {RECORDER_VERSION}")
+
+    @property
+    def sha256(self) -> str:
+        return self.index["sha256"]
+
+    def count(self, graph: str) -> int:
+        return sum(f["graph"] == graph for f in self.index["files"])
+
+    def samples(self, graph: str):
+        """Feeds dicts of `graph`, in recording order; a file changed since recording is refused."""
+        for f in self.index["files"]:
+            if f["graph"] != graph:
+                continue
+            p = self.path / f["file"]
+            if not p.is_file() or _sha256(p) != f["sha256"]:
+                raise CheckpointError(f"calibration data {p}: missing or changed since recording; re-record")
+            with np.load(p, allow_pickle=False) as z:
+                yield {k: z[k] for k in z.files}

@@ -1,0 +1,202 @@
+"""FP16 variant of an exported FP32 graph, with FP32 islands chosen by measurement.
+
+Tool: onnxruntime.transformers' float16 converter (ships with onnxruntime, shares this venv). NVIDIA
+ModelOpt's AutoCast does the same job but pins its own onnx / onnxruntime-gpu, so it cannot live in
+the base environment. The converter takes node_block_list (nodes kept FP32) and keep_io_types.
+
+Islands (node -> reason, all written to the manifest's recipe):
+- measured on the calibration samples through the FP32 graph (calibration/ranges.py): a tensor whose
+  |x| exceeds OVERFLOW_FRACTION of FP16's max (65504), or any non-finite value, or more than
+  FLUSH_LIMIT of whose nonzero values flush to zero in FP16: its producer and all its consumers stay
+  FP32 (a consumer in FP16 would receive the tensor cast to FP16, i.e. inf or 0);
+- by op, known risky: mean-square / mean / sum reductions (RMSNorm, LayerNorm, GroupNorm, GRN's L2
+  norm), powers and roots, softmax, exp, the timestep sin/cos, normalisation ops;
+- the producer of the final logits (FP32 for sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from calibration.ranges import FP16_MAX, Ranges, measure
+
+from .specs import GraphSpec, compare, fp16_boundary, precision_variant
+
+OVERFLOW_FRACTION = 0.5  # headroom: held-out inputs may reach 2x what calibration saw
+FLUSH_LIMIT = 0.01
+RISKY_OPS = {
+    "ReduceMean": "mean / mean-square reduction (RMSNorm, LayerNorm, GroupNorm)",
+    "ReduceSum": "sum reduction (GRN L2 norm, softmax denominators)",
+    "ReduceL2": "L2 norm (GRN)",
+    "Pow": "square feeding a norm's reduction",
+    "Sqrt": "root of a norm's reduction",
+    "Reciprocal": "1/x of a norm",
+    "Softmax": "softmax (exp and sum)",
+    "Exp": "exp overflows FP16 above 11",
+    "Sin": "timestep embedding sin",
+    "Cos": "timestep embedding cos",
+    "LayerNormalization": "LayerNorm",
+    "SimplifiedLayerNormalization": "RMSNorm",
+    "GroupNormalization": "GroupNorm",
+    "InstanceNormalization": "InstanceNorm (GroupNorm)",
+}
+FP32_OUTPUTS = ("logits",)
+
+
+@dataclass
+class Islands:
+    reasons: dict[str, str]  # node name -> why it stays FP32
+    measured: dict[str, dict[str, float]]  # flagged tensor -> its measured stats
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.reasons.values():
+            k = r.split(":")[0]
+            out[k] = out.get(k, 0) + 1
+        return out
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """The converter blocks nodes by name: give unnamed nodes a stable one."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in used:
+                name += "_"
+            n.name = name
+            used.add(name)
+
+
+def choose_islands(model: onnx.ModelProto, ranges: Ranges) -> Islands:
+    reasons: dict[str, str] = {}
+    measured: dict[str, dict[str, float]] = {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    limit = OVERFLOW_FRACTION * FP16_MAX
+    for name, r in ranges.tensors.items():
+        why = None
+        if r.nonfinite:
+            why = f"measured: {name} has non-finite values in FP32"
+        elif r.absmax > limit:
+            why = f"measured: |{name}| reaches {r.absmax:.4g} > {limit:.0f}"
+        elif r.flush_fraction > FLUSH_LIMIT:
+            why = f"measured: {100 * r.flush_fraction:.2g}% of nonzero {name} flush to 0 in FP16"
+        if why is None:
+            continue
+        measured[name] = {"absmax": r.absmax, "flush_fraction": r.flush_fraction, "nonfinite": r.nonfinite}
+        for n in [producer[name], *consumers.get(name, [])] if name in producer else consumers.get(name, []):
+            reasons.setdefault(n.name, why)
+    for n in model.graph.node:
+        if n.op_type in RISKY_OPS and n.domain in ("", "ai.onnx", "com.microsoft"):
+            reasons.setdefault(n.name, f"op: {RISKY_OPS[n.op_type]}")
+        if any(o in FP32_OUTPUTS for o in n.output):
+            reasons.setdefault(n.name, "output: final logits stay FP32 for sampling")
+    return Islands(reasons, measured)
+
+
+def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    fp16_io = set(fp16_boundary(spec))
+    keep = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32" and t.name not in fp16_io]
+    model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                     node_block_list=block)
+    drop_fp16_round_trips(model)
+    return model
+
+
+def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """kept -> Cast(fp16) -> Cast(fp32) -> kept: the converter casts every kept-FP32 node's output to FP16,
+    even when the consumer is kept FP32 too, which brings back the overflow the island exists to avoid
+    (measured: the overflow test's VAE gives NaN without this). Consumers of such a pair read the FP32
+    tensor directly. Only the converter's own casts (by their names) are touched: OnnxModel's
+    remove_cascaded_cast_nodes would also fold casts the graph had before (float->int->float), which
+    changes values. -> the number of round trips removed."""
+    g = model.graph
+    by_out = {o: n for n in g.node for o in n.output}
+    rewire: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type == "Cast" and n.name.endswith("_cast_to_fp32_node"):
+            p = by_out.get(n.input[0])
+            if p is not None and p.op_type == "Cast" and p.name.endswith("_cast_to_fp16_node"):
+                rewire[n.output[0]] = p.input[0]
+    if not rewire:
+        return 0
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x in rewire:
+                n.input[i] = rewire[x]
+    outputs = {o.name for o in g.output}
+    dead = [n for n in g.node if n.op_type == "Cast" and n.output[0] in rewire and n.output[0] not in outputs]
+    for n in dead:
+        g.node.remove(n)
+    used = {x for n in g.node for x in n.input} | outputs
+    for n in [n for n in g.node if n.name.endswith("_cast_to_fp16_node") and n.output[0] not in used]:
+        g.node.remove(n)
+    return len(rewire)
+
+
+def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bool,
+                all_fp32: str | None = None) -> dict[str, Any]:
+    """FP32 graph file -> FP16 graph file next to it; -> the recipe. calib: CalibrationData.
+    all_fp32: a reason to keep every node FP32 (then only the boundary changes)."""
+    from .onnx_export import _save
+
+    samples = lambda: calib.samples(spec.name)  # noqa: E731
+    if calib.count(spec.name) == 0:
+        raise ValueError(f"no calibration samples recorded for graph {spec.name}")
+    model = onnx.load(str(fp32_path))
+    name_nodes(model)
+    if all_fp32:
+        islands = Islands({n.name: f"request: {all_fp32}" for n in model.graph.node}, {})
+        ranges = Ranges(samples=calib.count(spec.name))
+    else:
+        ranges = measure(fp32_path, samples)
+        islands = choose_islands(model, ranges)
+    fp16 = convert(model, spec, sorted(islands.reasons))
+    del model
+    data = _save(fp16, out_path, big)
+    del fp16
+    check = calibration_check(fp32_path, out_path, spec, samples)
+    recipe = {
+        "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+        "kept_fp32": islands.reasons, "kept_fp32_counts": islands.counts(), "flagged_tensors": islands.measured,
+        "thresholds": {"overflow_abs": OVERFLOW_FRACTION * FP16_MAX, "flush_fraction": FLUSH_LIMIT},
+        "fp16_io": fp16_boundary(spec), "tensors_measured": len(ranges.tensors),
+        "tensors_unmeasured": len(ranges.unmeasured), "calibration_samples": ranges.samples,
+        "calibration_check": check,
+    }
+    return {"data": data, "recipe": recipe}
+
+
+def fp16_feeds(spec16: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in spec16.inputs}
+
+
+def calibration_check(fp32_path: Path, fp16_path: Path, spec: GraphSpec, samples, limit: int = 4) -> dict:
+    """FP16 vs FP32 on the first `limit` calibration samples: worst cosine per output; all finite."""
+    from .onnx_export import ort_session
+
+    s32, s16 = ort_session(fp32_path, lean=True), ort_session(fp16_path, lean=True)
+    spec16 = precision_variant(spec, "fp16")
+    worst: dict[str, float] = {}
+    finite = True
+    for k, feeds in enumerate(samples()):
+        if k >= limit:
+            break
+        a = s32.run(spec.output_names, feeds)
+        b = s16.run(spec.output_names, fp16_feeds(spec16, feeds))
+        for t, x, y in zip(spec.outputs, a, b, strict=True):
+            finite &= bool(np.isfinite(y).all())
+            c = compare(y.astype(np.float32), x, t.tol)["cosine"]
+            worst[t.name] = min(worst.get(t.name, 1.0), c)
+    return {"min_cosine": worst, "finite": finite}

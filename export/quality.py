@@ -1,0 +1,245 @@
+"""`janusflow quality`: an exported precision vs FP32, on held-out inputs (calibration/data.py keeps
+them apart from the calibration set), per graph and end to end. Writes quality.json, quality.md and
+quality.png (rows: prompts; columns: FP32 | each precision).
+
+- per graph: the FP32 runtime's actual inputs during the held-out runs below (recorded as in
+  calibration, fewer calls), through the FP32 and the other graph: worst max abs / max rel / cosine;
+- chat: per held-out (photo, question) pair, the FP32 greedy answer (N new tokens); the other
+  precision with that answer fed back (teacher forcing): top-1 agreement; and free-running greedy:
+  agreement and first divergence;
+- text-to-image: per held-out prompt, the same initial latents through both: final-latent cosine,
+  image PSNR (uint8).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.data import InputSet, builtin_heldout
+from calibration.record import CalibrationData, Recorder
+
+from .quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
+from .specs import precision_variant
+
+TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99}}
+GRAPH_STEPS = (0, 10, 20, 29)  # Euler steps whose graph inputs the per-graph comparison uses
+
+
+def _prompt_embeds(backend, processor, image, question: str) -> np.ndarray:
+    """The chat prefill input [1, T, H] (token embeddings with the image embeddings spliced in)."""
+    inputs = processor.chat_inputs(image, question)
+    img = backend.run("siglip", {"pixel_values": inputs.pixel_values.numpy()})["image_embeds"]
+    emb = backend.run("embed", {"input_ids": inputs.input_ids.numpy()})["inputs_embeds"].copy()
+    emb[0, inputs.image_positions.numpy()] = img[0]
+    return emb
+
+
+def teacher_forced_top1(backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
+    """argmax of `backend`'s logits at every position of the reference answer, given the reference prefix."""
+    from runtime.chat import decode_one_token, kv_dtype, new_cache, prefill
+
+    emb = _prompt_embeds(backend, processor, image, question)
+    cache = new_cache(cfg, 1, emb.shape[1] + len(ref), dtype=kv_dtype(backend))
+    preds = [int(np.argmax(prefill(backend, cache, emb)[0]))]
+    for tok in ref[:-1]:
+        preds.append(int(np.argmax(decode_one_token(backend, cache, tok)[0])))
+    return preds
+
+
+def _t2i(backend, cfg, processor, prompt: str, z0: np.ndarray, steps: int, rec: Recorder | None = None):
+    from runtime import text2img
+
+    if rec is not None:
+        rec.active = {"embed", "llm"}
+    cache = text2img.prefill_prefix(rec or backend, cfg, processor, prompt, 1)
+    if rec is not None:
+        rec.active = {"gen_enc", "llm", "gen_dec"} if 0 in GRAPH_STEPS else set()
+    z = z0
+    for step, z in enumerate(text2img.euler_loop(rec or backend, cache, z0, steps, 2.0)):
+        if rec is not None:  # the step after this one is recorded when it is in GRAPH_STEPS
+            rec.active = {"gen_enc", "llm", "gen_dec"} if step + 1 in GRAPH_STEPS else set()
+    if rec is not None:
+        rec.active = {"vae_dec"}
+    img = text2img.vae_decode(rec or backend, z).copy()
+    if rec is not None:
+        rec.active = set()
+    return z, img
+
+
+def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[str], out: str | Path,
+                heldout: InputSet | None = None, tokens: int = 32, steps: int = 30,
+                progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from janusflow_ref.config import load_config
+    from janusflow_ref.generation import initial_latents
+    from janusflow_ref.images import to_uint8
+    from janusflow_ref.processor import Processor
+    from janusflow_ref.sampling import SamplingParams
+    from runtime.backends import OrtBackend
+    from runtime.chat import chat
+
+    from .onnx_export import ort_session
+
+    cfg, processor = load_config(model_dir), Processor(model_dir)
+    held = heldout or builtin_heldout()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    b32 = OrtBackend(artifacts, cfg)
+    others = {p: OrtBackend(artifacts, cfg, precision=p) for p in precisions}  # refuses a missing precision
+    params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
+    report: dict[str, Any] = {"precisions": precisions, "tokens": tokens, "steps": steps,
+                              "heldout_sha256": held.sha256(), "chat": {}, "t2i": {}, "graphs": {}}
+    with tempfile.TemporaryDirectory(prefix="janusflow-quality-") as tmp:
+        rec = Recorder(b32, Path(tmp))
+        chats: dict[str, list] = {p: [] for p in precisions}
+        for name, image, q in tqdm(held.pairs, desc="quality chat", disable=not progress):
+            rec.active = {"siglip", "embed", "llm"}
+            ref = chat(rec, cfg, processor, image, q, params,
+                       on_token=lambda _t: setattr(rec, "active", set())).token_ids
+            for p, b in others.items():
+                tf = teacher_forced_top1(b, cfg, processor, image, q, ref)
+                free = chat(b, cfg, processor, image, q, params).token_ids
+                chats[p].append({"pair": name, "question": q, "fp32_tokens": ref,
+                                 "teacher_forced_top1": agreement(tf, ref), "free_agreement": agreement(free, ref),
+                                 "first_divergence": first_divergence(free, ref)})
+        rows: dict[str, list] = {p: [] for p in precisions}
+        images: list[list[np.ndarray]] = []
+        for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i", disable=not progress)):
+            z0 = initial_latents(1, seed=2000 + i).numpy()
+            z32, img32 = _t2i(b32, cfg, processor, prompt, z0, steps, rec)
+            row = [to_uint8(img32)[0]]
+            for p, b in others.items():
+                zp, imgp = _t2i(b, cfg, processor, prompt, z0, steps)
+                u32, up = to_uint8(img32)[0], to_uint8(imgp)[0]
+                rows[p].append({"prompt": prompt, "latent_cosine": cosine(zp, z32), "psnr_db": psnr(up, u32),
+                                "finite": bool(np.isfinite(zp).all() and np.isfinite(imgp).all())})
+                row.append(up)
+            images.append(row)
+        rec_data = _as_calibration(rec, Path(tmp))
+        for p in precisions:
+            report["graphs"][p] = _per_graph(artifacts, cfg, rec_data, p, ort_session)
+            report["chat"][p] = _summary_chat(chats[p])
+            report["t2i"][p] = _summary_t2i(rows[p])
+    report["targets"] = {p: _targets(report, p) for p in precisions}
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    (out / "quality.md").write_text(markdown(report))
+    _grid(images, ["fp32", *precisions], held.prompts, out / "quality.png")
+    return report
+
+
+def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
+    from calibration.record import RECORDER_VERSION
+
+    (path / "index.json").write_text(json.dumps({"recorder_version": RECORDER_VERSION, "files": rec.files,
+                                                 "sha256": ""}))
+    return CalibrationData(path)
+
+
+def _per_graph(artifacts, cfg, data: CalibrationData, precision: str, ort_session) -> dict[str, Any]:
+    from export.manifest import resolve_graph
+    from runtime.backends import read_manifest
+
+    from .specs import build_specs
+
+    m, art = read_manifest(artifacts, cfg), Path(artifacts)
+    res = {}
+    for name, spec in build_specs(cfg).items():
+        if name not in m["graphs"] or data.count(name) == 0:
+            continue
+        var = precision_variant(spec, precision)
+        s32 = ort_session(art / m["graphs"][name]["file"])
+        sp = ort_session(art / resolve_graph(m, art, name, precision)["file"])
+        per_out: dict[str, list] = {t.name: [] for t in spec.outputs}
+        for feeds in data.samples(name):
+            a = s32.run(spec.output_names, feeds)
+            b = sp.run(spec.output_names, {t.name: np.asarray(feeds[t.name], t.dtype) for t in var.inputs})
+            for t, x, y in zip(spec.outputs, a, b, strict=True):
+                per_out[t.name].append(tensor_metrics(y.astype(np.float32), x))
+        res[name] = {o: worst(v) for o, v in per_out.items()}
+    return res
+
+
+def _summary_chat(rows: list[dict]) -> dict[str, Any]:
+    divs = [r["first_divergence"] for r in rows]
+    return {"pairs": rows, "teacher_forced_top1": float(np.mean([r["teacher_forced_top1"] for r in rows])),
+            "teacher_forced_top1_min": min(r["teacher_forced_top1"] for r in rows),
+            "free_agreement": float(np.mean([r["free_agreement"] for r in rows])),
+            "identical_answers": sum(d is None for d in divs),
+            "first_divergence_min": min((d for d in divs if d is not None), default=None)}
+
+
+def _summary_t2i(rows: list[dict]) -> dict[str, Any]:
+    return {"prompts": rows, "latent_cosine_min": min(r["latent_cosine"] for r in rows),
+            "psnr_db_min": min(r["psnr_db"] for r in rows), "finite": all(r["finite"] for r in rows)}
+
+
+def _targets(report: dict, p: str) -> dict[str, Any]:
+    t = TARGETS.get(p, {})
+    c, g = report["chat"][p], report["t2i"][p]
+    graphs_finite = all(o["finite"] for outs in report["graphs"][p].values() for o in outs.values())
+    checks = {"latent_cosine": bool(g["latent_cosine_min"] >= t.get("latent_cosine", 0)),
+              "psnr_db": bool(g["psnr_db_min"] >= t.get("psnr_db", 0)),
+              "chat_top1_teacher_forced": bool(c["teacher_forced_top1_min"]
+                                               >= t.get("chat_top1_teacher_forced", 0)),
+              "all_finite": bool(g["finite"] and graphs_finite)}
+    return {"thresholds": t, "met": checks, "all_met": all(checks.values())}
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Quality vs FP32 (held-out inputs; {r['tokens']} chat tokens, {r['steps']} Euler steps)", ""]
+    for p in r["precisions"]:
+        c, g, t = r["chat"][p], r["t2i"][p], r["targets"][p]
+        lines += [f"## {p}", "", "| end to end | value | target |", "|---|---|---|",
+                  f"| final-latent cosine (min over {len(g['prompts'])} prompts) | {g['latent_cosine_min']:.6f} | "
+                  f">= {t['thresholds'].get('latent_cosine', '-')} |",
+                  f"| image PSNR dB (min) | {g['psnr_db_min']:.2f} | >= {t['thresholds'].get('psnr_db', '-')} |",
+                  f"| chat top-1, teacher forced (min over {len(c['pairs'])} pairs) | "
+                  f"{c['teacher_forced_top1_min']:.4f} | >= {t['thresholds'].get('chat_top1_teacher_forced', '-')} |",
+                  f"| chat free-running agreement (mean) | {c['free_agreement']:.4f} | |",
+                  f"| answers identical / first divergence (min) | {c['identical_answers']}/{len(c['pairs'])} / "
+                  f"{c['first_divergence_min']} | |",
+                  f"| all outputs finite | {t['met']['all_finite']} | yes |", "",
+                  f"targets met: **{_met(t)}**",
+                  "", "| graph | output | max abs | max rel | cosine | finite | samples |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, outs in r["graphs"][p].items():
+            for o, m in outs.items():
+                lines.append(f"| {name} | {o} | {m['max_abs']:.3e} | {m['max_rel']:.3e} | {m['cosine']:.7f} | "
+                             f"{m['finite']} | {m['samples']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _met(t: dict) -> str:
+    return "yes" if t["all_met"] else "NO: " + ", ".join(k for k, v in t["met"].items() if not v)
+
+
+def summary_lines(r: dict) -> list[str]:
+    out = []
+    for p in r["precisions"]:
+        c, g, t = r["chat"][p], r["t2i"][p], r["targets"][p]
+        out.append(f"{p}: latent cosine min {g['latent_cosine_min']:.6f}, PSNR min {g['psnr_db_min']:.2f} dB, "
+                   f"chat top-1 (teacher forced) min {c['teacher_forced_top1_min']:.4f}, free-running agreement "
+                   f"{c['free_agreement']:.4f}; targets met: {'yes' if t['all_met'] else 'NO'}")
+    return out
+
+
+def _grid(rows: list[list[np.ndarray]], labels: list[str], prompts, path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    head = 20
+    grid = Image.new("RGB", (w * len(labels), head + h * len(rows)), "white")
+    d = ImageDraw.Draw(grid)
+    for j, lab in enumerate(labels):
+        d.text((j * w + 4, 4), lab, fill="black")
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            grid.paste(Image.fromarray(img), (j * w, head + i * h))
+    grid.save(path)

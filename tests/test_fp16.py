@@ -1,0 +1,221 @@
+"""FP16 variants: islands by measurement, the VAE overflow case, runtime loading, the quality metrics,
+and the bad inputs of --precision / calibration files."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration.data import InputSet, builtin_calibration
+from calibration.record import Plan
+from export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics
+
+PLAN = Plan(steps=4, full_runs=2, full_stride=2, early_steps=2)  # small: the tests time the machinery
+
+
+def small_inputs() -> InputSet:
+    b = builtin_calibration()
+    return InputSet(b.prompts[:4], b.pairs[:2])
+
+
+@pytest.fixture(scope="session")
+def fp16_onnx(tiny_dir, tmp_path_factory):
+    from export.onnx_export import export_graphs
+
+    out = tmp_path_factory.mktemp("export16") / "onnx"
+    export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16", calib_inputs=small_inputs(),
+                  calib_plan=PLAN)
+    return out
+
+
+# -- metrics vs hand-computed values -------------------------------------------------------------
+def test_metrics_hand_values():
+    m = tensor_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
+    assert m["max_abs"] == 1.0
+    assert m["cosine"] == pytest.approx(17 / math.sqrt(14 * 21), abs=1e-12)
+    assert m["max_rel"] == pytest.approx(1 / (4 + 1e-3 * 4), abs=1e-12)
+    assert m["finite"]
+    assert not tensor_metrics(np.array([np.inf, 1.0]), np.array([1.0, 1.0]))["finite"]
+    assert cosine([1, 0], [0, 1]) == 0.0 and cosine([2, 2], [1, 1]) == pytest.approx(1.0)
+    assert psnr(np.array([0, 0], np.uint8), np.array([0, 10], np.uint8)) == pytest.approx(10 * math.log10(255**2 / 50))
+    assert psnr(np.zeros(3), np.zeros(3)) == math.inf
+    assert agreement([1, 2, 3], [1, 5, 3, 4]) == 0.5
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+    assert first_divergence([1, 9, 3], [1, 2, 3]) == 1
+    assert first_divergence([1, 2], [1, 2]) is None
+
+
+# -- the exported fp16 variant -------------------------------------------------------------------
+def _types(path) -> dict[str, int]:
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    g = m.graph
+    return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input]}
+
+
+def test_islands_where_measured(fp16_onnx):
+    m = json.loads((fp16_onnx / "manifest.json").read_text())
+    e = m["graphs"]["llm"]["precisions"]["fp16"]
+    assert e["derived_from"] == "llm.onnx"
+    recipe = e["recipe"]
+    # the attention mask's fill value (-1e9 in the FP32 graph) cannot exist in FP16: measured, kept FP32
+    assert any(v > 65504 for v in (t["absmax"] for t in recipe["flagged_tensors"].values()))
+    fp16 = onnx.load(str(fp16_onnx / e["file"]))
+    types = _types(fp16_onnx / e["file"])
+    nodes = {n.name: n for n in fp16.graph.node}
+    measured = [n for n, why in recipe["kept_fp32"].items() if why.startswith("measured")]
+    assert measured
+    for name in recipe["kept_fp32"]:
+        for o in nodes[name].output:
+            if o in types and types[o] in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                assert types[o] == onnx.TensorProto.FLOAT, f"{name} ({recipe['kept_fp32'][name]}) is not FP32"
+    # and the rest is FP16: the MatMuls not kept
+    mm = [n for n in fp16.graph.node if n.op_type == "MatMul" and n.name not in recipe["kept_fp32"]]
+    assert mm and all(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in mm)
+    # boundary: KV FP16, logits FP32
+    io = {v.name: v.type.tensor_type.elem_type for v in [*fp16.graph.input, *fp16.graph.output]}
+    assert io["past_key_values.0.key"] == io["present.0.key"] == onnx.TensorProto.FLOAT16
+    assert io["logits"] == io["inputs_embeds"] == onnx.TensorProto.FLOAT
+    assert m["calibration"]["samples"]["llm"] > 0 and len(m["calibration"]["sha256"]) == 64
+
+
+def test_fp16_runs_in_ort(fp16_onnx, tiny_dir, tiny_model, processor, test_image):
+    from janusflow_ref.processor import load_image
+    from janusflow_ref.sampling import SamplingParams
+    from runtime import text2img
+    from runtime.backends import OrtBackend
+    from runtime.chat import chat
+
+    cfg = tiny_model.cfg
+    b16, b32 = OrtBackend(fp16_onnx, cfg, threads=2, precision="fp16"), OrtBackend(fp16_onnx, cfg, threads=2)
+    assert b16.kv_dtype == np.float16
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    img = load_image(test_image)
+    a16 = chat(b16, cfg, processor, img, "What is this?", params).token_ids
+    a32 = chat(b32, cfg, processor, img, "What is this?", params).token_ids
+    assert a16 == a32
+    z0 = np.random.default_rng(0).standard_normal((1, 4, 48, 48)).astype(np.float32)
+    zs = {}
+    for name, b in (("16", b16), ("32", b32)):
+        cache = text2img.prefill_prefix(b, cfg, processor, "a red fox", 1)
+        *_, zs[name] = text2img.euler_loop(b, cache, z0, 3, 2.0)
+    assert np.isfinite(zs["16"]).all()
+    assert cosine(zs["16"], zs["32"]) > 0.9995
+
+
+def test_verify_fp16(fp16_onnx, tiny_dir):
+    from export.verify import verify
+
+    assert verify(tiny_dir, fp16_onnx, None, print_table=False, precision="fp16").ok
+
+
+def test_refuses_precision_not_exported(tiny_onnx, tiny_model):
+    from janusflow_ref.errors import CheckpointError
+    from runtime.backends import OrtBackend
+
+    with pytest.raises(CheckpointError, match="not exported at precision fp16"):
+        OrtBackend(tiny_onnx, tiny_model.cfg, precision="fp16")
+
+
+def test_calibration_reused(fp16_onnx, tiny_dir, tmp_path):
+    """Re-exporting into the same OUT with the same inputs reuses the recorded set (same hash)."""
+    from export.onnx_export import export_graphs
+
+    out = tmp_path / "onnx"
+    shutil.copytree(fp16_onnx, out)
+    m = export_graphs(tiny_dir, None, out, graphs="embed", progress=False, precisions="fp32,fp16",
+                      calib_inputs=small_inputs(), calib_plan=PLAN)
+    old = json.loads((fp16_onnx / "manifest.json").read_text())["calibration"]
+    assert m["calibration"]["reused"] and m["calibration"]["sha256"] == old["sha256"]
+
+
+# -- the SDXL-VAE overflow case ---------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def hot_vae_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with its VAE decoder's input conv scaled 1e5x: the residual stream runs at
+    ~1e5 (beyond FP16's 65504), while every GroupNorm brings the branches back to O(1) in FP32."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("hot") / "tiny"
+    shutil.copytree(tiny_dir, d)
+    f = d / "vae" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    for k in ("decoder.conv_in.weight", "decoder.conv_in.bias"):
+        sd[k] = sd[k] * 1e5
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return d
+
+
+def test_vae_overflow(hot_vae_dir, tmp_path):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from export.onnx_export import export_graphs, ort_session
+    from janusflow_ref.images import to_uint8
+
+    out = tmp_path / "onnx"
+    m = export_graphs(hot_vae_dir, None, out, graphs="vae_dec", progress=False, precisions="fp32,fp16",
+                      calib_inputs=small_inputs(), calib_plan=PLAN)
+    e = m["graphs"]["vae_dec"]["precisions"]["fp16"]
+    assert any(why.startswith("measured") for why in e["recipe"]["kept_fp32"].values())
+    naive = tmp_path / "naive.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(out / "vae_dec.onnx")), keep_io_types=True), str(naive))
+    z = np.random.default_rng(123).standard_normal((2, 4, 48, 48)).astype(np.float32)  # held-out latents
+    ref = ort_session(out / "vae_dec.onnx").run(None, {"latents": z})[0]
+    assert np.isfinite(ref).all()
+    bad = ort_session(naive).run(None, {"latents": z})[0]
+    assert not np.isfinite(bad).all()
+    got = ort_session(out / e["file"]).run(None, {"latents": z})[0]
+    assert np.isfinite(got).all()
+    for a, b in zip(to_uint8(got), to_uint8(ref), strict=True):
+        assert psnr(a, b) >= 35.0
+
+
+def test_vae_precision_fp32(tiny_dir, tmp_path):
+    from export.onnx_export import export_graphs
+
+    m = export_graphs(tiny_dir, None, tmp_path / "o", graphs="vae_dec", progress=False, precisions="fp32,fp16",
+                      calib_inputs=small_inputs(), calib_plan=PLAN, vae_precision="fp32")
+    assert m["graphs"]["vae_dec"]["precisions"]["fp16"]["file"] == "vae_dec.onnx"
+
+
+# -- bad input: one line, exit 2, nothing written ---------------------------------------------------
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("case", ["precision", "no_images", "empty_prompts", "not_utf8", "prompts_dir"])
+def test_bad_calibration_inputs(case, tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["export", "--model", str(tiny_dir), "--out", str(out), "--precision", "fp32,fp16", "--quiet"]
+    if case == "precision":
+        args[args.index("fp32,fp16")] = "fp32,fp8"
+    elif case == "no_images":
+        (tmp_path / "imgs").mkdir()
+        (tmp_path / "imgs" / "notes.txt").write_text("no image here")
+        args += ["--calib-images", str(tmp_path / "imgs")]
+    elif case == "empty_prompts":
+        (tmp_path / "p.txt").write_text("\n  \n")
+        args += ["--calib-prompts", str(tmp_path / "p.txt")]
+    elif case == "not_utf8":
+        (tmp_path / "p.txt").write_bytes(b"a red fox\n\xff\xfe caf\xe9\n")
+        args += ["--calib-prompts", str(tmp_path / "p.txt")]
+    else:
+        args += ["--calib-prompts", str(tmp_path)]
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_refuses_precision(tiny_onnx, tiny_dir, test_image):
+    base = ["chat", "--model", str(tiny_dir), "--backend", "ort", "--artifacts", str(tiny_onnx),
+            "--image", str(test_image), "--question", "hi", "--max-new-tokens", "2"]
+    for prec, msg in (("fp16", "not exported at precision fp16"), ("fp8", "unknown precision")):
+        r = _cli(*base, "--precision", prec)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
