@@ -95,17 +95,26 @@ def _check_entries(path: Path, m: dict[str, Any]) -> None:
             _check_record(f"{where}.external_data", g["external_data"])
 
 
+def _check_file(artifacts: Path, label: str, r: dict[str, Any], full: bool) -> None:
+    p = artifacts / r["file"]
+    if not p.is_file():
+        raise CheckpointError(f"{label}: file missing: {p}")
+    if p.stat().st_size != r["size"]:
+        raise CheckpointError(f"{label}: {p} is {p.stat().st_size} bytes, manifest.json says "
+                              f"{r['size']} (truncated or modified?); re-export")
+    if quick_digest(p) != r["quick"] or full and sha256_file(p) != r["sha256"]:
+        raise CheckpointError(f"{label}: {p} sha256 differs from manifest.json (modified?); re-export")
+
+
+def _records(e: dict[str, Any]) -> list[dict[str, Any]]:
+    """A graph (or precision) entry's file records: the graph file, and its external data if any."""
+    return [e] + ([e["external_data"]] if e.get("external_data") else [])
+
+
 def _check_files(artifacts: Path, m: dict[str, Any], full: bool) -> None:
     for name, g in m["graphs"].items():
-        for r in [g] + ([g["external_data"]] if g.get("external_data") else []):
-            p = artifacts / r["file"]
-            if not p.is_file():
-                raise CheckpointError(f"graph {name}: file missing: {p}")
-            if p.stat().st_size != r["size"]:
-                raise CheckpointError(f"graph {name}: {p} is {p.stat().st_size} bytes, manifest.json says "
-                                      f"{r['size']} (truncated or modified?); re-export")
-            if quick_digest(p) != r["quick"] or full and sha256_file(p) != r["sha256"]:
-                raise CheckpointError(f"graph {name}: {p} sha256 differs from manifest.json (modified?); re-export")
+        for r in _records(g):
+            _check_file(artifacts, f"graph {name}", r, full)
 
 
 def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True, full: bool = False
@@ -151,10 +160,23 @@ def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True
 # -- precision variants: m["graphs"][name]["precisions"][precision] --------------------------------
 def precision_entry(out_dir: Path, file: str, data_file: str | None, recipe: dict[str, Any],
                     derived_from: str) -> dict[str, Any]:
-    e = {"file": file, "sha256": sha256_file(out_dir / file), "recipe": recipe, "derived_from": derived_from}
+    e = {**file_record(out_dir, file), "recipe": recipe, "derived_from": derived_from}
     if data_file:
-        e["external_data"] = {"file": data_file, "sha256": sha256_file(out_dir / data_file)}
+        e["external_data"] = file_record(out_dir, data_file)
     return e
+
+
+def listed_files(m: dict[str, Any]) -> set[str]:
+    """Every name in an export directory that its manifest accounts for (graphs of every precision,
+    their external data, the calibration set's folder)."""
+    names = {"manifest.json"}
+    for g in m["graphs"].values():
+        for e in [g, *g.get("precisions", {}).values()]:
+            names.update(r["file"] for r in _records(e))
+    cal = m.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("dir"), str):
+        names.add(cal["dir"])
+    return names
 
 
 def exported_precisions(m: dict[str, Any], name: str) -> list[str]:
@@ -162,9 +184,11 @@ def exported_precisions(m: dict[str, Any], name: str) -> list[str]:
     return [] if g is None else ["fp32", *g.get("precisions", {})]
 
 
-def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str) -> dict[str, Any]:
+def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str, full: bool = False
+                  ) -> dict[str, Any]:
     """The manifest entry (file, sha256, ...) of graph `name` at `precision`; refuses one that was not
-    exported, or whose file is missing or changed (fp32 files are checked by load_checked)."""
+    exported, or whose file is missing or changed (fp32 files are checked by load_checked). Files: size +
+    quick digest; full=True: full sha256 too (verify)."""
     g = m.get("graphs", {}).get(name)
     if g is None:
         raise CheckpointError(f"{artifacts}/manifest.json has no graph {name!r} (re-export with it)")
@@ -174,12 +198,7 @@ def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str)
     if e is None:
         raise CheckpointError(f"graph {name} was not exported at precision {precision} (exported: "
                               f"{','.join(exported_precisions(m, name))}); re-export with --precision fp32,{precision}")
-    files = [(e["file"], e["sha256"])] + ([(e["external_data"]["file"], e["external_data"]["sha256"])]
-                                          if e.get("external_data") else [])
-    for f, digest in files:
-        p = Path(artifacts) / f
-        if not p.is_file():
-            raise CheckpointError(f"graph {name} ({precision}): file missing: {p}")
-        if sha256_file(p) != digest:
-            raise CheckpointError(f"graph {name} ({precision}): {p} sha256 differs from manifest.json; re-export")
+    _check_record(f"graphs.{name}.precisions.{precision}", e)
+    for r in _records(e):
+        _check_file(Path(artifacts), f"graph {name} ({precision})", r, full)
     return e

@@ -318,14 +318,12 @@ class PeakRSS:
 
 # -- all graphs, atomically ------------------------------------------------------------------------
 def is_export_dir(d: Path) -> bool:
-    """An earlier export of ours: a manifest of ours, and nothing in d it does not list."""
+    """An earlier export of ours: a manifest of ours, and nothing in d it does not account for."""
+    from .manifest import listed_files
+
     try:
         m = json.loads((d / "manifest.json").read_text())
-        listed = {"manifest.json"}
-        for g in m["graphs"].values():
-            listed.add(g["file"])
-            if g.get("external_data"):
-                listed.add(g["external_data"]["file"])
+        listed = listed_files(m)
         assert "janusflow_trt_version" in m and "format_version" in m
     except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
         return False

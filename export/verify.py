@@ -194,7 +194,7 @@ def verify(model_dir: str | Path, artifacts_dir: str | Path, vae_dir: str | Path
     need = sorted(set(names) | {h for n in names for h in helpers.get(n, [])})
     cfg, mods = load_modules(model_dir, vae_dir, need)
     specs = build_specs(cfg)
-    sessions = {n: _session(art / resolve_graph(manifest, art, n, precision)["file"]) for n in names}
+    sessions = {n: _session(art / resolve_graph(manifest, art, n, precision, full=True)["file"]) for n in names}
     report = Report()
     run = _Runner(specs, mods, sessions, report, precision)
     for n in names:

@@ -10,10 +10,11 @@ from runtime.backends import OrtBackend, OutputBuffers
 
 def test_two_buffers_alternate():
     ob = OutputBuffers()
-    a, b = ob.get(("g", "y", (2,)), (2,), "float32"), ob.get(("g", "y", (2,)), (2,), "float32")
+    y2 = ({"y": (2,)}, {"y": "float32"})
+    a, b = ob.get("g", *y2)["y"], ob.get("g", *y2)["y"]
     assert a is not b and not np.shares_memory(a, b)
-    assert ob.get(("g", "y", (2,)), (2,), "float32") is a
-    other = ob.get(("g", "y", (3,)), (3,), "float32")  # another shape: its own pair
+    assert ob.get("g", *y2)["y"] is a
+    other = ob.get("g", {"y": (3,)}, {"y": "float32"})["y"]  # another shape: its own pair
     assert other.shape == (3,) and other is not a and other is not b
 
 
