@@ -340,7 +340,9 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     runners = {"baseline": lambda: Baseline(model, vae, processor),
                "torch-fast": lambda: Runtime(TorchBackend(model, vae, threads), cfg, processor),
                "ort": lambda: Runtime(OrtBackend(artifacts, cfg, threads), cfg, processor)}
-    for name in backends:
+    for name in backends:  # ort:PRECISION runs that exported variant (e.g. ort:int8-cpu)
+        if name.startswith("ort:"):
+            runners[name] = lambda p=name[4:]: Runtime(OrtBackend(artifacts, cfg, threads, precision=p), cfg, processor)
         log(f"benchmarking {name} ...")
         result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,
                                            e2e_steps, log)

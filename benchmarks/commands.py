@@ -31,8 +31,10 @@ def cmd_bench(args) -> int:
     threads = args.threads or physical_cores()
     backends = [b for b in args.backends.split(",") if b]
     for b in backends:
-        if b not in ("baseline", "torch-fast", "ort"):
-            raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort)")
+        if b not in ("baseline", "torch-fast", "ort") and b not in ("ort:fp16", "ort:int8", "ort:int8-cpu"):
+            raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort, ort:PRECISION)")
+        if b.startswith("ort:") and not args.artifacts:
+            raise InputError(f"--backends {b} needs --artifacts DIR exported with that precision")
     contexts = _ints(args.contexts)
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="janusflow-bench-"))

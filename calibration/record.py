@@ -26,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from janusflow_ref.errors import CheckpointError
 
-from .data import InputSet
+if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
+    from .data import InputSet
 
 RECORDER_VERSION = 1
 CHAT_TOKENS = 8

@@ -324,7 +324,8 @@ def _replace(tmp: Path, out: Path) -> None:
 def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
                   force_legacy: tuple[str, ...] = (), precisions: str | list[str] | None = None,
-                  calib_inputs=None, vae_precision: str = "fp16", calib_plan=None) -> dict[str, Any]:
+                  calib_inputs=None, vae_precision: str = "fp16", calib_plan=None,
+                  calib_method: str | None = None) -> dict[str, Any]:
     """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
     precisions: fp32 always, fp16 derived from it (export/variants.py) on calib_inputs (default: built-in)."""
     from tqdm import tqdm
@@ -333,6 +334,10 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
 
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
+    if any(p.startswith("int8") for p in precs) and calib_inputs is not None:
+        from calibration.int8_calib import check_inputs
+
+        check_inputs(calib_inputs)
     if not 14 <= opset <= 21:
         raise JanusFlowError(f"--opset {opset} is outside the supported range 14..21")
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -378,6 +383,15 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             inputs = calib_inputs if calib_inputs is not None else calibration_set()
             manifest["calibration"] = add_fp16(model_dir, vae, tmp, out, specs, entries, inputs, vae_precision,
                                                progress, calib_plan)
+        int8 = [p for p in precs if p.startswith("int8")]
+        if int8:
+            from calibration.data import calibration_set
+
+            from .int8 import DEFAULT_METHOD, add_int8
+
+            inputs = calib_inputs if calib_inputs is not None else calibration_set()
+            manifest["calibration"] = add_int8(model_dir, vae, tmp, out, specs, entries, inputs, int8,
+                                               calib_method or DEFAULT_METHOD, progress, calib_plan)
         write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
