@@ -45,9 +45,22 @@ class RecordedReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._it = iter(self.calib.samples(self.spec.name))
-        self.seen = 0
+        self.seen, self.end = 0, None
+
+    def __len__(self) -> int:
+        return self.calib.count(self.spec.name)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """ORT's strided calibration (CalibStridedMinMax) collects one window per call; windows come in order."""
+        if start_index < self.seen:
+            self.rewind()
+        while self.seen < start_index:
+            self.get_next()
+        self.end = end_index
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.end is not None and self.seen >= self.end:
+            return None
         feeds = next(self._it, None)
         if feeds is not None:
             check_sample(self.spec, feeds, f"{self.spec.name} sample {self.seen}")

@@ -23,17 +23,15 @@ points at their FP32 file, with the reason in the recipe.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-import os
-import subprocess
-
-from janusflow_ref.errors import CheckpointError, JanusFlowError
-
 from calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni
+from janusflow_ref.errors import CheckpointError, JanusFlowError
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
@@ -45,7 +43,8 @@ NOT_QUANTIZED = {
 MODELOPT_ENV = "JANUSFLOW_MODELOPT_PYTHON"
 MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}  # ours -> ModelOpt's names (no percentile for int8)
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_METHOD = "minmax"  # chosen by the measured end-to-end quality (README: INT8 calibration methods)
+DEFAULT_METHOD = "percentile"  # best measured end to end of the three (README: INT8)
+MODELOPT_DEFAULT = "minmax"  # ModelOpt's int8 has no percentile; minmax beat entropy end to end with ORT
 PERCENTILE = 99.999
 
 
@@ -53,7 +52,10 @@ def flavour_options(precision: str, method: str) -> dict[str, Any]:
     """quantize_static keyword arguments of one flavour (the recipe records them)."""
     from onnxruntime.quantization import QuantType
 
-    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 8}  # bounds the calibrator's memory
+    # MinMax: bounded memory. Histograms: one run per collect (CalibStridedMinMax, despite its name, is
+    # ORT's generic windowed collection), as the histogram collector stacks a tensor's values across the
+    # runs of one collect and the LLM's shapes differ between calls (prefill, decode, Euler step)
+    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 8} if method == "minmax" else {"CalibStridedMinMax": 1}
     if method == "percentile":
         extra.update(CalibPercentile=PERCENTILE)
     if precision == "int8":
@@ -71,7 +73,7 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
 
 
-def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str = DEFAULT_METHOD,
+def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
                 exclude: dict[str, str] | None = None, big: bool = False) -> dict[str, Any]:
     """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
     exclude: node name -> why it stays float (measured sensitivity)."""
@@ -79,6 +81,8 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
 
     from .fp16 import name_nodes
 
+    mo = modelopt_python() if precision == "int8" else None
+    method = method or (MODELOPT_DEFAULT if mo else DEFAULT_METHOD)
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}")
     n = calib.count(spec.name)
@@ -92,7 +96,6 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
                     location=f"{named.name}.data")
     del model
     exclude = dict(exclude or {})
-    mo = modelopt_python() if precision == "int8" else None
     if mo is not None:
         try:
             return _modelopt(mo, named, spec, calib, out_path, method, exclude, len(nodes))
@@ -124,7 +127,8 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "weights": "per output channel, symmetric int8" + (", reduce_range (7-bit)" if opts["reduce_range"] else ""),
         "reduce_range": opts["reduce_range"], "cpu_vnni": cpu_has_vnni(),
         "quantized_op_types": list(QUANT_OPS), "quantized_nodes": len(nodes) - len(exclude),
-        "excluded": exclude, "float_consumers_rewired": rewired, "bias": "float" if precision == "int8" else "int32 (ORT default)",
+        "excluded": exclude, "float_consumers_rewired": rewired,
+        "bias": "float" if precision == "int8" else "int32 (ORT default)",
         "float_parts": "FP32 (norms, softmax, residual adds, outputs)", "calibration_samples": n,
     }
     return {"data": data, "recipe": recipe}
@@ -191,15 +195,20 @@ def _modelopt(py: str, named: Path, spec, calib, out_path: Path, method: str, ex
     if r.returncode != 0 or not out_path.is_file():
         last = (r.stderr.strip().splitlines() or ["no output"])[-1][:300]
         raise JanusFlowError(f"ModelOpt int8 of {spec.name} failed (exit {r.returncode}): {last}")
+    q = onnx.load(str(out_path))
+    rewired = float_consumers_read_float(q)  # ModelOpt also quantizes residual Adds / norms' inputs for fusion
+    onnx.save_model(q, str(out_path))
+    del q
     version = subprocess.run([py, "-c", "import modelopt; print(modelopt.__version__)"], capture_output=True,
                              text=True).stdout.strip()
     recipe = {
         "tool": f"nvidia-modelopt {version} modelopt.onnx.quantization (int8), its own environment",
         "flavour": "TensorRT: symmetric int8, zero points 0", "calibration_method": method,
         "activations": "per tensor, symmetric int8", "weights": "per output channel, symmetric int8",
-        "quantized_op_types": "ModelOpt's TensorRT placement (MatMul/Gemm/Conv inputs and what TensorRT fuses)",
-        "quantizable_nodes": quantizable, "excluded": exclude,
-        "float_parts": "FP16 (ModelOpt AutoCast), FP32 graph inputs/outputs", "calibration_samples": calib.count(spec.name),
+        "quantized_op_types": list(QUANT_OPS),
+        "quantizable_nodes": quantizable, "excluded": exclude, "float_consumers_rewired": rewired,
+        "float_parts": "FP16 (ModelOpt AutoCast), FP32 graph inputs/outputs",
+        "calibration_samples": calib.count(spec.name),
     }
     return {"data": None, "recipe": recipe}
 
@@ -209,21 +218,20 @@ def passthrough_recipe(name: str) -> dict[str, Any]:
 
 
 def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, specs: dict, entries: dict[str, dict],
-             inputs, precisions: list[str], method: str = DEFAULT_METHOD, progress: bool = True,
+             inputs, precisions: list[str], method: str | None = None, progress: bool = True,
              plan=None) -> dict[str, Any]:
     """Write tmp/<graph>.<precision>.onnx for each int8 precision; fill entries[g]['precisions'];
     -> the manifest's 'calibration' record (the set is recorded once and shared with fp16)."""
     import time
 
-    from janusflow_ref.errors import JanusFlowError
-
     from calibration.record import CalibrationData, Plan
+    from janusflow_ref.errors import JanusFlowError
 
     from .manifest import precision_entry
     from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory
     from .variants import CALIB_DIR, calibration_data
 
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise JanusFlowError(f"--calib-method must be one of {','.join(METHODS)}, got {method!r}")
     t0 = time.perf_counter()
     if (tmp / CALIB_DIR / "index.json").is_file():  # recorded by the fp16 variant in this export

@@ -387,11 +387,11 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
         if int8:
             from calibration.data import calibration_set
 
-            from .int8 import DEFAULT_METHOD, add_int8
+            from .int8 import add_int8
 
             inputs = calib_inputs if calib_inputs is not None else calibration_set()
             manifest["calibration"] = add_int8(model_dir, vae, tmp, out, specs, entries, inputs, int8,
-                                               calib_method or DEFAULT_METHOD, progress, calib_plan)
+                                               calib_method, progress, calib_plan)
         write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
