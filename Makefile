@@ -19,15 +19,20 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	rm -rf $(OUT) && mkdir -p $(OUT)
 	$(VENV)/bin/janusflow make-tiny $(OUT)/tiny
-	$(VENV)/bin/janusflow export --model $(OUT)/tiny --out $(OUT)/onnx
+	$(VENV)/bin/janusflow export --model $(OUT)/tiny --out $(OUT)/onnx --precision fp32,fp16
 	$(VENV)/bin/janusflow verify --model $(OUT)/tiny --artifacts $(OUT)/onnx
+	$(VENV)/bin/janusflow verify --model $(OUT)/tiny --artifacts $(OUT)/onnx --precision fp16
 	$(PY) -c "from PIL import Image; Image.new('RGB', (320, 240), (200, 80, 40)).save('$(OUT)/input.png')"
 	$(VENV)/bin/janusflow chat --model $(OUT)/tiny --backend ort --artifacts $(OUT)/onnx \
 		--image $(OUT)/input.png --question "What is in this image?" --max-new-tokens 16
 	$(VENV)/bin/janusflow generate --model $(OUT)/tiny --backend ort --artifacts $(OUT)/onnx \
 		--prompt "A red fox in autumn leaves" --steps 30 --num-images 2 --out $(OUT)/fox.png
+	$(VENV)/bin/janusflow generate --model $(OUT)/tiny --backend ort --artifacts $(OUT)/onnx --precision fp16 \
+		--prompt "A red fox in autumn leaves" --steps 30 --num-images 2 --out $(OUT)/fox_fp16.png
+	$(VENV)/bin/janusflow quality --model $(OUT)/tiny --artifacts $(OUT)/onnx --precision fp16 --quiet \
+		--out $(OUT)/quality
 	$(VENV)/bin/janusflow bench --model $(OUT)/tiny --artifacts $(OUT)/onnx --size tiny --contexts 64,256 \
-		--steps 4 --quick --out $(OUT)/bench
+		--steps 4 --quick --precision fp32,fp16 --out $(OUT)/bench
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow and not gpu"

@@ -24,7 +24,7 @@ from janusflow_ref.sampling import SamplingParams
 from janusflow_ref.understanding import chat as ref_chat
 from runtime import text2img
 from runtime.chat import chat as rt_chat
-from runtime.chat import decode_one_token, llm_step, new_cache, prefill
+from runtime.chat import decode_one_token, kv_dtype, llm_step, new_cache, prefill
 
 from . import floors
 
@@ -119,13 +119,15 @@ class Runtime:
     """Our pipelines over one backend (static KV cache, prefix prefilled once)."""
 
     def __init__(self, backend, cfg: JanusFlowConfig, processor):
-        self.b, self.cfg, self.p, self.name = backend, cfg, processor, backend.name
+        self.b, self.cfg, self.p = backend, cfg, processor
+        prec = getattr(backend, "precision", "fp32")
+        self.name = backend.name if prec == "fp32" else f"{backend.name}-{prec}"
 
     def siglip(self, px):
         return self.b.run("siglip", {"pixel_values": px})
 
     def prefill(self, embeds):
-        cache = new_cache(self.cfg, 1, embeds.shape[1] + 64)
+        cache = new_cache(self.cfg, 1, embeds.shape[1] + 64, dtype=kv_dtype(self.b))
         return prefill(self.b, cache, embeds), cache
 
     def ttft(self, image, question):
@@ -339,9 +341,10 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     measure_floors(result)
     runners = {"baseline": lambda: Baseline(model, vae, processor),
                "torch-fast": lambda: Runtime(TorchBackend(model, vae, threads), cfg, processor),
-               "ort": lambda: Runtime(OrtBackend(artifacts, cfg, threads), cfg, processor)}
-    for name in backends:  # ort:PRECISION runs that exported variant (e.g. ort:int8-cpu)
-        if name.startswith("ort:"):
+               "ort": lambda: Runtime(OrtBackend(artifacts, cfg, threads), cfg, processor),
+               "ort-fp16": lambda: Runtime(OrtBackend(artifacts, cfg, threads, precision="fp16"), cfg, processor)}
+    for name in backends:
+        if name.startswith("ort-") and name not in runners:  # ort-int8-cpu, ort-int8: that exported variant
             runners[name] = lambda p=name[4:]: Runtime(OrtBackend(artifacts, cfg, threads, precision=p), cfg, processor)
         log(f"benchmarking {name} ...")
         result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,

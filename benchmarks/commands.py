@@ -30,11 +30,15 @@ def cmd_bench(args) -> int:
 
     threads = args.threads or physical_cores()
     backends = [b for b in args.backends.split(",") if b]
+    from export.variants import parse_precisions
+
+    extra = [p for p in parse_precisions(args.precision) if p != "fp32"]
+    if extra and "ort" not in backends:
+        raise InputError(f"--precision {args.precision} is measured on the ort backend: include ort in --backends")
+    backends += [f"ort-{p}" for p in extra]  # exported variants side by side with FP32 ORT
     for b in backends:
-        if b not in ("baseline", "torch-fast", "ort") and b not in ("ort:fp16", "ort:int8", "ort:int8-cpu"):
-            raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort, ort:PRECISION)")
-        if b.startswith("ort:") and not args.artifacts:
-            raise InputError(f"--backends {b} needs --artifacts DIR exported with that precision")
+        if b not in ("baseline", "torch-fast", "ort", *(f"ort-{p}" for p in ("fp16", "int8", "int8-cpu"))):
+            raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort)")
     contexts = _ints(args.contexts)
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="janusflow-bench-"))
@@ -57,7 +61,7 @@ def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:
 
         print("exporting graphs for the ort backend ...")
         artifacts = work / "onnx"
-        export_graphs(model, None, artifacts)
+        export_graphs(model, None, artifacts, precisions=args.precision)
     quick = args.quick
     res = run_bench(model, artifacts, out, backends, contexts, threads, repeat=1 if quick else args.repeat,
                     decode_tokens=4 if quick else 16, e2e_steps=args.steps, size=args.size if not args.model
@@ -77,6 +81,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=30, help="Euler steps for the end-to-end s/image")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", default="fp32",
+                   help="fp32,fp16,int8,int8-cpu: also run the ort backend on those variants")
     p.add_argument("--quick", action="store_true", help="one repeat, few decode tokens (demo/CI smoke)")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=cmd_bench)

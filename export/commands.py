@@ -17,10 +17,9 @@ def _default_vae(model: str, vae: str | None) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from .onnx_export import export_graphs, parse_graphs
-
     from calibration.data import calibration_set
 
+    from .onnx_export import export_graphs, parse_graphs
     from .variants import parse_precisions
 
     graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
@@ -42,9 +41,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify
-
     from .variants import parse_precisions
+    from .verify import verify
 
     precision = args.precision
     if precision not in parse_precisions(precision):
@@ -93,7 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("--opset", type=_opset, default=18)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--precision", default="fp32",
-                   help="comma list of fp32,fp16,int8,int8-cpu (derived from fp32; int8: TensorRT Q/DQ, int8-cpu: ORT CPU)")
+                   help="comma list of fp32,fp16,int8,int8-cpu (derived from fp32; int8: TensorRT Q/DQ; "
+                        "int8-cpu: ONNX Runtime's CPU INT8)")
     p.add_argument("--calib-method", default=None, choices=("minmax", "percentile", "entropy"),
                    help="INT8 activation calibration (default: the best measured end to end, see README)")
     p.add_argument("--vae-precision", default="fp16", choices=("fp16", "fp32"),

@@ -107,8 +107,9 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
             for p, b in others.items():
                 tf = teacher_forced_top1(b, cfg, processor, image, q, ref)
                 free = chat(b, cfg, processor, image, q, params).token_ids
-                chats[p].append({"pair": name, "question": q, "fp32_tokens": ref, "teacher_forced_top1": agreement(tf, ref),
-                                 "free_agreement": agreement(free, ref), "first_divergence": first_divergence(free, ref)})
+                chats[p].append({"pair": name, "question": q, "fp32_tokens": ref,
+                                 "teacher_forced_top1": agreement(tf, ref), "free_agreement": agreement(free, ref),
+                                 "first_divergence": first_divergence(free, ref)})
         rows: dict[str, list] = {p: [] for p in precisions}
         images: list[list[np.ndarray]] = []
         for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i", disable=not progress)):
@@ -186,7 +187,8 @@ def _targets(report: dict, p: str) -> dict[str, Any]:
     graphs_finite = all(o["finite"] for outs in report["graphs"][p].values() for o in outs.values())
     checks = {"latent_cosine": bool(g["latent_cosine_min"] >= t.get("latent_cosine", 0)),
               "psnr_db": bool(g["psnr_db_min"] >= t.get("psnr_db", 0)),
-              "chat_top1_teacher_forced": bool(c["teacher_forced_top1_min"] >= t.get("chat_top1_teacher_forced", 0)),
+              "chat_top1_teacher_forced": bool(c["teacher_forced_top1_min"]
+                                               >= t.get("chat_top1_teacher_forced", 0)),
               "all_finite": bool(g["finite"] and graphs_finite)}
     if "graph_cosine" in t:  # every output of every graph on held-out inputs
         checks["graph_cosine"] = bool(min(o["cosine"] for outs in report["graphs"][p].values()
@@ -202,20 +204,25 @@ def markdown(r: dict) -> str:
                   f"| final-latent cosine (min over {len(g['prompts'])} prompts) | {g['latent_cosine_min']:.6f} | "
                   f">= {t['thresholds'].get('latent_cosine', '-')} |",
                   f"| image PSNR dB (min) | {g['psnr_db_min']:.2f} | >= {t['thresholds'].get('psnr_db', '-')} |",
-                  f"| chat top-1, teacher forced (min over {len(c['pairs'])} pairs) | {c['teacher_forced_top1_min']:.4f} | "
-                  f">= {t['thresholds'].get('chat_top1_teacher_forced', '-')} |",
+                  f"| chat top-1, teacher forced (min over {len(c['pairs'])} pairs) | "
+                  f"{c['teacher_forced_top1_min']:.4f} | >= {t['thresholds'].get('chat_top1_teacher_forced', '-')} |",
                   f"| chat free-running agreement (mean) | {c['free_agreement']:.4f} | |",
                   f"| answers identical / first divergence (min) | {c['identical_answers']}/{len(c['pairs'])} / "
                   f"{c['first_divergence_min']} | |",
                   f"| all outputs finite | {t['met']['all_finite']} | yes |", "",
-                  f"targets met: **{'yes' if t['all_met'] else 'NO: ' + ', '.join(k for k, v in t['met'].items() if not v)}**",
-                  "", "| graph | output | max abs | max rel | cosine | finite | samples |", "|---|---|---|---|---|---|---|"]
+                  f"targets met: **{_met(t)}**",
+                  "", "| graph | output | max abs | max rel | cosine | finite | samples |",
+                  "|---|---|---|---|---|---|---|"]
         for name, outs in r["graphs"][p].items():
             for o, m in outs.items():
                 lines.append(f"| {name} | {o} | {m['max_abs']:.3e} | {m['max_rel']:.3e} | {m['cosine']:.7f} | "
                              f"{m['finite']} | {m['samples']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _met(t: dict) -> str:
+    return "yes" if t["all_met"] else "NO: " + ", ".join(k for k, v in t["met"].items() if not v)
 
 
 def summary_lines(r: dict) -> list[str]:

@@ -78,7 +78,8 @@ class _Runner:
         spec = self.specs[graph]
         ref = self.torch(graph, feeds)
         var = self.variants[graph]
-        got = self.sessions[graph].run(spec.output_names, {t.name: np.asarray(feeds[t.name], t.dtype) for t in var.inputs})
+        ins = {t.name: np.asarray(feeds[t.name], t.dtype) for t in var.inputs}
+        got = self.sessions[graph].run(spec.output_names, ins)
         for t, g in zip(var.outputs, got, strict=True):
             r = compare(g.astype(ref[t.name].dtype), ref[t.name], t.tol)
             self.report.rows.append({"graph": graph, "case": case, "output": t.name, **r,

@@ -52,7 +52,8 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
                         "ort: ONNX Runtime over --artifacts; trt: TensorRT engines (GPU)")
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int8-cpu: which exported variant --backend ort runs")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 | fp16 | int8 | int8-cpu: which exported variant --backend ort runs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -64,6 +65,15 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def _check_precision(args) -> None:
+    from export.variants import parse_precisions
+
+    if args.precision not in parse_precisions(args.precision):  # unknown names raise in parse_precisions
+        raise InputError(f"--precision takes one precision, got {args.precision!r}")
+    if args.precision != "fp32" and args.backend not in ("ort", "trt"):
+        raise InputError(f"--precision {args.precision} runs exported graphs: use --backend ort")
+
+
 def cmd_chat(args) -> int:
     from janusflow_ref.config import load_config
     from janusflow_ref.processor import Processor, load_image
@@ -71,6 +81,7 @@ def cmd_chat(args) -> int:
 
     from .app import chat_session
 
+    _check_precision(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     cfg = load_config(args.model)
     processor = Processor(args.model)
@@ -116,6 +127,7 @@ def cmd_generate(args) -> int:
 
     from .app import generate_session
 
+    _check_precision(args)
     check_generation_args(args.steps, args.cfg, args.num_images)
     out = Path(args.out)
     if not out.parent.is_dir():
