@@ -372,10 +372,11 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     runners = {"baseline": lambda: Baseline(model, vae, processor),
                "torch-fast": lambda: Runtime(Pipeline(cfg, processor, RuntimeEngine(
                    TorchBackend(model, vae, threads), cfg, processor), "torch-fast")),
-               "ort": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, threads=threads)),
-               "ort-fp16": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, precision="fp16",
-                                                                    threads=threads))}
+               "ort": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, threads=threads))}
     for name in backends:
+        if name.startswith("ort-") and name not in runners:  # ort-fp16, ort-int8-cpu, ...: that exported variant
+            runners[name] = lambda p=name[4:]: Runtime(
+                Pipeline.from_pretrained(model_dir, "ort", artifacts, precision=p, threads=threads))
         log(f"benchmarking {name} ...")
         result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,
                                            e2e_steps, log)

@@ -65,10 +65,10 @@ def cmd_bench(args) -> int:
 
     extra = [p for p in parse_precisions(args.precision) if p != "fp32"]
     if extra and "ort" not in backends:
-        raise InputError("--precision fp16 is measured on the ort backend: include ort in --backends")
+        raise InputError(f"--precision {args.precision} is measured on the ort backend: include ort in --backends")
     backends += [f"ort-{p}" for p in extra]  # exported variants side by side with FP32 ORT
     for b in backends:
-        if b not in ("baseline", "torch-fast", "ort", "ort-fp16"):
+        if b not in ("baseline", "torch-fast", "ort", *(f"ort-{p}" for p in ("fp16", "int8", "int8-cpu"))):
             raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort)")
     contexts = _ints(args.contexts)
     limit = max_context(args) - DECODE_MARGIN
@@ -117,7 +117,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int_range(1, 1000), default=30, help="Euler steps for the end-to-end s/image")
     p.add_argument("--repeat", type=int_range(1, 1000), default=5)
     p.add_argument("--threads", type=threads, default=None)
-    p.add_argument("--precision", default="fp32", help="fp32,fp16: also run the ort backend on the fp16 variant")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32,fp16,int8,int8-cpu: also run the ort backend on those variants")
     p.add_argument("--quick", action="store_true", help="one repeat, few decode tokens (demo/CI smoke)")
     p.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, bench.png")
     p.add_argument("--force", action="store_true", help="replace existing bench.* files in --out")

@@ -22,13 +22,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from janusflow_ref.errors import CheckpointError
 
-from .data import InputSet
+if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
+    from .data import InputSet
 
 RECORDER_VERSION = 1
 CHAT_TOKENS = 8

@@ -24,16 +24,18 @@ def cmd_export(args) -> int:
 
     graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
     precisions = parse_precisions(args.precision)
-    inputs = calibration_set(args.calib_prompts, args.calib_images) if "fp16" in precisions else None
+    inputs = calibration_set(args.calib_prompts, args.calib_images) if precisions != ["fp32"] else None
     m = export_graphs(args.model, _default_vae(args.model, args.vae), args.out, graphs=graphs, opset=args.opset,
                       progress=not args.quiet, force=args.force, precisions=precisions, calib_inputs=inputs,
-                      vae_precision=args.vae_precision)
+                      vae_precision=args.vae_precision, calib_method=args.calib_method)
     for name, g in m["graphs"].items():
         print(f"{name:8} {g['exporter']:7} {g['seconds']:7.1f} s  peak RSS {g['peak_rss_mb']:8.0f} MB  {g['file']}")
         for prec, v in g.get("precisions", {}).items():
-            kept = v["recipe"].get("kept_fp32_counts", v["recipe"].get("kept_fp32"))
+            r = v["recipe"]
+            kept = r.get("kept_fp32_counts", r.get("kept_fp32")) if prec == "fp16" else \
+                f"quantized nodes {r.get('quantized_nodes', 0)} ({r.get('not_quantized', r.get('calibration_method'))})"
             print(f"{'':8} {prec:7} {v.get('seconds', 0):7.1f} s  peak RSS {v.get('peak_rss_mb', 0):8.0f} MB  "
-                  f"{v['file']}  kept FP32: {kept}")
+                  f"{v['file']}  {'kept FP32: ' if prec == 'fp16' else ''}{kept}")
     print(f"wrote {len(m['graphs'])} graph(s) and manifest.json to {args.out}")
     return 0
 
@@ -132,7 +134,11 @@ def register(subparsers) -> None:
                    help="comma list of siglip,embed,llm,gen_enc,gen_dec,vae_dec (default all)")
     p.add_argument("--opset", type=_opset, default=18)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--precision", default="fp32", help="comma list of fp32,fp16 (fp16 is derived from fp32)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma list of fp32,fp16,int8,int8-cpu (derived from fp32; int8: TensorRT Q/DQ; "
+                        "int8-cpu: ONNX Runtime's CPU INT8)")
+    p.add_argument("--calib-method", default=None, choices=("minmax", "percentile", "entropy"),
+                   help="INT8 activation calibration (default: the best measured end to end, see README)")
     p.add_argument("--vae-precision", default="fp16", choices=("fp16", "fp32"),
                    help="fp16: the VAE's fp16 variant with measured FP32 islands; fp32: keep the VAE all FP32")
     p.add_argument("--calib-prompts", default=None, help="text-to-image calibration prompts, one per line (UTF-8)")
@@ -143,7 +149,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
     p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
     p.add_argument("--vae", default=None, help="SDXL-VAE directory (default MODEL/vae)")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16: which exported variant to check")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int8-cpu: which exported variant to check")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("build", help="TensorRT engines from an export directory (OUT/engines.json)")

@@ -340,7 +340,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
                   force_legacy: tuple[str, ...] = (), force: bool = False,
                   precisions: str | list[str] | None = None, calib_inputs=None, vae_precision: str = "fp16",
-                  calib_plan=None) -> dict[str, Any]:
+                  calib_plan=None, calib_method: str | None = None) -> dict[str, Any]:
     """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
     An existing out_dir is replaced only if it is an earlier export and force is set.
     precisions: fp32 always, fp16 derived from it (export/variants.py) on calib_inputs (default: built-in)."""
@@ -350,6 +350,10 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
 
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
+    if any(p.startswith("int8") for p in precs) and calib_inputs is not None:
+        from calibration.int8_calib import check_inputs
+
+        check_inputs(calib_inputs)
     check_opset(opset)
     model_dir = Path(model_dir)
     cfg: JanusFlowConfig = load_config(model_dir)
@@ -396,6 +400,15 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             inputs = calib_inputs if calib_inputs is not None else calibration_set()
             manifest["calibration"] = add_fp16(model_dir, vae, tmp, out, specs, entries, inputs, vae_precision,
                                                progress, calib_plan)
+        int8 = [p for p in precs if p.startswith("int8")]
+        if int8:
+            from calibration.data import calibration_set
+
+            from .int8 import add_int8
+
+            inputs = calib_inputs if calib_inputs is not None else calibration_set()
+            manifest["calibration"] = add_int8(model_dir, vae, tmp, out, specs, entries, inputs, int8,
+                                               calib_method, progress, calib_plan)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:

@@ -26,7 +26,9 @@ from calibration.record import CalibrationData, Recorder
 from .quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
 from .specs import precision_variant
 
-TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99}}
+TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99},
+           **{p: {"latent_cosine": 0.995, "psnr_db": 35.0, "chat_top1_teacher_forced": 0.90, "graph_cosine": 0.995}
+              for p in ("int8", "int8-cpu")}}
 GRAPH_STEPS = (0, 10, 20, 29)  # Euler steps whose graph inputs the per-graph comparison uses
 
 
@@ -188,6 +190,9 @@ def _targets(report: dict, p: str) -> dict[str, Any]:
               "chat_top1_teacher_forced": bool(c["teacher_forced_top1_min"]
                                                >= t.get("chat_top1_teacher_forced", 0)),
               "all_finite": bool(g["finite"] and graphs_finite)}
+    if "graph_cosine" in t:  # every output of every graph on held-out inputs
+        checks["graph_cosine"] = bool(min(o["cosine"] for outs in report["graphs"][p].values()
+                                          for o in outs.values()) >= t["graph_cosine"])
     return {"thresholds": t, "met": checks, "all_met": all(checks.values())}
 
 

@@ -202,9 +202,10 @@ def compare(out: np.ndarray, ref: np.ndarray, tol: Tol) -> dict[str, float | boo
 
 
 # -- precision variants of a spec ------------------------------------------------------------------
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
 # verify's bar for FP16 graphs vs the torch modules: ~1e-3 relative per op, accumulated over the graph
 FP16_TOL = Tol(cos_min=0.9995, rtol=0.1, atol=0.5)
+INT8_TOL = Tol(cos_min=0.99, rtol=0.5, atol=2.0)  # verify's bar for Q/DQ graphs: per-tensor 8-bit activations
 FP16_IO = ("past_key_values.", "present.")  # boundary tensors that are FP16 in the fp16 variant
 
 
@@ -215,6 +216,11 @@ def precision_variant(spec: GraphSpec, precision: str) -> GraphSpec:
     skip that cross between graphs: casting those is a cheap node inside the graph)."""
     if precision == "fp32":
         return spec
+    if precision in ("int8", "int8-cpu"):  # Q/DQ inside the graph; the boundary stays FP32
+        return GraphSpec(spec.name, [TensorSpec(t.name, t.dtype, t.shape, INT8_TOL if t.tol else None)
+                                     for t in spec.inputs],
+                         [TensorSpec(t.name, t.dtype, t.shape, INT8_TOL if t.tol else None) for t in spec.outputs],
+                         spec.syms)
     if precision != "fp16":
         raise ValueError(f"unknown precision {precision!r}")
 

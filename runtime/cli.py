@@ -37,7 +37,8 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
                         "torch-cuda: the graph modules in BF16 on the GPU with CUDA graphs")
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
     p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16: which exported variant --backend ort runs")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 | fp16 | int8 | int8-cpu: which exported variant --backend ort runs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

@@ -1,0 +1,260 @@
+"""INT8 variants of an exported FP32 graph: calibrated Q/DQ (QuantizeLinear/DequantizeLinear) graphs.
+
+Tools, fed the FP32 runtime's recorded inputs (calibration/record.py):
+- int8 with $JANUSFLOW_MODELOPT_PYTHON set: NVIDIA ModelOpt's ONNX PTQ (the field's tool for TensorRT's
+  Q/DQ placement; it pins its own onnx / onnxruntime-gpu / torch, so it runs in its own environment
+  through export/modelopt_worker.py); its float parts are FP16.
+- otherwise (and always for int8-cpu): onnxruntime.quantization.quantize_static (QuantFormat.QDQ)
+  configured to the same rules, through calibration/int8_calib.py; its float parts stay FP32.
+
+Two flavours from the same calibration (the same activation ranges):
+- int8 (TensorRT): symmetric INT8, zero points 0 (TensorRT's parser rejects others); weights per output
+  channel, activations per tensor; Q/DQ only on the inputs of MatMul / Gemm / Conv (TensorRT fuses
+  DQ -> MatMul/Conv into INT8 kernels); norms, softmax, residual adds and graph outputs stay float;
+  biases stay float (TensorRT has no INT32 DequantizeLinear).
+- int8-cpu (ONNX Runtime CPU): uint8 activations (asymmetric), int8 symmetric weights, per channel:
+  the u8s8 layout of ORT's fast QLinearMatMul / MatMulIntegerToFloat / QLinearConv kernels;
+  reduce_range (7-bit weights) only on CPUs without VNNI, where u8s8 products can saturate.
+
+Graphs without MatMul/Gemm/Conv work to quantize (embed: a Gather) or known unsafe in INT8 (the
+SDXL VAE decoder, which NVIDIA's SDXL INT8 recipe also leaves in FP16/FP32) get an int8 entry that
+points at their FP32 file, with the reason in the recipe.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni
+from janusflow_ref.errors import CheckpointError, JanusFlowError
+
+INT8_PRECISIONS = ("int8", "int8-cpu")
+QUANT_OPS = ("MatMul", "Gemm", "Conv")
+NOT_QUANTIZED = {
+    "embed": "a Gather of the token table: no MatMul/Gemm/Conv to quantize",
+    "vae_dec": "SDXL VAE decoder: activations exceed FP16 and lose detail in INT8 (NVIDIA's SDXL INT8 "
+               "recipe keeps the VAE out of INT8); runs its FP32 graph",
+}
+MODELOPT_ENV = "JANUSFLOW_MODELOPT_PYTHON"
+MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}  # ours -> ModelOpt's names (no percentile for int8)
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_METHOD = "percentile"  # best measured end to end of the three (README: INT8)
+MODELOPT_DEFAULT = "minmax"  # ModelOpt's int8 has no percentile; minmax beat entropy end to end with ORT
+PERCENTILE = 99.999
+
+
+def flavour_options(precision: str, method: str) -> dict[str, Any]:
+    """quantize_static keyword arguments of one flavour (the recipe records them)."""
+    from onnxruntime.quantization import QuantType
+
+    # MinMax: bounded memory. Histograms: one run per collect (CalibStridedMinMax, despite its name, is
+    # ORT's generic windowed collection), as the histogram collector stacks a tensor's values across the
+    # runs of one collect and the LLM's shapes differ between calls (prefill, decode, Euler step)
+    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 8} if method == "minmax" else {"CalibStridedMinMax": 1}
+    if method == "percentile":
+        extra.update(CalibPercentile=PERCENTILE)
+    if precision == "int8":
+        extra.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
+        return dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    reduce_range=False, extra_options=extra)
+    if precision == "int8-cpu":
+        extra.update(ActivationSymmetric=False, WeightSymmetric=True)
+        return dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    reduce_range=not cpu_has_vnni(), extra_options=extra)
+    raise ValueError(f"not an int8 precision: {precision!r}")
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
+
+
+def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
+                exclude: dict[str, str] | None = None, big: bool = False) -> dict[str, Any]:
+    """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
+    exclude: node name -> why it stays float (measured sensitivity)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    from .fp16 import name_nodes
+
+    mo = modelopt_python() if precision == "int8" else None
+    method = method or (MODELOPT_DEFAULT if mo else DEFAULT_METHOD)
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}")
+    n = calib.count(spec.name)
+    if n == 0:
+        raise CheckpointError(f"calibration data {calib.path}: no samples recorded for graph {spec.name}")
+    model = onnx.load(str(fp32_path))
+    name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
+    nodes = quantizable_nodes(model)
+    named = out_path.with_name(f".named-{out_path.name}")
+    onnx.save_model(model, str(named), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=f"{named.name}.data")
+    del model
+    exclude = dict(exclude or {})
+    if mo is not None:
+        try:
+            return _modelopt(mo, named, spec, calib, out_path, method, exclude, len(nodes))
+        finally:
+            named.unlink(missing_ok=True)
+            Path(f"{named}.data").unlink(missing_ok=True)
+    opts = flavour_options(precision, method)
+    cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+           "entropy": CalibrationMethod.Entropy}[method]
+    try:
+        quantize_static(str(named), str(out_path), RecordedReader(calib, spec), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=sorted(exclude),
+                        calibrate_method=cal, use_external_data_format=big, **opts)
+    finally:
+        named.unlink(missing_ok=True)
+        Path(f"{named}.data").unlink(missing_ok=True)
+    q = onnx.load(str(out_path))
+    rewired = float_consumers_read_float(q)
+    onnx.save_model(q, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=f"{out_path.name}.data")
+    del q
+    data = f"{out_path.name}.data" if big and Path(f"{out_path}.data").is_file() else None
+    recipe = {
+        "tool": "onnxruntime.quantization.quantize_static (QuantFormat.QDQ)",
+        "flavour": "TensorRT: symmetric int8, zero points 0" if precision == "int8"
+                   else "ONNX Runtime CPU: uint8 activations, int8 weights",
+        "calibration_method": method, **({"percentile": PERCENTILE} if method == "percentile" else {}),
+        "activations": "per tensor, " + ("symmetric int8" if precision == "int8" else "asymmetric uint8"),
+        "weights": "per output channel, symmetric int8" + (", reduce_range (7-bit)" if opts["reduce_range"] else ""),
+        "reduce_range": opts["reduce_range"], "cpu_vnni": cpu_has_vnni(),
+        "quantized_op_types": list(QUANT_OPS), "quantized_nodes": len(nodes) - len(exclude),
+        "excluded": exclude, "float_consumers_rewired": rewired,
+        "bias": "float" if precision == "int8" else "int32 (ORT default)",
+        "float_parts": "FP32 (norms, softmax, residual adds, outputs)", "calibration_samples": n,
+    }
+    return {"data": data, "recipe": recipe}
+
+
+def float_consumers_read_float(model: onnx.ModelProto) -> int:
+    """ORT's quantizer routes every consumer of a quantized activation through its Q/DQ pair, so a
+    residual Add or a Shape beside the MatMul would read the 8-bit value. Those consumers read the float
+    tensor again: Q/DQ stays on MatMul/Gemm/Conv inputs only (TensorRT's placement). -> consumers rewired."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    n_rewired = 0
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue  # a weight: initializer -> DQ
+        for n in g.node:
+            if n.op_type in QUANT_OPS:
+                continue
+            for i, x in enumerate(n.input):
+                if x == dq.output[0]:
+                    n.input[i] = q.input[0]
+                    n_rewired += 1
+        if dq.output[0] in outputs:  # e.g. present.*.value: the graph output is the float tensor again
+            y, x, new = dq.output[0], q.input[0], f"{dq.output[0]}_dequantized"
+            for n in g.node:
+                if n.op_type in QUANT_OPS:
+                    n.input[:] = [new if i == y else i for i in n.input]
+            dq.output[0] = new
+            for n in g.node:
+                n.input[:] = [y if i == x else i for i in n.input]
+                n.output[:] = [y if o == x else o for o in n.output]
+            n_rewired += 1
+    for op in ("DequantizeLinear", "QuantizeLinear"):  # pairs left with no reader (their only readers were float)
+        used = {i for n in g.node for i in n.input} | outputs
+        for n in [n for n in g.node if n.op_type == op and n.output[0] not in used]:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    return n_rewired
+
+
+def modelopt_python() -> str | None:
+    """The interpreter of a separate environment with nvidia-modelopt[onnx] ($JANUSFLOW_MODELOPT_PYTHON)."""
+    py = os.environ.get(MODELOPT_ENV)
+    if py and not Path(py).is_file():
+        raise JanusFlowError(f"${MODELOPT_ENV}={py}: no such interpreter")
+    return py or None
+
+
+def _modelopt(py: str, named: Path, spec, calib, out_path: Path, method: str, exclude: dict[str, str],
+              quantizable: int) -> dict[str, Any]:
+    if method not in MODELOPT_METHODS:
+        raise JanusFlowError(f"--calib-method {method}: ModelOpt's int8 offers {','.join(MODELOPT_METHODS)} "
+                             f"(unset ${MODELOPT_ENV} for ONNX Runtime's quantizer)")
+    for k, feeds in enumerate(calib.samples(spec.name)):  # the worker feeds these unchecked
+        check_sample(spec, feeds, f"{spec.name} sample {k}")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [py, "-m", "export.modelopt_worker", str(named), str(calib.path), spec.name, str(out_path),
+           MODELOPT_METHODS[method], ",".join(sorted(exclude))]
+    r = subprocess.run(cmd, env=env, cwd=str(out_path.parent), capture_output=True, text=True)
+    if r.returncode != 0 or not out_path.is_file():
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise JanusFlowError(f"ModelOpt int8 of {spec.name} failed (exit {r.returncode}): {last}")
+    q = onnx.load(str(out_path))
+    rewired = float_consumers_read_float(q)  # ModelOpt also quantizes residual Adds / norms' inputs for fusion
+    onnx.save_model(q, str(out_path))
+    del q
+    version = subprocess.run([py, "-c", "import modelopt; print(modelopt.__version__)"], capture_output=True,
+                             text=True).stdout.strip()
+    recipe = {
+        "tool": f"nvidia-modelopt {version} modelopt.onnx.quantization (int8), its own environment",
+        "flavour": "TensorRT: symmetric int8, zero points 0", "calibration_method": method,
+        "activations": "per tensor, symmetric int8", "weights": "per output channel, symmetric int8",
+        "quantized_op_types": list(QUANT_OPS),
+        "quantizable_nodes": quantizable, "excluded": exclude, "float_consumers_rewired": rewired,
+        "float_parts": "FP16 (ModelOpt AutoCast), FP32 graph inputs/outputs",
+        "calibration_samples": calib.count(spec.name),
+    }
+    return {"data": None, "recipe": recipe}
+
+
+def passthrough_recipe(name: str) -> dict[str, Any]:
+    return {"not_quantized": NOT_QUANTIZED[name], "float_parts": "the whole FP32 graph"}
+
+
+def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, specs: dict, entries: dict[str, dict],
+             inputs, precisions: list[str], method: str | None = None, progress: bool = True,
+             plan=None) -> dict[str, Any]:
+    """Write tmp/<graph>.<precision>.onnx for each int8 precision; fill entries[g]['precisions'];
+    -> the manifest's 'calibration' record (the set is recorded once and shared with fp16)."""
+    import time
+
+    from calibration.record import CalibrationData, Plan
+    from janusflow_ref.errors import JanusFlowError
+
+    from .manifest import precision_entry
+    from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory
+    from .variants import CALIB_DIR, calibration_data
+
+    if method is not None and method not in METHODS:
+        raise JanusFlowError(f"--calib-method must be one of {','.join(METHODS)}, got {method!r}")
+    t0 = time.perf_counter()
+    if (tmp / CALIB_DIR / "index.json").is_file():  # recorded by the fp16 variant in this export
+        calib, reused = CalibrationData(tmp / CALIB_DIR), True
+    else:
+        calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs, plan or Plan(), progress)
+    record_s = time.perf_counter() - t0
+    for name, e in entries.items():
+        for prec in precisions:
+            t0 = time.perf_counter()
+            src = e["file"]
+            if name in NOT_QUANTIZED:
+                v = precision_entry(tmp, src, (e.get("external_data") or {}).get("file"), passthrough_recipe(name), src)
+            else:
+                with PeakRSS() as rss:
+                    big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
+                    out = f"{name}.{prec}.onnx"
+                    r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big)
+                v = precision_entry(tmp, out, r["data"], r["recipe"], src)
+                v["recipe"]["calibration_sha256"] = calib.sha256
+                v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
+                _release_memory()
+            e.setdefault("precisions", {})[prec] = v
+    return {"dir": CALIB_DIR, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
+            "record_seconds": round(record_s, 2), "bytes": calib.index["bytes"],
+            "samples": {g: calib.count(g) for g in entries}, "inputs_sha256": calib.index["inputs_sha256"]}

@@ -1,0 +1,274 @@
+"""INT8 variants: TensorRT's Q/DQ rules read from the graph, both flavours running in ONNX Runtime,
+deterministic calibration on the recorded data, and the bad inputs of int8 export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from calibration.data import InputSet, builtin_calibration
+from calibration.record import CalibrationData, Plan
+
+PLAN = Plan(steps=4, full_runs=2, full_stride=2, early_steps=2)
+QUANTIZED = ("siglip", "llm", "gen_enc", "gen_dec")
+
+
+@pytest.fixture(scope="session")
+def int8_onnx(tiny_dir, tmp_path_factory):
+    from export.onnx_export import export_graphs
+
+    b = builtin_calibration()
+    out = tmp_path_factory.mktemp("export8") / "onnx"
+    mo = os.environ.pop("JANUSFLOW_MODELOPT_PYTHON", None)  # this export uses ORT's quantizer
+    try:
+        export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,int8,int8-cpu",
+                      calib_inputs=InputSet(b.prompts[:4], b.pairs[:2]), calib_plan=PLAN)
+    finally:
+        if mo:
+            os.environ["JANUSFLOW_MODELOPT_PYTHON"] = mo
+    return out
+
+
+def _manifest(d):
+    return json.loads((d / "manifest.json").read_text())
+
+
+def _consumers(g):
+    out: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def weight_axis(node, w_input: int) -> int:
+    """The output-channel axis of a weight: Conv W [O, I, kh, kw] -> 0; MatMul B [K, N] -> 1;
+    Gemm B [K, N] -> 1, or [N, K] with transB=1 -> 0."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans = {a.name: a.i for a in node.attribute}.get("transB", 0)
+        return 0 if trans else 1
+    return 1 if w_input == 1 else 0
+
+
+# -- the TensorRT flavour's rules, read from the graph -------------------------------------------
+@pytest.mark.parametrize("graph", QUANTIZED)
+def test_trt_qdq_rules(int8_onnx, graph):
+    e = _manifest(int8_onnx)["graphs"][graph]["precisions"]["int8"]
+    check_trt_rules(int8_onnx / e["file"])
+
+
+@pytest.mark.skipif(not os.environ.get("JANUSFLOW_MODELOPT_PYTHON"),
+                    reason="set JANUSFLOW_MODELOPT_PYTHON to a python with nvidia-modelopt[onnx]")
+def test_modelopt_flavour(int8_onnx, tiny_dir, tmp_path):
+    """The ModelOpt-made TensorRT flavour obeys the same rules and stays close to FP32."""
+    from export.int8 import derive_int8
+    from export.specs import build_specs
+    from janusflow_ref.config import load_config
+
+    specs = build_specs(load_config(tiny_dir))
+    calib = CalibrationData(int8_onnx / "calib")
+    for name in QUANTIZED:
+        out = tmp_path / f"{name}.int8.onnx"
+        r = derive_int8(int8_onnx / f"{name}.onnx", specs[name], calib, out, "int8", "minmax")
+        assert r["recipe"]["tool"].startswith("nvidia-modelopt")
+        check_trt_rules(out)
+        _close_to_fp32(int8_onnx / f"{name}.onnx", out, calib, name)
+
+
+def check_trt_rules(path):
+    from export.onnx_export import trt_supported_ops
+
+    m = onnx.load(str(path))
+    g = m.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    cons = _consumers(g)
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq, "no Q/DQ nodes"
+    unsupported = {n.op_type for n in g.node} - trt_supported_ops()
+    assert not unsupported, f"ops TensorRT does not parse: {unsupported}"
+    per_channel = 0
+    for n in qdq:
+        zp = inits[n.input[2]] if len(n.input) > 2 and n.input[2] else None
+        assert zp is not None and zp.dtype == np.int8 and not zp.any(), f"{n.name}: zero point {zp}"
+        assert not set(n.output) & outputs, f"{n.name} writes a graph output"
+        if n.op_type != "DequantizeLinear":
+            continue
+        users = cons.get(n.output[0], [])
+        assert users and all(u.op_type in ("MatMul", "Gemm", "Conv") for u in users), \
+            f"{n.name} feeds {[u.op_type for u in users]}: Q/DQ only on MatMul/Gemm/Conv inputs"
+        scale = inits[n.input[1]]
+        src = n.input[0] if n.input[0] in inits else None
+        if src is None and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear":
+            src = producer[n.input[0]].input[0] if producer[n.input[0]].input[0] in inits else None
+        if src is not None and scale.size > 1:  # a weight, per output channel
+            per_channel += 1
+            axis = {a.name: a.i for a in n.attribute}.get("axis", 1)
+            for u in users:
+                want = weight_axis(u, list(u.input).index(n.output[0]))
+                assert axis % inits[src].ndim == want, f"{n.name}: axis {axis}, {u.op_type} output channels are {want}"
+                assert scale.size == inits[src].shape[want]
+        else:
+            assert scale.size == 1, f"{n.name}: activations are per tensor"
+    assert per_channel, "no per-channel weight"
+
+
+def test_cpu_flavour_layout(int8_onnx):
+    """int8-cpu: uint8 activations, int8 weights, as ORT's fast u8s8 kernels want."""
+    e = _manifest(int8_onnx)["graphs"]["llm"]["precisions"]["int8-cpu"]
+    g = onnx.load(str(int8_onnx / e["file"])).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    q_types = {inits[n.input[2]].dtype for n in g.node if n.op_type == "QuantizeLinear"}
+    w_types = {inits[n.input[0]].dtype for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    assert q_types == {np.dtype(np.uint8)} and np.dtype(np.int8) in w_types
+    assert e["recipe"]["reduce_range"] == (not e["recipe"]["cpu_vnni"])
+
+
+def test_passthrough_graphs(int8_onnx):
+    m = _manifest(int8_onnx)
+    for name in ("embed",):
+        e = m["graphs"][name]["precisions"]["int8"]
+        assert e["file"] == m["graphs"][name]["file"] and "not_quantized" in e["recipe"]
+
+
+# -- quantized graphs run in ONNX Runtime, close to FP32 on calibration samples --------------------
+@pytest.mark.parametrize("precision", ["int8", "int8-cpu"])
+def test_int8_runs_in_ort(int8_onnx, precision):
+    m = _manifest(int8_onnx)
+    calib = CalibrationData(int8_onnx / "calib")
+    for name in QUANTIZED:
+        _close_to_fp32(int8_onnx / m["graphs"][name]["file"],
+                       int8_onnx / m["graphs"][name]["precisions"][precision]["file"], calib, name)
+
+
+def _close_to_fp32(fp32, int8, calib, name, limit: int = 6):
+    """Every output finite and cosine > 0.99 vs FP32 on recorded samples (decode and prefill for the LLM)."""
+    import onnxruntime as ort
+
+    from export.quality_metrics import cosine
+
+    s32 = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    s8 = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    for k, feeds in enumerate(calib.samples(name)):
+        if k >= limit:
+            break
+        for o, a, b in zip(s32.get_outputs(), s32.run(None, feeds), s8.run(None, feeds), strict=True):
+            assert np.isfinite(b).all()
+            assert cosine(b, a) > 0.99, f"{name} {o.name} sample {k}: cosine {cosine(b, a)}"
+
+
+def test_chat_with_int8_cpu(int8_onnx, tiny_dir, test_image):
+    r = _cli("chat", "--model", str(tiny_dir), "--backend", "ort", "--artifacts", str(int8_onnx),
+             "--precision", "int8-cpu", "--image", str(test_image), "--question", "hi", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+
+
+# -- calibration: what the calibrators see, determinism ---------------------------------------------
+def test_reader_feeds_the_recorded_data(int8_onnx, tiny_dir):
+    from calibration.int8_calib import RecordedReader
+    from export.specs import build_specs
+    from janusflow_ref.config import load_config
+
+    calib = CalibrationData(int8_onnx / "calib")
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    files = [f for f in calib.index["files"] if f["graph"] == "llm"]
+    reader = RecordedReader(calib, spec)
+    for f in files:
+        got = reader.get_next()
+        with np.load(int8_onnx / "calib" / f["file"]) as z:
+            assert set(got) == set(z.files) and all(np.array_equal(got[k], z[k]) for k in z.files)
+    assert reader.get_next() is None and reader.seen == len(files) > 1
+
+
+def _scales(path) -> dict[str, np.ndarray]:
+    g = onnx.load(str(path)).graph
+    return {t.name: numpy_helper.to_array(t) for t in g.initializer if "scale" in t.name}
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_calibration_deterministic(int8_onnx, tiny_dir, tmp_path, method, monkeypatch):
+    monkeypatch.delenv("JANUSFLOW_MODELOPT_PYTHON", raising=False)  # ORT's calibrators (all three methods)
+    from export.int8 import derive_int8
+    from export.specs import build_specs
+    from janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["llm"]  # prefill, decode and Euler calls: shapes differ
+    calib = CalibrationData(int8_onnx / "calib")
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for p in (a, b):
+        derive_int8(int8_onnx / "llm.onnx", spec, calib, p, "int8", method)
+    sa, sb = _scales(a), _scales(b)
+    assert sa and sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_wrong_shape_calibration_data(int8_onnx, tiny_dir, tmp_path):
+    from calibration.int8_calib import RecordedReader
+    from export.specs import build_specs
+    from janusflow_ref.config import load_config
+    from janusflow_ref.errors import CheckpointError
+
+    d = tmp_path / "calib"
+    shutil.copytree(int8_onnx / "calib", d)
+    idx = json.loads((d / "index.json").read_text())
+    f = next(f for f in idx["files"] if f["graph"] == "gen_enc")
+    with np.load(d / f["file"]) as z:
+        feeds = {k: z[k] for k in z.files}
+    feeds["z"] = feeds["z"][..., :-1]  # one latent column short
+    np.savez(d / f["file"], **feeds)
+    from calibration.record import _sha256
+
+    f["sha256"] = _sha256(d / f["file"])
+    (d / "index.json").write_text(json.dumps(idx))
+    spec = build_specs(load_config(tiny_dir))["gen_enc"]
+    reader = RecordedReader(CalibrationData(d), spec)
+    with pytest.raises(CheckpointError, match="gen_enc expects"):
+        while reader.get_next() is not None:
+            pass
+
+
+def test_empty_calibration_set(int8_onnx, tiny_dir, tmp_path):
+    from export.int8 import derive_int8
+    from export.specs import build_specs
+    from janusflow_ref.config import load_config
+    from janusflow_ref.errors import JanusFlowError
+
+    d = tmp_path / "calib"
+    d.mkdir()
+    idx = json.loads((int8_onnx / "calib" / "index.json").read_text())
+    (d / "index.json").write_text(json.dumps({**idx, "files": []}))
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    with pytest.raises(JanusFlowError, match="no samples recorded"):
+        derive_int8(int8_onnx / "llm.onnx", spec, CalibrationData(d), tmp_path / "x.onnx", "int8")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# -- bad input at the CLI: one line, exit 2 ----------------------------------------------------------
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True)
+
+
+def test_one_prompt_refused(tiny_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    out = tmp_path / "out"
+    r = _cli("export", "--model", str(tiny_dir), "--out", str(out), "--precision", "int8", "--quiet",
+             "--calib-prompts", str(tmp_path / "p.txt"))
+    assert r.returncode == 2 and "at least 2 prompts" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_int8_not_exported_refused(tiny_onnx, tiny_dir, test_image):
+    r = _cli("chat", "--model", str(tiny_dir), "--backend", "ort", "--artifacts", str(tiny_onnx),
+             "--precision", "int8-cpu", "--image", str(test_image), "--question", "hi", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "not exported at precision int8-cpu" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
