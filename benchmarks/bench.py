@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from janusflow_ref import generation as ref_gen
-from janusflow_ref.config import JanusFlowConfig, load_config
-from janusflow_ref.outputs import write_all
-from janusflow_ref.processor import Processor
 from janusflow_trt import Pipeline
 from janusflow_trt.engines import ReferenceEngine, RuntimeEngine
-from runtime import text2img
-from runtime.chat import decode_one_token, kv_dtype, llm_step, new_cache, prefill
+from janusflow_trt.janusflow_ref import generation as ref_gen
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_trt.janusflow_ref.outputs import write_all
+from janusflow_trt.janusflow_ref.processor import Processor
+from janusflow_trt.runtime import text2img
+from janusflow_trt.runtime.chat import decode_one_token, kv_dtype, llm_step, new_cache, prefill
 
 from . import floors
 
@@ -355,9 +355,9 @@ def chart(result: dict, path: Path) -> None:
 def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: list[str], contexts: list[int],
               threads: int, repeat: int = 3, decode_tokens: int = 16, e2e_steps: int = 30, size: str = "?",
               log: Callable[[str], None] = print) -> dict:
-    from janusflow_ref.vae import load_vae
-    from janusflow_ref.weights import load_model
-    from runtime.backends import TorchBackend
+    from janusflow_trt.janusflow_ref.vae import load_vae
+    from janusflow_trt.janusflow_ref.weights import load_model
+    from janusflow_trt.runtime.backends import TorchBackend
 
     torch.set_num_threads(threads)
     cfg = load_config(model_dir)

@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from janusflow_ref.errors import InputError
-from runtime.argtypes import int_range, threads
+from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.runtime.argtypes import int_range, threads
 
 
 def _ints(s: str) -> list[int]:
@@ -27,7 +27,7 @@ DECODE_MARGIN = 32  # decode tokens (<= 16) after a context, plus warm-up, must 
 
 def check_out(out: Path, force: bool) -> None:
     """Before the run: OUT is a directory we may create or write bench.* into."""
-    from janusflow_ref.outputs import check_output_file
+    from janusflow_trt.janusflow_ref.outputs import check_output_file
 
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
@@ -42,11 +42,11 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def max_context(args) -> int:
-    from janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.config import load_config
 
     if args.model:
         return load_config(args.model).max_context
-    from janusflow_ref.tiny import model_config
+    from janusflow_trt.janusflow_ref.tiny import model_config
 
     return int(model_config(args.size, 0)["language_config"]["max_position_embeddings"])
 
@@ -55,13 +55,13 @@ def cmd_bench(args) -> int:
     # Busy-waiting OpenMP threads on a 2-core machine slow everything else down many-fold; set before
     # torch starts its thread pool (torch is imported lazily below) and report it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from runtime.backends import physical_cores
+    from janusflow_trt.runtime.backends import physical_cores
 
     from .bench import run_bench
 
     threads = args.threads or physical_cores()
     backends = [b for b in args.backends.split(",") if b]
-    from export.variants import parse_precisions
+    from janusflow_trt.export.variants import parse_precisions
 
     extra = [p for p in parse_precisions(args.precision) if p != "fp32"]
     if extra and "ort" not in backends:
@@ -87,13 +87,13 @@ def cmd_bench(args) -> int:
 def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:
     model = Path(args.model) if args.model else None
     if model is None:
-        from janusflow_ref.tiny import make_tiny
+        from janusflow_trt.janusflow_ref.tiny import make_tiny
 
         print(f"making a {args.size} checkpoint ...")
         model = make_tiny(work / args.size, size=args.size, seed=0)
     artifacts = Path(args.artifacts) if args.artifacts else None
     if "ort" in backends and artifacts is None:
-        from export.onnx_export import export_graphs
+        from janusflow_trt.export.onnx_export import export_graphs
 
         print("exporting graphs for the ort backend ...")
         artifacts = work / "onnx"

@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the per-graph numbers to this file")
     args = p.parse_args(argv)
 
-    from export.onnx_export import export_graphs
-    from janusflow_ref.tiny import make_tiny
+    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.janusflow_ref.tiny import make_tiny
 
     work = Path(args.work)
     ckpt, out = work / "ckpt", work / "onnx"

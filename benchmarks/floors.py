@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
+from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
 
 
 def _times(fn, repeat: int) -> list[float]:

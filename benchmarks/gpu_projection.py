@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from janusflow_ref.config import JanusFlowConfig, parse_config
-from janusflow_ref.tiny import model_config
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig, parse_config
+from janusflow_trt.janusflow_ref.tiny import model_config
 
 from . import floors
 

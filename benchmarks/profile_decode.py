@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import floors  # noqa: E402
-from janusflow_ref.config import load_config  # noqa: E402
-from runtime.backends import OrtBackend  # noqa: E402
-from runtime.chat import decode_one_token, llm_step, new_cache, prefill  # noqa: E402
+from janusflow_trt.benchmarks import floors  # noqa: E402
+from janusflow_trt.janusflow_ref.config import load_config  # noqa: E402
+from janusflow_trt.runtime.backends import OrtBackend  # noqa: E402
+from janusflow_trt.runtime.chat import decode_one_token, llm_step, new_cache, prefill  # noqa: E402
 
 
 def median_ms(fn, n: int) -> float:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from janusflow_ref.config import load_config  # noqa: E402
+from janusflow_trt.janusflow_ref.config import load_config  # noqa: E402
 
 
 def step_feeds(cfg, rows: int, prefix: int) -> dict[str, dict[str, np.ndarray]]:

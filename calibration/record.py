@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from janusflow_ref.errors import CheckpointError
+from janusflow_trt.janusflow_ref.errors import CheckpointError
 
 if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
     from .data import InputSet
@@ -91,7 +91,7 @@ def _stat(path: Path) -> list:
 def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan: Plan) -> str:
     """What the recorded set depends on: the checkpoint (config + weight files' size and mtime; hashing
     GBs of weights on every export would cost more than re-recording), the inputs and the plan."""
-    from janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.config import load_config
 
     doc = {"v": RECORDER_VERSION, "config": load_config(model_dir).sha256, "weights": _stat(model_dir),
            "vae": _stat(vae_dir) if vae_dir else None, "inputs": inputs.sha256(), "plan": plan.__dict__}
@@ -103,13 +103,13 @@ def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, i
     """Run chat and text-to-image on the FP32 torch-fast runtime; write DIR atomically; -> index."""
     from tqdm import tqdm
 
-    from janusflow_ref.config import load_config
-    from janusflow_ref.generation import initial_latents
-    from janusflow_ref.processor import Processor
-    from janusflow_ref.sampling import SamplingParams
-    from runtime import text2img
-    from runtime.backends import make_backend
-    from runtime.chat import chat
+    from janusflow_trt.janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.generation import initial_latents
+    from janusflow_trt.janusflow_ref.processor import Processor
+    from janusflow_trt.janusflow_ref.sampling import SamplingParams
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.backends import make_backend
+    from janusflow_trt.runtime.chat import chat
 
     model_dir, out = Path(model_dir), Path(out)
     vae_dir = Path(vae_dir) if vae_dir is not None else None

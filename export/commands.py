@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from janusflow_ref.errors import JanusFlowError
+from janusflow_trt.janusflow_ref.errors import JanusFlowError
 
 
 def _default_vae(model: str, vae: str | None) -> str | None:
@@ -17,7 +17,7 @@ def _default_vae(model: str, vae: str | None) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from calibration.data import calibration_set
+    from janusflow_trt.calibration.data import calibration_set
 
     from .onnx_export import export_graphs, parse_graphs
     from .variants import parse_precisions

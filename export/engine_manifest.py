@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from janusflow_ref.errors import CheckpointError
-from janusflow_ref.images import write_atomic
+from janusflow_trt.janusflow_ref.errors import CheckpointError
+from janusflow_trt.janusflow_ref.images import write_atomic
 
 from .manifest import VERSION, sha256_file
 from .trt_plan import Profile

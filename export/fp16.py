@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibration.ranges import FP16_MAX, Ranges, measure
+from janusflow_trt.calibration.ranges import FP16_MAX, Ranges, measure
 
 from .specs import GraphSpec, compare, fp16_boundary, precision_variant
 

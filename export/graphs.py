@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from janusflow_ref.model import JanusFlow
+from janusflow_trt.janusflow_ref.model import JanusFlow
 
 NEG = -1e9  # additive mask value; finite so a row never becomes all -inf/NaN
 

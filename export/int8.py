@@ -30,8 +30,8 @@ from typing import Any
 
 import onnx
 
-from calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni
-from janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni
+from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
@@ -189,7 +189,7 @@ def _modelopt(py: str, named: Path, spec, calib, out_path: Path, method: str, ex
     for k, feeds in enumerate(calib.samples(spec.name)):  # the worker feeds these unchecked
         check_sample(spec, feeds, f"{spec.name} sample {k}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [py, "-m", "export.modelopt_worker", str(named), str(calib.path), spec.name, str(out_path),
+    cmd = [py, "-m", "janusflow_trt.export.modelopt_worker", str(named), str(calib.path), spec.name, str(out_path),
            MODELOPT_METHODS[method], ",".join(sorted(exclude))]
     r = subprocess.run(cmd, env=env, cwd=str(out_path.parent), capture_output=True, text=True)
     if r.returncode != 0 or not out_path.is_file():
@@ -224,8 +224,8 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
     -> the manifest's 'calibration' record (the set is recorded once and shared with fp16)."""
     import time
 
-    from calibration.record import CalibrationData, Plan
-    from janusflow_ref.errors import JanusFlowError
+    from janusflow_trt.calibration.record import CalibrationData, Plan
+    from janusflow_trt.janusflow_ref.errors import JanusFlowError
 
     from .manifest import precision_entry
     from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory

@@ -8,14 +8,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from janusflow_ref.config import JanusFlowConfig
-from janusflow_ref.errors import CheckpointError
-from janusflow_ref.fingerprint import quick_digest, sha256_file, weights_fingerprint
+from janusflow_trt import __version__
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig
+from janusflow_trt.janusflow_ref.errors import CheckpointError
+from janusflow_trt.janusflow_ref.fingerprint import quick_digest, sha256_file, weights_fingerprint
 
 from .specs import GRAPH_NAMES, GraphSpec
 
 FORMAT_VERSION = 2  # 2: per-file size + quick digest, weights fingerprint
-VERSION = "0.1.0"  # janusflow-trt
+VERSION = __version__  # janusflow-trt
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "transformers", "diffusers")
 __all__ = ["sha256_file", "load_checked", "build_manifest", "graph_entry", "write_manifest", "VERSION"]
 

@@ -12,7 +12,7 @@ import sys
 
 from onnxruntime.quantization import CalibrationDataReader
 
-from calibration.record import CalibrationData
+from janusflow_trt.calibration.record import CalibrationData
 
 
 class Reader(CalibrationDataReader):

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import torch
 
-from janusflow_ref.config import JanusFlowConfig, load_config
-from janusflow_ref.errors import CheckpointError, JanusFlowError
-from janusflow_ref.owned_dirs import check_out_dir, make_tmp, replace_dir
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_trt.janusflow_ref.owned_dirs import check_out_dir, make_tmp, replace_dir
 
 from . import graphs as G
 from .manifest import build_manifest, graph_entry, write_manifest
@@ -62,8 +62,8 @@ def resolve_vae(model_dir: Path, vae_dir: str | Path | None, needed: bool) -> Pa
 
 def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[str]):
     """-> (cfg, {graph: eval-mode torch module}) in float32."""
-    from janusflow_ref.vae import load_vae
-    from janusflow_ref.weights import load_model
+    from janusflow_trt.janusflow_ref.vae import load_vae
+    from janusflow_trt.janusflow_ref.weights import load_model
 
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
@@ -351,7 +351,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
     if any(p.startswith("int8") for p in precs) and calib_inputs is not None:
-        from calibration.int8_calib import check_inputs
+        from janusflow_trt.calibration.int8_calib import check_inputs
 
         check_inputs(calib_inputs)
     check_opset(opset)
@@ -393,7 +393,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             entries[name] = graph_entry(specs[name], f"{name}.onnx", data, tmp, e.pop("opset"), e)
         manifest = build_manifest(cfg, entries)
         if "fp16" in precs:
-            from calibration.data import calibration_set
+            from janusflow_trt.calibration.data import calibration_set
 
             from .variants import add_fp16
 
@@ -402,7 +402,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
                                                progress, calib_plan)
         int8 = [p for p in precs if p.startswith("int8")]
         if int8:
-            from calibration.data import calibration_set
+            from janusflow_trt.calibration.data import calibration_set
 
             from .int8 import add_int8
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.data import InputSet, builtin_heldout
-from calibration.record import CalibrationData, Recorder
+from janusflow_trt.calibration.data import InputSet, builtin_heldout
+from janusflow_trt.calibration.record import CalibrationData, Recorder
 
 from .quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
 from .specs import precision_variant
@@ -43,7 +43,7 @@ def _prompt_embeds(backend, processor, image, question: str) -> np.ndarray:
 
 def teacher_forced_top1(backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
     """argmax of `backend`'s logits at every position of the reference answer, given the reference prefix."""
-    from runtime.chat import decode_one_token, kv_dtype, new_cache, prefill
+    from janusflow_trt.runtime.chat import decode_one_token, kv_dtype, new_cache, prefill
 
     emb = _prompt_embeds(backend, processor, image, question)
     cache = new_cache(cfg, 1, emb.shape[1] + len(ref), dtype=kv_dtype(backend))
@@ -54,7 +54,7 @@ def teacher_forced_top1(backend, cfg, processor, image, question: str, ref: list
 
 
 def _t2i(backend, cfg, processor, prompt: str, z0: np.ndarray, steps: int, rec: Recorder | None = None):
-    from runtime import text2img
+    from janusflow_trt.runtime import text2img
 
     if rec is not None:
         rec.active = {"embed", "llm"}
@@ -78,13 +78,13 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
                 progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from janusflow_ref.config import load_config
-    from janusflow_ref.generation import initial_latents
-    from janusflow_ref.images import to_uint8
-    from janusflow_ref.processor import Processor
-    from janusflow_ref.sampling import SamplingParams
-    from runtime.backends import OrtBackend
-    from runtime.chat import chat
+    from janusflow_trt.janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.generation import initial_latents
+    from janusflow_trt.janusflow_ref.images import to_uint8
+    from janusflow_trt.janusflow_ref.processor import Processor
+    from janusflow_trt.janusflow_ref.sampling import SamplingParams
+    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.chat import chat
 
     from .onnx_export import ort_session
 
@@ -136,7 +136,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
 
 
 def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
-    from calibration.record import RECORDER_VERSION
+    from janusflow_trt.calibration.record import RECORDER_VERSION
 
     (path / "index.json").write_text(json.dumps({"recorder_version": RECORDER_VERSION, "files": rec.files,
                                                  "sha256": ""}))
@@ -144,8 +144,8 @@ def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
 
 
 def _per_graph(artifacts, cfg, data: CalibrationData, precision: str, ort_session) -> dict[str, Any]:
-    from export.manifest import resolve_graph
-    from runtime.backends import read_manifest
+    from janusflow_trt.export.manifest import resolve_graph
+    from janusflow_trt.runtime.backends import read_manifest
 
     from .specs import build_specs
 

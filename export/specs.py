@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from janusflow_ref.config import LATENT_CHANNELS, LATENT_SIZE, JanusFlowConfig
+from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, LATENT_SIZE, JanusFlowConfig
 
 GRAPH_NAMES = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from calibration.data import InputSet
-from calibration.record import CalibrationData, Plan, record, recording_key
-from janusflow_ref.errors import JanusFlowError
+from janusflow_trt.calibration.data import InputSet
+from janusflow_trt.calibration.record import CalibrationData, Plan, record, recording_key
+from janusflow_trt.janusflow_ref.errors import JanusFlowError
 
 from .manifest import precision_entry
 from .specs import PRECISIONS, GraphSpec

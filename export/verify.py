@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from janusflow_ref.config import load_config
-from janusflow_ref.errors import CheckpointError
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.errors import CheckpointError
 
 from .manifest import load_checked, resolve_graph
 from .onnx_export import load_modules, ort_session
@@ -118,8 +118,8 @@ def grow_cache(spec: GraphSpec, out: dict[str, np.ndarray], new_mask: np.ndarray
 
 
 def _real_cases(run: _Runner, model_dir: Path, cfg, names: list[str]) -> None:
-    from janusflow_ref.generation import generation_mask
-    from janusflow_ref.processor import Processor
+    from janusflow_trt.janusflow_ref.generation import generation_mask
+    from janusflow_trt.janusflow_ref.processor import Processor
 
     proc = Processor(model_dir)
     chat = proc.chat_inputs(test_image(), PROMPT_CHAT)

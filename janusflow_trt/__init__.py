@@ -1,8 +1,20 @@
 """janusflow-trt: DeepSeek JanusFlow as ONNX graphs on ONNX Runtime and TensorRT.
 
     from janusflow_trt import Pipeline
+
+The repository's top-level folders are this package's subpackages (janusflow_trt.janusflow_ref,
+.export, .runtime, .calibration, .benchmarks): symlinks here in the source tree, real folders in the
+wheel.
 """
 
-from .api import GenerateResult, Pipeline
+__version__ = "0.1.0"
+__all__ = ["GenerateResult", "Pipeline", "__version__"]
 
-__all__ = ["GenerateResult", "Pipeline"]
+
+def __getattr__(name: str):
+    # lazy: importing a subpackage (errors, specs, the ModelOpt worker) must not load the whole API
+    if name in ("GenerateResult", "Pipeline"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'janusflow_trt' has no attribute {name!r}")

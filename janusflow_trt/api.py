@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from janusflow_ref.config import JanusFlowConfig, load_config
-from janusflow_ref.errors import InputError
-from janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
-from janusflow_ref.images import to_uint8
-from janusflow_ref.latents_io import check_finite_latents
-from janusflow_ref.processor import SYSTEM_PROMPT, Processor, load_image
-from janusflow_ref.sampling import SamplingParams
-from janusflow_ref.understanding import ChatResult, check_context
-from runtime.detok import IncrementalDecoder
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
+from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
+from janusflow_trt.janusflow_ref.images import to_uint8
+from janusflow_trt.janusflow_ref.latents_io import check_finite_latents
+from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, Processor, load_image
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
+from janusflow_trt.runtime.detok import IncrementalDecoder
 
 from .engines import build_engine
 
@@ -69,7 +69,7 @@ class Pipeline:
         MODEL/vae). threads: intra-op threads (default: physical cores)."""
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
-        from export.specs import PRECISIONS
+        from janusflow_trt.export.specs import PRECISIONS
 
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not available ({', '.join(PRECISIONS)})")
@@ -141,7 +141,7 @@ class Pipeline:
                  callback: Callable[[int, np.ndarray], None] | None = None) -> GenerateResult:
         """-> PIL images, final latents, timings. init_latents [n,4,48,48] replaces the seeded noise;
         callback(step, z) runs after each Euler step (z: [n,4,48,48], valid during the call)."""
-        from export.specs import build_specs, max_images
+        from janusflow_trt.export.specs import build_specs, max_images
 
         # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images), for every backend:
         # they also bound the eager reference's memory

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from janusflow_ref.config import JanusFlowConfig
-from janusflow_ref.processor import ChatInputs, Processor
-from janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig
+from janusflow_trt.janusflow_ref.processor import ChatInputs, Processor
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
 
 
 class ReferenceEngine:
@@ -27,17 +27,17 @@ class ReferenceEngine:
         self.model, self.processor, self._vae_loader, self._vae = model, processor, vae_loader, None
 
     def chat_tokens(self, inputs: ChatInputs, params: SamplingParams) -> Iterator[int]:
-        from janusflow_ref.understanding import chat_tokens
+        from janusflow_trt.janusflow_ref.understanding import chat_tokens
 
         return chat_tokens(self.model, inputs, params, self.processor.eos_id)
 
     def prefix(self, prompt: str, num_images: int):
-        from janusflow_ref.generation import prompt_prefix
+        from janusflow_trt.janusflow_ref.generation import prompt_prefix
 
         return prompt_prefix(self.model, self.processor, prompt, num_images)
 
     def euler(self, prefix, z0: np.ndarray, steps: int, cfg_weight: float) -> Iterator[np.ndarray]:
-        from janusflow_ref.generation import euler_steps
+        from janusflow_trt.janusflow_ref.generation import euler_steps
 
         embeds, mask = prefix
         for z in euler_steps(self.model, embeds, mask, torch.from_numpy(z0), steps, cfg_weight):
@@ -48,7 +48,7 @@ class ReferenceEngine:
             self._vae = self._vae_loader()
 
     def vae(self, z: np.ndarray) -> np.ndarray:
-        from janusflow_ref.generation import vae_decode
+        from janusflow_trt.janusflow_ref.generation import vae_decode
 
         return vae_decode(self._vae, torch.from_numpy(z)).numpy()
 
@@ -61,17 +61,17 @@ class RuntimeEngine:
         self.backend, self.cfg, self.processor, self._add_vae = backend, cfg, processor, add_vae
 
     def chat_tokens(self, inputs: ChatInputs, params: SamplingParams) -> Iterator[int]:
-        from runtime.chat import chat_tokens
+        from janusflow_trt.runtime.chat import chat_tokens
 
         return chat_tokens(self.backend, self.cfg, inputs, params, self.processor.eos_id)
 
     def prefix(self, prompt: str, num_images: int):
-        from runtime.text2img import prefill_prefix
+        from janusflow_trt.runtime.text2img import prefill_prefix
 
         return prefill_prefix(self.backend, self.cfg, self.processor, prompt, num_images)
 
     def euler(self, cache, z0: np.ndarray, steps: int, cfg_weight: float) -> Iterator[np.ndarray]:
-        from runtime.text2img import euler_loop
+        from janusflow_trt.runtime.text2img import euler_loop
 
         return euler_loop(self.backend, cache, z0, steps, cfg_weight)
 
@@ -81,7 +81,7 @@ class RuntimeEngine:
             self._add_vae = None
 
     def vae(self, z: np.ndarray) -> np.ndarray:
-        from runtime.text2img import vae_decode
+        from janusflow_trt.runtime.text2img import vae_decode
 
         return vae_decode(self.backend, z)
 
@@ -91,7 +91,7 @@ class TrtRuntimeEngine(RuntimeEngine):
     step). Each step's z is read back for the caller's callback (n x 36 KB); the rest stays on the GPU."""
 
     def euler(self, cache, z0: np.ndarray, steps: int, cfg_weight: float) -> Iterator[np.ndarray]:
-        from runtime.trt_euler import DeviceEulerLoop
+        from janusflow_trt.runtime.trt_euler import DeviceEulerLoop
 
         for z in DeviceEulerLoop(self.backend, cache, z0, steps, cfg_weight):
             yield z.cpu().numpy()
@@ -101,8 +101,8 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
                  artifacts: Path | None, vae_dir: Path | None, threads: int | None, precision: str = "fp32"):
     """Loads the weights (torch, torch-fast) or opens the artifacts (ort, trt): the one load of a Pipeline.
     The ort / trt path imports no model code (janusflow_ref.model, transformers' modeling, diffusers)."""
-    from janusflow_ref.errors import InputError
-    from runtime.backends import make_backend, physical_cores
+    from janusflow_trt.janusflow_ref.errors import InputError
+    from janusflow_trt.runtime.backends import make_backend, physical_cores
 
     if backend in ("ort", "trt"):
         kind = TrtRuntimeEngine if backend == "trt" else RuntimeEngine
@@ -112,9 +112,9 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
                              processor)
     if backend not in ("torch", "torch-fast"):
         raise InputError(f"unknown backend {backend!r} (torch, torch-fast, ort, trt, torch-cuda)")
-    from janusflow_ref import vae as vae_mod
-    from janusflow_ref import weights
-    from runtime.backends import TorchBackend
+    from janusflow_trt.janusflow_ref import vae as vae_mod
+    from janusflow_trt.janusflow_ref import weights
+    from janusflow_trt.runtime.backends import TorchBackend
 
     def load_vae():
         return vae_mod.load_vae(vae_mod.resolve_vae_dir(model_dir, vae_dir))

@@ -1,1 +1,1 @@
-__version__ = "0.1.0"
+from janusflow_trt import __version__  # noqa: F401  (the one version string)

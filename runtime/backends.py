@@ -16,8 +16,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from janusflow_ref.config import JanusFlowConfig
-from janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig
+from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 
 class Backend(Protocol):
@@ -41,7 +41,7 @@ class TorchBackend:
     name = "torch-fast"
 
     def __init__(self, model, vae=None, threads: int | None = None):
-        from export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph
+        from janusflow_trt.export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph
 
         torch.set_num_threads(threads or physical_cores())
         self.cfg: JanusFlowConfig = model.cfg
@@ -49,12 +49,12 @@ class TorchBackend:
                         "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
             self.add_vae(vae)
-        from export.specs import build_specs
+        from janusflow_trt.export.specs import build_specs
 
         self.specs = build_specs(self.cfg)
 
     def add_vae(self, vae) -> None:
-        from export.graphs import VAEDecGraph
+        from janusflow_trt.export.graphs import VAEDecGraph
 
         self.modules["vae_dec"] = VAEDecGraph(vae)
 
@@ -70,8 +70,8 @@ class TorchBackend:
 def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
     """The export manifest, refused if it is from another config, another janusflow-trt major version,
     or if a graph file is missing or changed."""
-    from export.manifest import load_checked
-    from runtime import __version__
+    from janusflow_trt.export.manifest import load_checked
+    from janusflow_trt.runtime import __version__
 
     manifest = load_checked(Path(artifacts), cfg)
     theirs = str(manifest.get("janusflow_trt_version", "?"))
@@ -94,8 +94,8 @@ class OrtBackend:
             raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
                                  "(or '[gpu]' with CUDA)") from None
 
-        from export.manifest import resolve_graph
-        from export.specs import build_specs, precision_variant
+        from janusflow_trt.export.manifest import resolve_graph
+        from janusflow_trt.export.specs import build_specs, precision_variant
 
         self.dir = Path(artifacts)
         self.manifest = read_manifest(artifacts, cfg)
@@ -123,7 +123,7 @@ class OrtBackend:
         if graph not in self.sessions:
             import onnxruntime as ort
 
-            from export.manifest import resolve_graph
+            from janusflow_trt.export.manifest import resolve_graph
 
             entry = resolve_graph(self.manifest, self.dir, graph, self.precision)
             path = self.dir / entry["file"]
@@ -202,21 +202,21 @@ class OutputBuffers:
 def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,
                  threads: int | None = None, need_vae: bool = False, vae_dir: str | Path | None = None,
                  precision: str = "fp32"):
-    from export.specs import PRECISIONS
+    from janusflow_trt.export.specs import PRECISIONS
 
     if precision not in PRECISIONS:
         raise JanusFlowError(f"unknown precision {precision!r}; choose from {','.join(PRECISIONS)}")
     if precision != "fp32" and name not in ("ort", "trt"):
         raise JanusFlowError(f"--precision {precision} needs --backend ort (exported variants); {name} runs FP32")
     if name == "torch-cuda":
-        from janusflow_ref.vae import resolve_vae_dir
+        from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
 
         from .torch_cuda import TorchCudaBackend
 
         return TorchCudaBackend(model_dir, resolve_vae_dir(model_dir, vae_dir) if need_vae else None)
     if name == "torch-fast":
-        from janusflow_ref.vae import load_vae, resolve_vae_dir
-        from janusflow_ref.weights import load_model
+        from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
+        from janusflow_trt.janusflow_ref.weights import load_model
 
         vae = load_vae(resolve_vae_dir(model_dir, vae_dir)) if need_vae else None
         return TorchBackend(load_model(model_dir), vae, threads)

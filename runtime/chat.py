@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from janusflow_ref.processor import SYSTEM_PROMPT, ChatInputs, Processor
-from janusflow_ref.sampling import SamplingParams, next_token
-from janusflow_ref.understanding import ChatResult, check_context
+from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, ChatInputs, Processor
+from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
+from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
 
 from .backends import Backend
 from .kv_cache import StaticKVCache

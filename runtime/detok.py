@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from janusflow_ref.processor import clean_up_tokenization
+from janusflow_trt.janusflow_ref.processor import clean_up_tokenization
 
 _CLEAN_REACH = 3  # longest clean-up pattern (" n't", " 've", " 're") minus its leading space
 

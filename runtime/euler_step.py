@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from export.specs import GraphSpec
-from janusflow_ref.generation import timestep
+from janusflow_trt.export.specs import GraphSpec
+from janusflow_trt.janusflow_ref.generation import timestep
 
 Source = tuple[str, ...]
 KV_PREFIX = "past_key_values."

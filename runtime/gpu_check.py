@@ -12,13 +12,13 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from janusflow_ref.errors import JanusFlowError
+from janusflow_trt.janusflow_ref.errors import JanusFlowError
 
 TESTS = Path(__file__).resolve().parent.parent / "tests" / "test_gpu.py"
 
 
 def cmd_gpu_check(args) -> int:
-    from export.trt_build import require_cuda
+    from janusflow_trt.export.trt_build import require_cuda
 
     require_cuda("janusflow gpu-check")
     if not TESTS.is_file():

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from janusflow_ref.generation import cfg_rows, generation_mask, prompt_ids, timestep
-from janusflow_ref.processor import Processor
+from janusflow_trt.janusflow_ref.generation import cfg_rows, generation_mask, prompt_ids, timestep
+from janusflow_trt.janusflow_ref.processor import Processor
 
 from .backends import Backend
 from .chat import kv_dtype, llm_step, new_cache

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.specs import build_specs
-from export.trt_build import require_cuda
+from janusflow_trt.export.specs import build_specs
+from janusflow_trt.export.trt_build import require_cuda
 
 from .cuda_graph import CapturedStep
 
@@ -27,9 +27,9 @@ class TorchCudaBackend:
     def __init__(self, model_dir: str | Path, vae_dir: str | Path | None = None, dtype: str = "bf16",
                  graphs_capture: bool = True):
         require_cuda("--backend torch-cuda")
-        from export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph, VAEDecGraph
-        from janusflow_ref.vae import load_vae
-        from janusflow_ref.weights import load_model
+        from janusflow_trt.export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph, VAEDecGraph
+        from janusflow_trt.janusflow_ref.vae import load_vae
+        from janusflow_trt.janusflow_ref.weights import load_model
 
         model = load_model(model_dir)
         self.cfg = model.cfg

@@ -15,12 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from export.engine_manifest import check_engine_files, check_engine_manifest, read_engine_manifest, source_graph
-from export.specs import build_specs
-from export.trt_build import require_cuda, require_tensorrt, target_here
-from export.trt_plan import engine_profiles
-from janusflow_ref.config import JanusFlowConfig
-from janusflow_ref.errors import InputError
+from janusflow_trt.export.engine_manifest import (
+    check_engine_files,
+    check_engine_manifest,
+    read_engine_manifest,
+    source_graph,
+)
+from janusflow_trt.export.specs import build_specs
+from janusflow_trt.export.trt_build import require_cuda, require_tensorrt, target_here
+from janusflow_trt.export.trt_plan import engine_profiles
+from janusflow_trt.janusflow_ref.config import JanusFlowConfig
+from janusflow_trt.janusflow_ref.errors import InputError
 
 
 def export_sources(m: dict[str, Any]) -> dict[str, str] | None:

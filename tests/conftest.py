@@ -12,28 +12,28 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from janusflow_ref.tiny import make_tiny
+    from janusflow_trt.janusflow_ref.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", size="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    from janusflow_ref.weights import load_model
+    from janusflow_trt.janusflow_ref.weights import load_model
 
     return load_model(tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_vae(tiny_dir):
-    from janusflow_ref.vae import load_vae
+    from janusflow_trt.janusflow_ref.vae import load_vae
 
     return load_vae(tiny_dir / "vae")
 
 
 @pytest.fixture(scope="session")
 def processor(tiny_dir):
-    from janusflow_ref.processor import Processor
+    from janusflow_trt.janusflow_ref.processor import Processor
 
     return Processor(tiny_dir)
 
@@ -49,7 +49,7 @@ def test_image(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_dir, tmp_path_factory):
     """All six graphs of the tiny checkpoint, exported once per session."""
-    from export.onnx_export import export_graphs
+    from janusflow_trt.export.onnx_export import export_graphs
 
     out = tmp_path_factory.mktemp("export") / "onnx"
     export_graphs(tiny_dir, None, out, progress=False)

@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from runtime.cli import main
+from janusflow_trt.cli import main
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:

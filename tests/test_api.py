@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from janusflow_trt import Pipeline
-from runtime.backends import OrtBackend
-from runtime.chat import new_cache
-from runtime.cli import main
+from janusflow_trt.cli import main
+from janusflow_trt.runtime.backends import OrtBackend
+from janusflow_trt.runtime.chat import new_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ class Loads:
     def __init__(self, monkeypatch):
         import onnxruntime
 
-        from janusflow_ref import vae, weights
+        from janusflow_trt.janusflow_ref import vae, weights
 
         self.n = {"model": 0, "vae": 0, "session": 0}
         for mod, name, key in ((weights, "load_model", "model"), (vae, "load_vae", "vae")):
@@ -156,8 +156,8 @@ from janusflow_trt import Pipeline
 p = Pipeline.from_pretrained({str(tiny_dir)!r}, backend="ort", artifacts={str(tiny_onnx)!r}, threads=1)
 p.chat({str(test_image)!r}, "hi", max_new_tokens=2)
 p.generate("a cat", steps=1)
-bad = [m for m in sys.modules if m in ("janusflow_ref.model", "transformers.modeling_utils", "diffusers")
-       or m.startswith("benchmarks") or (m.startswith("transformers.models.") and ".modeling_" in m
+bad = [m for m in sys.modules if m in ("janusflow_trt.janusflow_ref.model", "transformers.modeling_utils", "diffusers")
+       or m.startswith("janusflow_trt.benchmarks") or (m.startswith("transformers.models.") and ".modeling_" in m
                                          and not m.startswith("transformers.models.auto."))]
 print(sorted(bad))
 """
@@ -167,7 +167,7 @@ print(sorted(bad))
 
 
 def test_api_refusals(pipe, tiny_dir, test_image):
-    from janusflow_ref.errors import InputError
+    from janusflow_trt.janusflow_ref.errors import InputError
 
     with pytest.raises(InputError, match="precision"):
         Pipeline.from_pretrained(tiny_dir, backend="ort", precision="int4")

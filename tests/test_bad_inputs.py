@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.cli import main
+from janusflow_trt.cli import main
 
 
 def run(argv, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from runtime.cli import main
+from janusflow_trt.cli import main
 
 
 def test_bench_end_to_end(tiny_dir, tiny_onnx, tmp_path, capsys):

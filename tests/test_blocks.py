@@ -7,9 +7,15 @@ import math
 import numpy as np
 import torch
 
-from janusflow_ref.config import GenDecoderConfig, GenEncoderConfig
-from janusflow_ref.tiny import randomize
-from janusflow_ref.uvit import ConvNextBlock, GlobalResponseNorm, ShallowUViTDecoder, ShallowUViTEncoder, Unpatchify
+from janusflow_trt.janusflow_ref.config import GenDecoderConfig, GenEncoderConfig
+from janusflow_trt.janusflow_ref.tiny import randomize
+from janusflow_trt.janusflow_ref.uvit import (
+    ConvNextBlock,
+    GlobalResponseNorm,
+    ShallowUViTDecoder,
+    ShallowUViTEncoder,
+    Unpatchify,
+)
 
 G = torch.Generator().manual_seed(1)
 
@@ -102,7 +108,7 @@ def test_decoder_input_norm_and_concat_order():
 
 
 def test_cfg_and_euler_update():
-    from export.graphs import cfg_combine, euler_step
+    from janusflow_trt.export.graphs import cfg_combine, euler_step
 
     vc, vu, z = rand(2, 4, 3, 3), rand(2, 4, 3, 3), rand(2, 4, 3, 3)
     w, dt = 5.0, 1.0 / 30
@@ -113,7 +119,7 @@ def test_cfg_and_euler_update():
 
 def test_graph_time_projection_is_bitwise_diffusers():
     """The gen_enc graph's constant frequencies reproduce diffusers' Timesteps exactly (same torch ops)."""
-    from export.graphs import GenEncGraph
+    from janusflow_trt.export.graphs import GenEncGraph
 
     class Holder(torch.nn.Module):
         pass

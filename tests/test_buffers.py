@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.backends import OrtBackend, OutputBuffers
+from janusflow_trt.runtime.backends import OrtBackend, OutputBuffers
 
 
 def test_two_buffers_alternate():
@@ -19,7 +19,7 @@ def test_two_buffers_alternate():
 
 
 def test_ort_result_survives_one_call_and_is_reused_by_the_second(tiny_dir, tiny_onnx):
-    from janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.config import load_config
 
     be = OrtBackend(tiny_onnx, load_config(tiny_dir), threads=2)
     feeds = [{"input_ids": np.array([[i, i + 1, i + 2]], np.int64)} for i in (3, 10, 20)]

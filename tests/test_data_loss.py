@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from contract import assert_refused, run_cli, snapshot
 
-from janusflow_ref.owned_dirs import _host, clean_stale
+from janusflow_trt.janusflow_ref.owned_dirs import _host, clean_stale
 
 
 @pytest.fixture()
@@ -61,7 +61,7 @@ def test_export_out_with_unrelated_files(model, tmp_path, capfd, force):
 def test_export_replaces_only_an_earlier_export_with_force(model, tmp_path, capfd):
     out = tmp_path / "onnx"
     # a fresh process: the exporter's warnings come once per process, and torch logs to the real stderr
-    r = subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, export(model, out))], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "janusflow_trt.cli", *map(str, export(model, out))], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr  # no library noise
     first = (out / "manifest.json").read_text()

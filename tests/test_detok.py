@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from runtime.detok import IncrementalDecoder
+from janusflow_trt.runtime.detok import IncrementalDecoder
 
 TEXTS = [
     "狐狸在秋天的树叶里。これは猫です。여우가 있다.",

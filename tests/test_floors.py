@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import floors
+from janusflow_trt.benchmarks import floors
 
 
 def test_probe_reports_best_over_sizes_and_repeats_with_spread():

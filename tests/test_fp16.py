@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.data import InputSet, builtin_calibration
-from calibration.record import Plan
-from export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics
+from janusflow_trt.calibration.data import InputSet, builtin_calibration
+from janusflow_trt.calibration.record import Plan
+from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics
 
 PLAN = Plan(steps=4, full_runs=2, full_stride=2, early_steps=2)  # small: the tests time the machinery
 
@@ -27,7 +27,7 @@ def small_inputs() -> InputSet:
 
 @pytest.fixture(scope="session")
 def fp16_onnx(tiny_dir, tmp_path_factory):
-    from export.onnx_export import export_graphs
+    from janusflow_trt.export.onnx_export import export_graphs
 
     out = tmp_path_factory.mktemp("export16") / "onnx"
     export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16", calib_inputs=small_inputs(),
@@ -86,11 +86,11 @@ def test_islands_where_measured(fp16_onnx):
 
 
 def test_fp16_runs_in_ort(fp16_onnx, tiny_dir, tiny_model, processor, test_image):
-    from janusflow_ref.processor import load_image
-    from janusflow_ref.sampling import SamplingParams
-    from runtime import text2img
-    from runtime.backends import OrtBackend
-    from runtime.chat import chat
+    from janusflow_trt.janusflow_ref.processor import load_image
+    from janusflow_trt.janusflow_ref.sampling import SamplingParams
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.chat import chat
 
     cfg = tiny_model.cfg
     b16, b32 = OrtBackend(fp16_onnx, cfg, threads=2, precision="fp16"), OrtBackend(fp16_onnx, cfg, threads=2)
@@ -110,14 +110,14 @@ def test_fp16_runs_in_ort(fp16_onnx, tiny_dir, tiny_model, processor, test_image
 
 
 def test_verify_fp16(fp16_onnx, tiny_dir):
-    from export.verify import verify
+    from janusflow_trt.export.verify import verify
 
     assert verify(tiny_dir, fp16_onnx, None, print_table=False, precision="fp16").ok
 
 
 def test_refuses_precision_not_exported(tiny_onnx, tiny_model):
-    from janusflow_ref.errors import CheckpointError
-    from runtime.backends import OrtBackend
+    from janusflow_trt.janusflow_ref.errors import CheckpointError
+    from janusflow_trt.runtime.backends import OrtBackend
 
     with pytest.raises(CheckpointError, match="not exported at precision fp16"):
         OrtBackend(tiny_onnx, tiny_model.cfg, precision="fp16")
@@ -125,7 +125,7 @@ def test_refuses_precision_not_exported(tiny_onnx, tiny_model):
 
 def test_calibration_reused(fp16_onnx, tiny_dir, tmp_path):
     """Re-exporting into the same OUT with the same inputs reuses the recorded set (same hash)."""
-    from export.onnx_export import export_graphs
+    from janusflow_trt.export.onnx_export import export_graphs
 
     out = tmp_path / "onnx"
     shutil.copytree(fp16_onnx, out)
@@ -155,8 +155,8 @@ def hot_vae_dir(tiny_dir, tmp_path_factory):
 def test_vae_overflow(hot_vae_dir, tmp_path):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from export.onnx_export import export_graphs, ort_session
-    from janusflow_ref.images import to_uint8
+    from janusflow_trt.export.onnx_export import export_graphs, ort_session
+    from janusflow_trt.janusflow_ref.images import to_uint8
 
     out = tmp_path / "onnx"
     m = export_graphs(hot_vae_dir, None, out, graphs="vae_dec", progress=False, precisions="fp32,fp16",
@@ -177,7 +177,7 @@ def test_vae_overflow(hot_vae_dir, tmp_path):
 
 
 def test_vae_precision_fp32(tiny_dir, tmp_path):
-    from export.onnx_export import export_graphs
+    from janusflow_trt.export.onnx_export import export_graphs
 
     m = export_graphs(tiny_dir, None, tmp_path / "o", graphs="vae_dec", progress=False, precisions="fp32,fp16",
                       calib_inputs=small_inputs(), calib_plan=PLAN, vae_precision="fp32")
@@ -186,7 +186,7 @@ def test_vae_precision_fp32(tiny_dir, tmp_path):
 
 # -- bad input: one line, exit 2, nothing written ---------------------------------------------------
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "janusflow_trt.cli", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("case", ["precision", "no_images", "empty_prompts", "not_utf8", "prompts_dir"])

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from export.specs import Tol, build_specs, compare
-from janusflow_ref import generation as ref_gen
-from janusflow_ref.sampling import SamplingParams
+from janusflow_trt.export.specs import Tol, build_specs, compare
+from janusflow_trt.janusflow_ref import generation as ref_gen
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
 
 GOLDEN = Path(__file__).parent / "golden"
 pytestmark = pytest.mark.skipif(not (GOLDEN / "meta.json").is_file(),
@@ -45,7 +45,7 @@ def ggen():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, meta):
-    from janusflow_ref.tiny import make_tiny
+    from janusflow_trt.janusflow_ref.tiny import make_tiny
 
     out = make_tiny(tmp_path_factory.mktemp("golden") / "ck", size="golden", seed=0)
     digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
@@ -57,21 +57,21 @@ def ckpt(tmp_path_factory, meta):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    from janusflow_ref.weights import load_model
+    from janusflow_trt.janusflow_ref.weights import load_model
 
     return load_model(ckpt)
 
 
 @pytest.fixture(scope="module")
 def vae(ckpt):
-    from janusflow_ref.vae import load_vae
+    from janusflow_trt.janusflow_ref.vae import load_vae
 
     return load_vae(ckpt / "vae")
 
 
 @pytest.fixture(scope="module")
 def processor(ckpt):
-    from janusflow_ref.processor import Processor
+    from janusflow_trt.janusflow_ref.processor import Processor
 
     return Processor(ckpt)
 
@@ -84,8 +84,8 @@ def specs(model):
 @pytest.fixture(scope="module")
 def backends(ckpt, model, vae, tmp_path_factory):
     """name -> runtime backend (the torch reference is not one: it is called directly)."""
-    from export.onnx_export import export_graphs
-    from runtime.backends import OrtBackend, TorchBackend
+    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.runtime.backends import OrtBackend, TorchBackend
 
     onnx = tmp_path_factory.mktemp("golden_onnx") / "onnx"
     export_graphs(ckpt, None, onnx, progress=False)
@@ -169,7 +169,7 @@ def test_reference_logits_every_greedy_step(model, chat_inputs, gchat, specs):
 
 @pytest.mark.parametrize("backend", ("torch-fast", "ort"))
 def test_runtime_first_step_logits(backend, model, backends, request, chat_inputs, gchat, specs):
-    from runtime.chat import new_cache, prefill
+    from janusflow_trt.runtime.chat import new_cache, prefill
 
     _, emb = spliced_embeds(backend, model, request, chat_inputs)
     cache = new_cache(model.cfg, 1, emb.shape[0] + 1)
@@ -187,11 +187,11 @@ def test_chat_tokens_exact(backend, mode, model, request, processor, image, gcha
         params = SamplingParams(temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=meta["max_new_tokens"])
         seed, want = s["seed"], f"sampled_{mode}"
     if backend == "torch":
-        from janusflow_ref.understanding import chat
+        from janusflow_trt.janusflow_ref.understanding import chat
 
         got = chat(model, processor, image, meta["question"], params, seed)
     else:
-        from runtime.chat import chat
+        from janusflow_trt.runtime.chat import chat
 
         got = chat(runtime(request, backend), model.cfg, processor, image, meta["question"], params, seed)
     assert got.token_ids == gchat[f"{want}_tokens"].tolist()
@@ -227,8 +227,8 @@ def reference_step0(model, processor, meta, ggen):
 
 
 def runtime_step0(backend, model, processor, meta, ggen):
-    from runtime import text2img
-    from runtime.chat import llm_step
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.chat import llm_step
 
     n, steps = meta["num_images"], meta["steps"]
     cache = text2img.prefill_prefix(backend, model.cfg, processor, meta["prompt"], n)
@@ -265,7 +265,7 @@ def latents(backend_name, model, request, processor, meta, ggen, steps_to_run):
         prefix, mask = ref_gen.prompt_prefix(model, processor, meta["prompt"], n)
         it = ref_gen.euler_steps(model, prefix, mask, torch.from_numpy(ggen["z0"]), steps, w)
         return [next(it).numpy() for _ in range(steps_to_run)]
-    from runtime import text2img
+    from janusflow_trt.runtime import text2img
 
     b = runtime(request, backend_name)
     cache = text2img.prefill_prefix(b, model.cfg, processor, meta["prompt"], n)
@@ -281,8 +281,8 @@ def test_first_euler_steps(backend, model, request, processor, meta, ggen, specs
 
 
 def test_full_run_and_image_torch_fast(model, backends, request, processor, meta, ggen, specs):
-    from janusflow_ref.images import to_uint8
-    from runtime import text2img
+    from janusflow_trt.janusflow_ref.images import to_uint8
+    from janusflow_trt.runtime import text2img
 
     b = backends["torch-fast"]
     z = latents("torch-fast", model, request, processor, meta, ggen, meta["steps"])[-1]
@@ -299,7 +299,7 @@ def test_vae_decode_of_the_official_latents(backend, vae, request, ggen, specs):
     if backend == "torch":
         img = ref_gen.vae_decode(vae, torch.from_numpy(z)).numpy()
     else:
-        from runtime import text2img
+        from janusflow_trt.runtime import text2img
 
         img = text2img.vae_decode(runtime(request, backend), z)
     check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.specs import build_specs, compare, dummy_inputs
-from janusflow_ref.config import load_config
+from janusflow_trt.export.specs import build_specs, compare, dummy_inputs
+from janusflow_trt.janusflow_ref.config import load_config
 
 pytestmark = pytest.mark.gpu
 
@@ -33,8 +33,8 @@ needs_trt = pytest.mark.skipif(not (_has_tensorrt() and torch.cuda.is_available(
 
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_onnx, tmp_path_factory):
-    from export.onnx_export import parse_graphs
-    from export.trt_build import build
+    from janusflow_trt.export.onnx_export import parse_graphs
+    from janusflow_trt.export.trt_build import build
 
     out = tmp_path_factory.mktemp("engines") / "fp32"
     build(tiny_onnx, out, "fp32", parse_graphs(None), out.parent / "timing.cache", 3, 4.0, progress=False)
@@ -49,8 +49,8 @@ def _cases(spec):
 
 @needs_trt
 def test_trt_fp32_engines_match_ort(tiny_dir, tiny_onnx, fp32_engines):
-    from runtime.backends import OrtBackend
-    from runtime.trt_backend import TrtBackend
+    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.trt_backend import TrtBackend
 
     cfg = load_config(tiny_dir)
     ort, trt = OrtBackend(tiny_onnx, cfg), TrtBackend(fp32_engines, cfg, "fp32")
@@ -69,7 +69,7 @@ def test_trt_fp32_engines_match_ort(tiny_dir, tiny_onnx, fp32_engines):
 
 @needs_trt
 def test_trt_cuda_graph_replay_equals_eager(tiny_dir, fp32_engines):
-    from runtime.trt_backend import TrtBackend
+    from janusflow_trt.runtime.trt_backend import TrtBackend
 
     cfg = load_config(tiny_dir)
     trt = TrtBackend(fp32_engines, cfg, "fp32")
@@ -96,8 +96,8 @@ def test_trt_cuda_graph_replay_equals_eager(tiny_dir, fp32_engines):
 def test_trt_refuses_engines_for_another_gpu(tiny_dir, fp32_engines, tmp_path):
     import shutil
 
-    from export.engine_manifest import EngineMismatchError
-    from runtime.trt_backend import TrtBackend
+    from janusflow_trt.export.engine_manifest import EngineMismatchError
+    from janusflow_trt.runtime.trt_backend import TrtBackend
 
     other = tmp_path / "other"
     shutil.copytree(fp32_engines, other)
@@ -110,7 +110,7 @@ def test_trt_refuses_engines_for_another_gpu(tiny_dir, fp32_engines, tmp_path):
 
 @needs_cuda
 def test_torch_cuda_graph_replay_equals_eager(tiny_dir):
-    from runtime.torch_cuda import TorchCudaBackend
+    from janusflow_trt.runtime.torch_cuda import TorchCudaBackend
 
     cfg = load_config(tiny_dir)
     spec = build_specs(cfg)["gen_enc"]
@@ -128,9 +128,9 @@ def test_torch_cuda_graph_replay_equals_eager(tiny_dir):
 @needs_trt
 def test_trt_device_euler_loop_equals_host_loop(tiny_dir, fp32_engines, processor):
     """The whole Euler step as one captured CUDA graph over shared device buffers == the numpy-seam loop."""
-    from runtime import text2img
-    from runtime.trt_backend import TrtBackend
-    from runtime.trt_euler import DeviceEulerLoop
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.trt_backend import TrtBackend
+    from janusflow_trt.runtime.trt_euler import DeviceEulerLoop
 
     cfg = load_config(tiny_dir)
     trt = TrtBackend(fp32_engines, cfg, "fp32")

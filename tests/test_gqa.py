@@ -8,21 +8,21 @@ from itertools import islice
 import pytest
 from PIL import Image
 
-from export.specs import build_specs, compare
-from janusflow_ref import generation as ref_gen
-from janusflow_ref.sampling import SamplingParams
-from janusflow_ref.understanding import chat as ref_chat
-from runtime import text2img
-from runtime.backends import OrtBackend, TorchBackend
-from runtime.chat import chat as rt_chat
+from janusflow_trt.export.specs import build_specs, compare
+from janusflow_trt.janusflow_ref import generation as ref_gen
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.understanding import chat as ref_chat
+from janusflow_trt.runtime import text2img
+from janusflow_trt.runtime.backends import OrtBackend, TorchBackend
+from janusflow_trt.runtime.chat import chat as rt_chat
 
 
 @pytest.fixture(scope="module")
 def gqa(tmp_path_factory):
-    from export.onnx_export import export_graphs
-    from janusflow_ref.processor import Processor
-    from janusflow_ref.tiny import make_tiny
-    from janusflow_ref.weights import load_model
+    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.janusflow_ref.processor import Processor
+    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.janusflow_ref.weights import load_model
 
     ck = make_tiny(tmp_path_factory.mktemp("gqa") / "ck", size="tiny-gqa", seed=3)
     onnx = tmp_path_factory.mktemp("gqa_onnx") / "onnx"

@@ -11,10 +11,10 @@ import torch
 from contract import run_cli
 from PIL import Image
 
-from janusflow_ref.errors import InputError
-from janusflow_ref.images import load_image
-from janusflow_ref.outputs import write_all
-from janusflow_ref.sampling import SamplingParams, next_token
+from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.janusflow_ref.images import load_image
+from janusflow_trt.janusflow_ref.outputs import write_all
+from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
 
 
 def test_16bit_grayscale_png_keeps_its_levels(tmp_path):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from janusflow_ref import generation as ref_gen
-from janusflow_ref.sampling import SamplingParams
-from janusflow_ref.understanding import chat as ref_chat
-from runtime import text2img
-from runtime.backends import TorchBackend
-from runtime.chat import chat as rt_chat
-from runtime.cli import main
+from janusflow_trt.cli import main
+from janusflow_trt.janusflow_ref import generation as ref_gen
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.understanding import chat as ref_chat
+from janusflow_trt.runtime import text2img
+from janusflow_trt.runtime.backends import TorchBackend
+from janusflow_trt.runtime.chat import chat as rt_chat
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_cfg_rows_attend_as_official(tiny_model, processor, fast):
     """Runtime step-0 velocities vs an independent construction: the cond row is the plain causal
     forward of [prompt, t_emb, latents]; the uncond row is [BOS, t_emb, latents] alone at positions
     0, P, P+1, ... (the official mask hides the P-1 pads after BOS but keeps their positions)."""
-    from export.specs import build_specs, compare
-    from runtime.chat import llm_step
+    from janusflow_trt.export.specs import build_specs, compare
+    from janusflow_trt.runtime.chat import llm_step
 
     m, prompt = tiny_model, "a red fox in the snow"
     ids = processor.generation_ids(prompt)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from janusflow_ref.processor import ImageConfig, preprocess_image, sft_prompt
+from janusflow_trt.janusflow_ref.processor import ImageConfig, preprocess_image, sft_prompt
 
 SYS = ("You are a helpful language and vision assistant. You are able to understand the visual content that the "
        "user provides, and assist the user with a variety of tasks using natural language.")

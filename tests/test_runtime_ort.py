@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from janusflow_ref import generation as ref_gen
-from janusflow_ref.sampling import SamplingParams
-from janusflow_ref.understanding import chat as ref_chat
-from runtime import text2img
-from runtime.backends import OrtBackend
-from runtime.chat import chat as rt_chat
-from runtime.chat import decode_one_token, new_cache, prefill
-from runtime.cli import main
+from janusflow_trt.cli import main
+from janusflow_trt.janusflow_ref import generation as ref_gen
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.understanding import chat as ref_chat
+from janusflow_trt.runtime import text2img
+from janusflow_trt.runtime.backends import OrtBackend
+from janusflow_trt.runtime.chat import chat as rt_chat
+from janusflow_trt.runtime.chat import decode_one_token, new_cache, prefill
 
 
 @pytest.fixture(scope="module")

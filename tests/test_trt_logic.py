@@ -11,7 +11,8 @@ import onnx
 import pytest
 import torch
 
-from export.engine_manifest import (
+from janusflow_trt.cli import main
+from janusflow_trt.export.engine_manifest import (
     EngineMismatchError,
     Target,
     build_engine_manifest,
@@ -22,13 +23,12 @@ from export.engine_manifest import (
     source_graph,
     write_json_atomic,
 )
-from export.specs import build_specs, dummy_inputs
-from export.trt_ops import operator_doc, parse_operators_md, unsupported_ops
-from export.trt_plan import Profile, budget, engine_profiles, plan_buffers
-from janusflow_ref.config import load_config
-from janusflow_ref.errors import CheckpointError
-from runtime.cli import main
-from runtime.trt_backend import pick_profile
+from janusflow_trt.export.specs import build_specs, dummy_inputs
+from janusflow_trt.export.trt_ops import operator_doc, parse_operators_md, unsupported_ops
+from janusflow_trt.export.trt_plan import Profile, budget, engine_profiles, plan_buffers
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.errors import CheckpointError
+from janusflow_trt.runtime.trt_backend import pick_profile
 
 
 def _has_tensorrt() -> bool:
@@ -270,7 +270,7 @@ def test_num_images_beyond_the_specs_batch_limit_is_refused(tiny_dir, tiny_onnx,
 
 # -- the Euler step's wiring (what the GPU loop captures as one CUDA graph) -------------------------
 def test_euler_wiring_is_complete_and_ordered(cfg):
-    from runtime.euler_step import EULER_STEP, check_wiring
+    from janusflow_trt.runtime.euler_step import EULER_STEP, check_wiring
 
     specs = build_specs(cfg)
     check_wiring(specs)
@@ -287,9 +287,9 @@ def test_euler_wiring_reproduces_the_pipeline(tiny_dir, tiny_onnx, processor, cf
     """The wiring executed over the numpy seam == text2img.euler_loop, step by step (same ORT graphs)."""
     import numpy as np
 
-    from runtime import text2img
-    from runtime.backends import OrtBackend
-    from runtime.euler_step import run_step_host, step_constants
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.euler_step import run_step_host, step_constants
 
     ort = OrtBackend(tiny_onnx, cfg)
     n, steps = 2, 3
@@ -310,7 +310,7 @@ def test_gpu_check_report_from_a_real_pytest_run(tmp_path):
     import sys
     from pathlib import Path
 
-    from runtime.gpu_check import TESTS, summarise_junit, write_report
+    from janusflow_trt.runtime.gpu_check import TESTS, summarise_junit, write_report
 
     xml = tmp_path / "gpu.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(TESTS),

@@ -11,9 +11,8 @@ import json
 import sys
 import time
 
-from janusflow_ref.errors import InputError, JanusFlowError
-
-from .argtypes import finite, seed, threads
+from janusflow_trt.janusflow_ref.errors import InputError, JanusFlowError
+from janusflow_trt.runtime.argtypes import finite, seed, threads
 
 BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
 
@@ -43,7 +42,7 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
 
 
 def cmd_make_tiny(args) -> int:
-    from janusflow_ref.tiny import make_tiny
+    from janusflow_trt.janusflow_ref.tiny import make_tiny
 
     out = make_tiny(args.dir, size=args.size, seed=args.seed, force=args.force)
     print(f"wrote {args.size} checkpoint to {out}")
@@ -51,7 +50,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def _check_precision(args) -> None:
-    from export.variants import parse_precisions
+    from janusflow_trt.export.variants import parse_precisions
 
     if args.precision not in parse_precisions(args.precision):  # unknown names raise in parse_precisions
         raise InputError(f"--precision takes one precision, got {args.precision!r}")
@@ -60,9 +59,9 @@ def _check_precision(args) -> None:
 
 
 def cmd_chat(args) -> int:
-    from janusflow_ref.processor import load_image
-    from janusflow_ref.sampling import SamplingParams
     from janusflow_trt import Pipeline
+    from janusflow_trt.janusflow_ref.processor import load_image
+    from janusflow_trt.janusflow_ref.sampling import SamplingParams
 
     _check_precision(args)
     SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)  # fail fast
@@ -86,8 +85,8 @@ def cmd_chat(args) -> int:
 
 def check_generate_outputs(out: str, num_images: int, save_latents: str | None, force: bool) -> None:
     """Every output location is checked before the run (the run writes them all at the end)."""
-    from janusflow_ref.images import IMAGE_FORMATS, output_paths
-    from janusflow_ref.outputs import check_output_file
+    from janusflow_trt.janusflow_ref.images import IMAGE_FORMATS, output_paths
+    from janusflow_trt.janusflow_ref.outputs import check_output_file
 
     paths = [check_output_file(p, "--out", force, tuple(IMAGE_FORMATS)) for p in output_paths(out, num_images)]
     if save_latents:
@@ -100,9 +99,9 @@ def cmd_generate(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from janusflow_ref.images import output_paths, save_images
-    from janusflow_ref.latents_io import load_latents, npy_writer
     from janusflow_trt import Pipeline
+    from janusflow_trt.janusflow_ref.images import output_paths, save_images
+    from janusflow_trt.janusflow_ref.latents_io import load_latents, npy_writer
 
     _check_precision(args)
     check_generate_outputs(args.out, args.num_images, args.save_latents, args.force)
@@ -172,13 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing --out / --save-latents files")
     p.set_defaults(func=cmd_generate)
 
-    for mod in ("export.commands", "benchmarks.commands", "runtime.gpu_check"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
+    # the CLI sits above every layer: it registers the subcommands each layer owns
+    from janusflow_trt.benchmarks import commands as bench_commands
+    from janusflow_trt.export import commands as export_commands
+    from janusflow_trt.runtime import gpu_check
+
+    for module in (export_commands, bench_commands, gpu_check):
         module.register(sub)
     return parser
 
