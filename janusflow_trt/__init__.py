@@ -8,7 +8,9 @@ wheel.
 """
 
 __version__ = "0.1.0"
-__all__ = ["GenerateResult", "Pipeline", "__version__"]
+__all__ = ["GenerateResult", "JanusFlowError", "Pipeline", "__version__"]
+
+from .janusflow_ref.errors import JanusFlowError  # noqa: E402  (one line, exit 2 in the CLI)
 
 
 def __getattr__(name: str):
