@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ from janusflow_trt.janusflow_ref.sampling import SamplingParams
 
 
 class ReferenceEngine:
-    def __init__(self, model, processor: Processor, vae_loader: Callable[[], object]):
-        self.model, self.processor, self._vae_loader, self._vae = model, processor, vae_loader, None
+    def __init__(self, model, processor: Processor, vae_loader: Callable[[], Any]):
+        self.model, self.processor, self._vae_loader = model, processor, vae_loader
+        self._vae: Any = None
 
     def chat_tokens(self, inputs: ChatInputs, params: SamplingParams) -> Iterator[int]:
         from janusflow_trt.janusflow_ref.understanding import chat_tokens

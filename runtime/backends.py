@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,8 +45,9 @@ class TorchBackend:
 
         torch.set_num_threads(threads or physical_cores())
         self.cfg: JanusFlowConfig = model.cfg
-        self.modules = {"siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
-                        "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
+        self.modules: dict[str, Any] = {  # torch modules (mypy sees torch as Any)
+            "siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
+            "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
             self.add_vae(vae)
         from janusflow_trt.export.specs import build_specs
