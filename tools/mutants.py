@@ -159,7 +159,10 @@ def copy_tree(dst: Path) -> None:
                            capture_output=True, text=True).stdout.split("\n")
     for f in filter(None, files):
         src = ROOT / f
-        if src.is_file():
+        if src.is_symlink():  # janusflow_trt/<folder> -> ../<folder>: the namespace must see the mutated copy
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(src), dst / f)
+        elif src.is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
 
@@ -216,7 +219,7 @@ def main() -> int:
                 return 1
         for m in chosen:
             tree = Path(tmp) / m.id
-            shutil.copytree(base, tree)
+            shutil.copytree(base, tree, symlinks=True)
             apply(tree, m)
             killed, by, secs = run_suite(tree, args.timeout, m.first, args.targeted)
             shutil.rmtree(tree)
