@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from janusflow_trt.janusflow_ref.errors import CheckpointError
+from janusflow_trt.janusflow_ref.fingerprint import sha256_file
 
 if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
     from .data import InputSet
@@ -71,16 +72,8 @@ class Recorder:
             path = d / f"{sum(f['graph'] == graph for f in self.files):05d}.npz"
             np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
             self.files.append({"graph": graph, "source": self.source, "file": f"{graph}/{path.name}",
-                               "sha256": _sha256(path)})
+                               "sha256": sha256_file(path)})
         return self.inner.run(graph, feeds)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stat(path: Path) -> list:
@@ -189,7 +182,7 @@ class CalibrationData:
             if f["graph"] != graph:
                 continue
             p = self.path / f["file"]
-            if not p.is_file() or _sha256(p) != f["sha256"]:
+            if not p.is_file() or sha256_file(p) != f["sha256"]:
                 raise CheckpointError(f"calibration data {p}: missing or changed since recording; re-record")
             with np.load(p, allow_pickle=False) as z:
                 yield {k: z[k] for k in z.files}
