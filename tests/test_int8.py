@@ -226,7 +226,7 @@ def test_wrong_shape_calibration_data(int8_onnx, tiny_dir, tmp_path):
         feeds = {k: z[k] for k in z.files}
     feeds["z"] = feeds["z"][..., :-1]  # one latent column short
     np.savez(d / f["file"], **feeds)
-    from janusflow_trt.calibration.record import _sha256
+    from janusflow_trt.janusflow_ref.fingerprint import sha256_file as _sha256
 
     f["sha256"] = _sha256(d / f["file"])
     (d / "index.json").write_text(json.dumps(idx))
