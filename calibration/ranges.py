@@ -1,9 +1,12 @@
 """Range measurement: every float tensor of an FP32 ONNX graph over the calibration samples.
 
 The graph is re-saved next to the original (so external data still resolves, and no weight is
-copied) with chosen intermediate tensors added as outputs, in chunks of `chunk` tensors so that the
-exposed activations of one run stay bounded in memory; ONNX Runtime runs it unoptimised, so every
-tensor is the value the unfused graph computes.
+copied) with chosen intermediate tensors added as outputs, in chunks of at most `chunk_bytes` of
+exposed activations per run (ONNX Runtime holds every requested output until the run ends; at full
+size one Euler-step LLM sample has ~14 GB of them: 2 rows x 577 tokens, attention scores
+2x16x577x602 fp32 = 44 MB each), sized by shape inference on the largest sample's input shapes.
+Every chunk walks all samples once, so the cost is chunks x samples runs. ONNX Runtime runs it
+unoptimised, so every tensor is the value the unfused graph computes.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Ranges:
     tensors: dict[str, Range] = field(default_factory=dict)
     samples: int = 0
     unmeasured: list[str] = field(default_factory=list)  # outputs of unknown type (shape inference gave none)
+    chunks: int = 0  # runs per sample (exposed-tensor chunks)
 
 
 def float_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -66,8 +70,49 @@ def float_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return floats, unknown
 
 
-def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], chunk: int = 256,
-            threads: int = 0) -> Ranges:
+def tensor_bytes(model: onnx.ModelProto, names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bytes of each float32 tensor in `names` for these input shapes (shape inference with the graph
+    inputs' dims fixed). One dim that inference leaves symbolic is taken as the largest batch (leading)
+    dim of the inputs (the dynamo graphs lose the batch through the attention mask's Where/Expand); a
+    tensor with more unknown dims, or of unknown rank, counts as the largest known one."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)  # the graph proto only (loaded without external data)
+    for v in m.graph.input:
+        if v.name in shapes:
+            shape = v.type.tensor_type.shape
+            shape.ClearField("dim")
+            for n in shapes[v.name]:
+                shape.dim.add().dim_value = n
+    batch = max((s[0] for s in shapes.values() if len(s)), default=1)
+    g = onnx.shape_inference.infer_shapes(m, data_prop=True).graph
+    known = {}
+    for v in [*g.value_info, *g.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape") and sum(not d.HasField("dim_value") for d in t.shape.dim) <= 1:
+            dims = [d.dim_value if d.HasField("dim_value") else batch for d in t.shape.dim]
+            known[v.name] = 4 * int(np.prod(dims, dtype=np.int64))
+    worst = max(known.values(), default=1)
+    return {n: known.get(n, worst) for n in names}
+
+
+def chunks(names: list[str], size: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive runs of names of at most `budget` bytes (a tensor larger than it goes alone)."""
+    out: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        if out[-1] and used + size[n] > budget:
+            out.append([])
+            used = 0
+        out[-1].append(n)
+        used += size[n]
+    return [c for c in out if c]
+
+
+CHUNK_BYTES = 4 << 30  # exposed activations per run; the full-size LLM's FP32 weights (~6 GB) come on top
+
+
+def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]],
+            chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Ranges:
     """samples: a callable returning a fresh iterator of FP32 feeds (it is walked once per chunk)."""
     import onnxruntime as ort
 
@@ -76,15 +121,25 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
     names, unknown = float_tensors(model)
     res = Ranges(unmeasured=unknown)
     outputs = {o.name for o in model.graph.output}
+    # per tensor, the most over the samples' distinct input shapes (a decode step's KV cache is the
+    # largest input but has the smallest activations: input bytes do not tell which sample is largest)
+    signatures = {tuple(sorted((k, x.shape) for k, x in f.items())) for f in samples()}
+    size = dict.fromkeys(names, 0)
+    for sig in signatures:
+        for n, b in tensor_bytes(model, names, dict(sig)).items():
+            size[n] = max(size[n], b)
+    parts = chunks(names, size, chunk_bytes)
+    res.chunks = len(parts)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False  # activations go back to the OS between runs, not to an arena
+    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
     if threads:
         so.intra_op_num_threads = threads
     side = path.parent / f".ranges-{path.name}"
     try:
-        for i in range(0, len(names), chunk):
-            part = names[i:i + chunk]
+        for part in parts:
             m = onnx.ModelProto()
             m.CopyFrom(model)
             m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)

@@ -11,6 +11,11 @@ kept, per graph (bounded so the set stays small at every model size):
   and stops there (see Plan).
 DIR/index.json lists every file with its sha256; the set's hash is the sha256 of that list.
 A set is reused when its key (checkpoint, inputs, recipe) matches.
+
+Plans (PLANS): `default` records the whole built-in set as above; `lean` is for the full-size model,
+where one FP32 Euler step is ~3 TFLOP (~20 s on this 2-core machine): a spread subset of the prompts
+and photographs, one full run, and a per-graph cap on the samples walked by the range measurement
+(CalibrationData.select: spread over the recorded sources and timesteps).
 """
 
 from __future__ import annotations
@@ -48,11 +53,42 @@ class Plan:
     full_stride: int = 2  # a full run keeps every full_stride-th step (offset by prompt: all timesteps)
     early_steps: int = 4  # any other prompt keeps one step among the first early_steps, then stops
     decode_stride: int = 3
+    max_prompts: int | None = None  # a spread subset of the input set's prompts (None: all)
+    max_pairs: int | None = None  # a spread subset of its (photograph, question) pairs (None: all)
+    measure_samples: int | None = None  # per graph, samples walked by the range measurement (None: all)
+    check_samples: int = 4  # per graph, samples of the FP16-vs-FP32 check after conversion
+    name: str = "custom"
 
     def kept_steps(self, p: int) -> set[int]:
         if p < self.full_runs:
             return set(range(p % self.full_stride, self.steps, self.full_stride))
         return {p % min(self.early_steps, self.steps)}
+
+
+PLANS = {
+    "default": Plan(name="default"),
+    # ~30 + 7 * 1.5 Euler steps and 4 chats instead of ~270 steps and 11 chats; <= 8 samples per graph
+    # measured (each walked once per chunk of exposed tensors, calibration/ranges.py)
+    "lean": Plan(full_runs=1, full_stride=1, early_steps=2, max_prompts=8, max_pairs=4, measure_samples=8,
+                 check_samples=2, name="lean"),
+}
+
+
+def spread(n: int, k: int | None) -> list[int]:
+    """k indices of range(n), evenly spaced, first and last included (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    return [int(i) for i in np.linspace(0, n - 1, k).round()]  # spacing >= 1: distinct
+
+
+def subset(inputs: InputSet, plan: Plan) -> InputSet:
+    """The prompts and pairs the plan records: a spread subset of each."""
+    from .data import InputSet
+
+    return InputSet(tuple(inputs.prompts[i] for i in spread(len(inputs.prompts), plan.max_prompts)),
+                    tuple(inputs.pairs[i] for i in spread(len(inputs.pairs), plan.max_pairs)))
 
 
 class Recorder:
@@ -87,7 +123,8 @@ def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan:
     from janusflow_trt.janusflow_ref.config import load_config
 
     doc = {"v": RECORDER_VERSION, "config": load_config(model_dir).sha256, "weights": _stat(model_dir),
-           "vae": _stat(vae_dir) if vae_dir else None, "inputs": inputs.sha256(), "plan": plan.__dict__}
+           "vae": _stat(vae_dir) if vae_dir else None, "inputs": inputs.sha256(),
+           "plan": {k: v for k, v in plan.__dict__.items() if k != "name"}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -106,6 +143,8 @@ def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, i
 
     model_dir, out = Path(model_dir), Path(out)
     vae_dir = Path(vae_dir) if vae_dir is not None else None
+    key, given_sha = recording_key(model_dir, vae_dir, inputs, plan), inputs.sha256()
+    inputs = subset(inputs, plan)
     cfg = load_config(model_dir)
     processor = Processor(model_dir)
     backend = make_backend("torch-fast", model_dir, None, cfg, need_vae=vae_dir is not None, vae_dir=vae_dir)
@@ -141,8 +180,9 @@ def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, i
                 rec.source, rec.active = f"t2i:{p}:final", {"vae_dec"}
                 text2img.vae_decode(rec, z)
         rec.active = set()
-        index = {"recorder_version": RECORDER_VERSION, "key": recording_key(model_dir, vae_dir, inputs, plan),
-                 "plan": plan.__dict__, "inputs_sha256": inputs.sha256(),
+        index = {"recorder_version": RECORDER_VERSION, "key": key,
+                 "plan": plan.__dict__, "inputs_sha256": given_sha,
+                 "recorded_inputs_sha256": inputs.sha256(),
                  "num_prompts": n, "num_pairs": len(inputs.pairs), "files": rec.files}
         index["sha256"] = hashlib.sha256(json.dumps(rec.files, sort_keys=True).encode()).hexdigest()
         index["bytes"] = sum((tmp / f["file"]).stat().st_size for f in rec.files)
@@ -154,6 +194,22 @@ def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index
+
+
+def _step(source: str) -> int:
+    return int(source.rsplit(":step", 1)[1]) if ":step" in source else -1
+
+
+def sample_kind(src: str, repeat: bool) -> str:
+    """What call a recorded file is, from its source (see record); repeat: not the first file of its
+    graph from that source (within a chat, the llm calls after the prefill are decode steps)."""
+    if src.startswith("chat:"):
+        return "chat decode" if repeat else "chat prefill"
+    if ":step" in src:
+        return "euler step"
+    if src.endswith(":final"):
+        return "vae"
+    return "text prefill"
 
 
 class CalibrationData:
@@ -176,11 +232,49 @@ class CalibrationData:
     def count(self, graph: str) -> int:
         return sum(f["graph"] == graph for f in self.index["files"])
 
-    def samples(self, graph: str):
-        """Feeds dicts of `graph`, in recording order; a file changed since recording is refused."""
+    def _files(self, graph: str) -> list[tuple[str, dict[str, Any]]]:
+        """(kind, file) of `graph`'s files in recording order (sample_kind)."""
+        seen: set[str] = set()
+        out = []
         for f in self.index["files"]:
-            if f["graph"] != graph:
-                continue
+            if f["graph"] == graph:
+                out.append((sample_kind(f["source"], f["source"] in seen), f))
+                seen.add(f["source"])
+        return out
+
+    def select(self, graph: str, limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """At most `limit` of `graph`'s (kind, file)s (None: all), in recording order. Deterministic and
+        spread: the limit is shared out evenly over the kinds of call (chat prefill, chat decode, text
+        prefill, Euler step, VAE), a kind with fewer files than its share giving the rest to the others;
+        within a kind the files are evenly spaced, Euler steps ordered by timestep first so that early,
+        middle and late steps are all kept."""
+        files = self._files(graph)
+        if limit is None or limit >= len(files):
+            return files
+        groups: dict[str, list[int]] = {}
+        for i, (kind, _) in enumerate(files):
+            groups.setdefault(kind, []).append(i)
+        if "euler step" in groups:
+            groups["euler step"].sort(key=lambda i: _step(files[i][1]["source"]))
+        quota, left, pending = {}, limit, sorted(groups, key=lambda k: len(groups[k]))
+        while pending:  # water-filling: the smallest kinds first, each up to an even share of what is left
+            k = pending.pop(0)
+            quota[k] = min(len(groups[k]), left // (len(pending) + 1))  # the last (largest) takes the rest
+            left -= quota[k]
+        keep = sorted(groups[k][j] for k in groups for j in spread(len(groups[k]), quota[k]))
+        return [files[i] for i in keep]
+
+    def kinds(self, graph: str, limit: int | None = None) -> dict[str, int]:
+        """How many of the selected files are of each kind (for the recipes)."""
+        out: dict[str, int] = {}
+        for kind, _ in self.select(graph, limit):
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def samples(self, graph: str, limit: int | None = None):
+        """Feeds dicts of `graph` (select: at most `limit`, spread), in recording order; a file changed
+        since recording is refused."""
+        for _, f in self.select(graph, limit):
             p = self.path / f["file"]
             if not p.is_file() or sha256_file(p) != f["sha256"]:
                 raise CheckpointError(f"calibration data {p}: missing or changed since recording; re-record")

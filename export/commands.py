@@ -18,6 +18,7 @@ def _default_vae(model: str, vae: str | None) -> str | None:
 
 def cmd_export(args) -> int:
     from janusflow_trt.calibration.data import calibration_set
+    from janusflow_trt.calibration.record import PLANS
 
     from .onnx_export import export_graphs, parse_graphs
     from .variants import parse_precisions
@@ -27,7 +28,8 @@ def cmd_export(args) -> int:
     inputs = calibration_set(args.calib_prompts, args.calib_images) if precisions != ["fp32"] else None
     m = export_graphs(args.model, _default_vae(args.model, args.vae), args.out, graphs=graphs, opset=args.opset,
                       progress=not args.quiet, force=args.force, precisions=precisions, calib_inputs=inputs,
-                      vae_precision=args.vae_precision, calib_method=args.calib_method)
+                      vae_precision=args.vae_precision, calib_method=args.calib_method,
+                      calib_plan=PLANS[args.calib_plan])
     for name, g in m["graphs"].items():
         print(f"{name:8} {g['exporter']:7} {g['seconds']:7.1f} s  peak RSS {g['peak_rss_mb']:8.0f} MB  {g['file']}")
         for prec, v in g.get("precisions", {}).items():
@@ -124,6 +126,8 @@ def _opset(s: str) -> int:
 
 
 def register(subparsers) -> None:
+    from janusflow_trt.calibration.record import PLANS
+
     p = subparsers.add_parser("export", help="export the graphs to ONNX (OUT/manifest.json)")
     p.add_argument("--model", required=True, help="checkpoint directory (official JanusFlow layout)")
     p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
@@ -143,6 +147,9 @@ def register(subparsers) -> None:
                    help="fp16: the VAE's fp16 variant with measured FP32 islands; fp32: keep the VAE all FP32")
     p.add_argument("--calib-prompts", default=None, help="text-to-image calibration prompts, one per line (UTF-8)")
     p.add_argument("--calib-images", default=None, help="directory of calibration photographs for chat")
+    p.add_argument("--calib-plan", default="default", choices=tuple(PLANS),
+                   help="default: the whole calibration set, every sample measured; lean: a spread subset "
+                        "(8 prompts, 1 full Euler run, 4 photos) and <= 8 samples measured per graph (full size)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="ONNX Runtime vs torch parity of an export directory")

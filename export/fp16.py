@@ -146,34 +146,41 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
 
 
 def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bool,
-                all_fp32: str | None = None) -> dict[str, Any]:
+                all_fp32: str | None = None, limit: int | None = None, check: int = 4) -> dict[str, Any]:
     """FP32 graph file -> FP16 graph file next to it; -> the recipe. calib: CalibrationData.
-    all_fp32: a reason to keep every node FP32 (then only the boundary changes)."""
+    all_fp32: a reason to keep every node FP32 (then only the boundary changes). limit: at most this many
+    samples (CalibrationData.select, spread) are measured; check: samples of the FP16-vs-FP32 check.
+    Memory, in order: the range measurement (one ORT session of the FP32 graph), then the FP32 model
+    converted in place and saved, then the two sessions of the check: never all at once."""
     from .onnx_export import _save
 
-    samples = lambda: calib.samples(spec.name)  # noqa: E731
+    samples = lambda: calib.samples(spec.name, limit)  # noqa: E731
     if calib.count(spec.name) == 0:
         raise ValueError(f"no calibration samples recorded for graph {spec.name}")
+    if all_fp32:
+        ranges = Ranges(samples=len(calib.select(spec.name, limit)))
+    else:
+        ranges = measure(fp32_path, samples)
     model = onnx.load(str(fp32_path))
     name_nodes(model)
     if all_fp32:
         islands = Islands({n.name: f"request: {all_fp32}" for n in model.graph.node}, {})
-        ranges = Ranges(samples=calib.count(spec.name))
     else:
-        ranges = measure(fp32_path, samples)
         islands = choose_islands(model, ranges)
     fp16 = convert(model, spec, sorted(islands.reasons))
     del model
     data = _save(fp16, out_path, big)
     del fp16
-    check = calibration_check(fp32_path, out_path, spec, samples)
+    checked = calibration_check(fp32_path, out_path, spec, lambda: calib.samples(spec.name, check), check)
     recipe = {
         "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
         "kept_fp32": islands.reasons, "kept_fp32_counts": islands.counts(), "flagged_tensors": islands.measured,
         "thresholds": {"overflow_abs": OVERFLOW_FRACTION * FP16_MAX, "flush_fraction": FLUSH_LIMIT},
         "fp16_io": fp16_boundary(spec), "tensors_measured": len(ranges.tensors),
         "tensors_unmeasured": len(ranges.unmeasured), "calibration_samples": ranges.samples,
-        "calibration_check": check,
+        "calibration_samples_recorded": calib.count(spec.name),
+        "calibration_samples_by_kind": calib.kinds(spec.name, limit), "measure_runs_per_sample": ranges.chunks,
+        "calibration_check": checked,
     }
     return {"data": data, "recipe": recipe}
 
@@ -183,20 +190,21 @@ def fp16_feeds(spec16: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def calibration_check(fp32_path: Path, fp16_path: Path, spec: GraphSpec, samples, limit: int = 4) -> dict:
-    """FP16 vs FP32 on the first `limit` calibration samples: worst cosine per output; all finite."""
+    """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite."""
     from .onnx_export import ort_session
 
     s32, s16 = ort_session(fp32_path, lean=True), ort_session(fp16_path, lean=True)
     spec16 = precision_variant(spec, "fp16")
     worst: dict[str, float] = {}
-    finite = True
-    for k, feeds in enumerate(samples()):
-        if k >= limit:
+    finite, n = True, 0
+    for feeds in samples():
+        if n >= limit:
             break
+        n += 1
         a = s32.run(spec.output_names, feeds)
         b = s16.run(spec.output_names, fp16_feeds(spec16, feeds))
         for t, x, y in zip(spec.outputs, a, b, strict=True):
             finite &= bool(np.isfinite(y).all())
             c = compare(y.astype(np.float32), x, t.tol)["cosine"]
             worst[t.name] = min(worst.get(t.name, 1.0), c)
-    return {"min_cosine": worst, "finite": finite}
+    return {"min_cosine": worst, "finite": finite, "samples": n}

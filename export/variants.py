@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from janusflow_trt.calibration.data import InputSet
-from janusflow_trt.calibration.record import CalibrationData, Plan, record, recording_key
+from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, record, recording_key
 from janusflow_trt.janusflow_ref.errors import JanusFlowError
 
 from .manifest import precision_entry
@@ -61,8 +61,8 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
     if vae_precision not in VAE_PRECISIONS:
         raise JanusFlowError(f"--vae-precision must be one of {','.join(VAE_PRECISIONS)}, got {vae_precision!r}")
     t0 = time.perf_counter()
-    calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs,
-                                     plan or Plan(), progress)
+    plan = plan or PLANS["default"]
+    calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs, plan, progress)
     record_s = time.perf_counter() - t0
     for name, e in entries.items():
         t0 = time.perf_counter()
@@ -74,11 +74,13 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
             with PeakRSS() as rss:
                 big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
                 out = f"{name}.fp16.onnx"
-                r = derive_fp16(tmp / src, specs[name], calib, tmp / out, big)
+                r = derive_fp16(tmp / src, specs[name], calib, tmp / out, big, limit=plan.measure_samples,
+                                check=plan.check_samples)
             v = precision_entry(tmp, out, r["data"], r["recipe"], src)
             v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
             _release_memory()
         e.setdefault("precisions", {})["fp16"] = v
     return {"dir": CALIB_DIR, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
             "record_seconds": round(record_s, 2), "bytes": calib.index["bytes"],
-            "samples": {g: calib.count(g) for g in entries}, "inputs_sha256": calib.index["inputs_sha256"]}
+            "samples": {g: calib.count(g) for g in entries}, "inputs_sha256": calib.index["inputs_sha256"],
+            "plan": calib.index["plan"]}

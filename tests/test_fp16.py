@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
-from janusflow_trt.calibration.record import Plan
+from janusflow_trt.calibration.record import CalibrationData, Plan, spread
 from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics
 
 PLAN = Plan(steps=4, full_runs=2, full_stride=2, early_steps=2)  # small: the tests time the machinery
@@ -133,6 +133,87 @@ def test_calibration_reused(fp16_onnx, tiny_dir, tmp_path):
                       calib_inputs=small_inputs(), calib_plan=PLAN, force=True)
     old = json.loads((fp16_onnx / "manifest.json").read_text())["calibration"]
     assert m["calibration"]["reused"] and m["calibration"]["sha256"] == old["sha256"]
+
+
+# -- the measurement's budget: sample cap, lean recording, byte-sized chunks -----------------------
+LEAN = Plan(steps=4, full_runs=1, full_stride=1, early_steps=2, max_prompts=3, max_pairs=1, measure_samples=3,
+            check_samples=1, name="lean-test")
+
+
+def test_spread_hand_values():
+    assert spread(4, 3) == [0, 2, 3] and spread(10, 4) == [0, 3, 6, 9] and spread(7, 1) == [0]
+    assert spread(3, None) == spread(3, 5) == [0, 1, 2] and spread(3, 0) == []
+
+
+def test_select_spread_over_kinds(fp16_onnx):
+    data = CalibrationData(fp16_onnx / "calib")
+    files = [f for f in data.index["files"] if f["graph"] == "llm"]
+    # kinds by hand from the sources: within a chat the first llm call is the prefill, the rest decode
+    firsts = {}
+    for i, f in enumerate(files):
+        firsts.setdefault(f["source"], i)
+    kind = {f["file"]: ("chat prefill" if firsts[f["source"]] == i else "chat decode") if f["source"].startswith("chat")
+            else "euler step" if ":step" in f["source"] else "text prefill" for i, f in enumerate(files)}
+    assert set(kind.values()) == {"chat prefill", "chat decode", "text prefill", "euler step"}
+    steps = [int(f["source"].split(":step")[1]) for f in files if ":step" in f["source"]]
+    assert len(files) > 6 and len(set(steps)) == PLAN.steps
+    got = data.select("llm", 6)
+    assert got == data.select("llm", 6)  # deterministic
+    assert len(got) == 6 and [f for _, f in got] == [f for f in files if f in [g for _, g in got]]  # recording order
+    assert {kind[f["file"]] for _, f in got} == set(kind.values())  # every kind of call
+    picked = [int(f["source"].split(":step")[1]) for _, f in got if ":step" in f["source"]]
+    assert min(picked) == min(steps) and max(picked) == max(steps)  # first and last timestep
+    assert [f for _, f in data.select("llm")] == files
+    assert len(list(data.samples("llm", 2))) == 2
+
+
+@pytest.fixture(scope="module")
+def lean_onnx(tiny_dir, tmp_path_factory):
+    from janusflow_trt.export.onnx_export import export_graphs
+
+    out = tmp_path_factory.mktemp("lean") / "onnx"
+    export_graphs(tiny_dir, None, out, graphs="llm,gen_enc", progress=False, precisions="fp32,fp16",
+                  calib_inputs=small_inputs(), calib_plan=LEAN)
+    return out
+
+
+def test_lean_plan_and_cap_recorded(lean_onnx):
+    m = json.loads((lean_onnx / "manifest.json").read_text())
+    assert m["calibration"]["plan"]["name"] == "lean-test" and m["calibration"]["plan"]["measure_samples"] == 3
+    index = json.loads((lean_onnx / "calib" / "index.json").read_text())
+    assert index["num_prompts"] == 3 and index["num_pairs"] == 1  # of 4 prompts and 2 pairs given
+    assert len({f["source"] for f in index["files"] if f["source"].startswith("chat:")}) == 1
+    for g in ("llm", "gen_enc"):
+        r = m["graphs"][g]["precisions"]["fp16"]["recipe"]
+        assert r["calibration_samples_recorded"] == m["calibration"]["samples"][g] > 3
+        assert r["calibration_samples"] == sum(r["calibration_samples_by_kind"].values()) == 3  # the cap was used
+        assert r["calibration_check"]["samples"] == 1
+    assert len(m["graphs"]["llm"]["precisions"]["fp16"]["recipe"]["calibration_samples_by_kind"]) == 3
+
+
+def test_chunks_by_bytes(fp16_onnx):
+    """Exposed tensors in byte-sized chunks: the estimate never below what ONNX Runtime returns, and the
+    ranges do not depend on the chunking."""
+    import onnxruntime as ort
+
+    from janusflow_trt.calibration.ranges import float_tensors, measure, tensor_bytes
+
+    data = CalibrationData(fp16_onnx / "calib")
+    path = fp16_onnx / "llm.onnx"
+    model = onnx.load(str(path))
+    names, _ = float_tensors(model)
+    for feeds in data.samples("llm", 4):
+        est = tensor_bytes(model, names, {k: v.shape for k, v in feeds.items()})
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                  for n in names if n not in {o.name for o in model.graph.output})
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(names, feeds)
+        assert all(est[n] >= x.nbytes for n, x in zip(names, got, strict=True))
+        assert sum(est[n] == x.nbytes for n, x in zip(names, got, strict=True)) > 0.7 * len(names)
+        model = onnx.load(str(path))
+    samples = lambda: data.samples("llm", 4)  # noqa: E731
+    one, many = measure(path, samples), measure(path, samples, chunk_bytes=1 << 20)
+    assert one.chunks == 1 and many.chunks > 3
+    assert one.tensors.keys() == many.tensors.keys() and one.tensors == many.tensors
 
 
 # -- the SDXL-VAE overflow case ---------------------------------------------------------------------
