@@ -111,7 +111,7 @@ def cmd_quality(args) -> int:
     if args.tokens < 1 or args.steps < 1:
         raise JanusFlowError("--tokens and --steps must be >= 1")
     r = run_quality(args.model, args.artifacts, precisions, args.out, tokens=args.tokens, steps=args.steps,
-                    progress=not args.quiet)
+                    progress=not args.quiet, force=args.force)
     for line in summary_lines(r):
         print(line)
     print(f"wrote {args.out}/quality.json, quality.md, quality.png")
@@ -178,7 +178,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default="fp16", help="comma list of precisions to compare with fp32")
     p.add_argument("--tokens", type=int, default=32, help="chat tokens per held-out pair")
     p.add_argument("--steps", type=int, default=30, help="Euler steps per held-out prompt")
-    p.add_argument("--out", default="quality_out")
+    p.add_argument("--out", default="quality_out", help="directory for quality.json, quality.md, quality.png")
+    p.add_argument("--force", action="store_true", help="replace existing quality.* files in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quality)
 

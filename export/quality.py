@@ -73,14 +73,20 @@ def _t2i(backend, cfg, processor, prompt: str, z0: np.ndarray, steps: int, rec: 
     return z, img
 
 
+OUTPUTS = ("quality.json", "quality.md", "quality.png")
+
+
 def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[str], out: str | Path,
                 heldout: InputSet | None = None, tokens: int = 32, steps: int = 30,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """-> the report; OUT/quality.{json,md,png} are checked before the work (an existing one is replaced
+    only with force) and renamed into place together at the end (janusflow_ref/outputs.py)."""
     from tqdm import tqdm
 
     from janusflow_trt.janusflow_ref.config import load_config
     from janusflow_trt.janusflow_ref.generation import initial_latents
     from janusflow_trt.janusflow_ref.images import to_uint8
+    from janusflow_trt.janusflow_ref.outputs import check_output_dir, write_into
     from janusflow_trt.janusflow_ref.processor import Processor
     from janusflow_trt.janusflow_ref.sampling import SamplingParams
     from janusflow_trt.runtime.backends import OrtBackend
@@ -88,10 +94,9 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
 
     from .onnx_export import ort_session
 
+    out = check_output_dir(out, "--out", force, OUTPUTS)
     cfg, processor = load_config(model_dir), Processor(model_dir)
     held = heldout or builtin_heldout()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     b32 = OrtBackend(artifacts, cfg)
     others = {p: OrtBackend(artifacts, cfg, precision=p) for p in precisions}  # refuses a missing precision
     params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
@@ -129,9 +134,9 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
             report["chat"][p] = _summary_chat(chats[p])
             report["t2i"][p] = _summary_t2i(rows[p])
     report["targets"] = {p: _targets(report, p) for p in precisions}
-    (out / "quality.json").write_text(json.dumps(report, indent=1))
-    (out / "quality.md").write_text(markdown(report))
-    _grid(images, ["fp32", *precisions], held.prompts, out / "quality.png")
+    write_into(out, [("quality.json", lambda t: Path(t).write_text(json.dumps(report, indent=1))),
+                     ("quality.md", lambda t: Path(t).write_text(markdown(report))),
+                     ("quality.png", lambda t: _grid(images, ["fp32", *precisions], held.prompts, Path(t)))])
     return report
 
 

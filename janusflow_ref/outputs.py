@@ -77,3 +77,39 @@ def write_all(items: Sequence[tuple[str | Path, Callable[[str], None]]]) -> list
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     """write(tmp) to a temp file beside `path`, then rename: no half-written file is ever left."""
     return write_all([(path, write)])[0]
+
+
+def check_output_dir(out: str | Path, flag: str, force: bool, names: Sequence[str]) -> Path:
+    """Before the work: OUT is a directory we may create (with its parents) or write `names` into
+    (an existing one of them only with --force); -> OUT."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise JanusFlowError(f"{flag} {out} exists and is not a directory")
+    if out.is_dir():
+        for name in names:
+            check_output_file(out / name, flag, force)
+        return out
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise JanusFlowError(f"{flag} {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise JanusFlowError(f"{flag} {out}: {parent} is not writable")
+    return out
+
+
+def write_into(out: str | Path, items: Sequence[tuple[str, Callable[[str], None]]]) -> list[Path]:
+    """write_all of OUT/name for each (name, write), creating OUT (and parents) first; the directories
+    created here are removed again if a write fails."""
+    out = Path(out)
+    created = [d for d in [out, *out.parents] if not d.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    for d in created:
+        apply_umask_dir(d)
+    try:
+        return write_all([(out / name, write) for name, write in items])
+    except BaseException:
+        for d in created:  # innermost first; each is empty again (write_all removed its temporaries)
+            d.rmdir()
+        raise

@@ -294,6 +294,29 @@ def test_bad_calibration_inputs(case, tiny_dir, tmp_path):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+# -- quality: the output policy (existing outputs need --force; all three renamed together) -------------
+def test_quality_outputs(fp16_onnx, tiny_onnx, tiny_dir, tmp_path, capfd):
+    from contract import assert_refused, run_cli, snapshot
+
+    q = tmp_path / "q"
+    base = ["quality", "--model", tiny_dir, "--precision", "fp16", "--tokens", "2", "--steps", "2", "--quiet"]
+    # a run that fails after the check (fp16 not exported) creates nothing, not even the directory
+    assert_refused([*base, "--artifacts", tiny_onnx, "--out", q / "sub"], capfd, [tmp_path], "not exported")
+    assert not q.exists()
+    (tmp_path / "file").write_text("mine")
+    assert_refused([*base, "--artifacts", fp16_onnx, "--out", tmp_path / "file"], capfd, [tmp_path], "not a directory")
+    q.mkdir()
+    (q / "quality.md").write_text("my notes")
+    (q / "other.txt").write_text("keep")
+    assert_refused([*base, "--artifacts", fp16_onnx, "--out", q], capfd, [tmp_path], "--force")
+    keep = snapshot(q / "other.txt")
+    rc, err = run_cli([*base, "--artifacts", fp16_onnx, "--out", q, "--force"], capfd)
+    assert rc == 0, err
+    assert sorted(p.name for p in q.iterdir()) == ["other.txt", "quality.json", "quality.md", "quality.png"]
+    assert (q / "quality.md").read_text() != "my notes" and snapshot(q / "other.txt") == keep
+    assert json.loads((q / "quality.json").read_text())["tokens"] == 2
+
+
 def test_cli_refuses_precision(tiny_onnx, tiny_dir, test_image):
     base = ["chat", "--model", str(tiny_dir), "--backend", "ort", "--artifacts", str(tiny_onnx),
             "--image", str(test_image), "--question", "hi", "--max-new-tokens", "2"]
