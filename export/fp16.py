@@ -11,6 +11,11 @@ Islands (node -> reason, all written to the manifest's recipe):
   FP32 (a consumer in FP16 would receive the tensor cast to FP16, i.e. inf or 0);
 - by op, known risky: mean-square / mean / sum reductions (RMSNorm, LayerNorm, GroupNorm, GRN's L2
   norm), powers and roots, softmax, exp, the timestep sin/cos, normalisation ops;
+- the argument of every Sin/Cos (its ancestors back to the graph inputs): gen_enc's timestep t runs up to
+  ~967, where FP16's spacing is 0.5, and t * frequency in FP16 shifts the phase (measured on tiny,
+  held-out t: t_emb cosine 0.996 with the argument in FP16, 1.0000 with it FP32; keeping the timestep
+  MLP after the sin/cos FP32 as well changed nothing measurable, so it stays FP16); the LLM's RoPE
+  angles (position * inverse frequency) are the same case;
 - the producer of the final logits (FP32 for sampling).
 """
 
@@ -98,9 +103,25 @@ def choose_islands(model: onnx.ModelProto, ranges: Ranges) -> Islands:
     for n in model.graph.node:
         if n.op_type in RISKY_OPS and n.domain in ("", "ai.onnx", "com.microsoft"):
             reasons.setdefault(n.name, f"op: {RISKY_OPS[n.op_type]}")
+    for n in sincos_arguments(model):
+        reasons.setdefault(n.name, "rule: computes a sin/cos argument (timestep / RoPE angle; FP16 spacing "
+                                   "is 0.5 at 512-1024, 2 at 2048-4096)")
         if any(o in FP32_OUTPUTS for o in n.output):
             reasons.setdefault(n.name, "output: final logits stay FP32 for sampling")
     return Islands(reasons, measured)
+
+
+def sincos_arguments(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node upstream of a Sin or Cos, back to the graph inputs and initializers."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: dict[str, onnx.NodeProto] = {}
+    todo = [x for n in model.graph.node if n.op_type in ("Sin", "Cos") for x in n.input]
+    while todo:
+        p = producer.get(todo.pop())
+        if p is not None and p.name not in seen:
+            seen[p.name] = p
+            todo.extend(p.input)
+    return list(seen.values())
 
 
 def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.ModelProto:
@@ -112,6 +133,10 @@ def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.M
                                      node_block_list=block)
     drop_fp16_round_trips(model)
     return model
+
+
+def _converter_fp16_cast(n: onnx.NodeProto) -> bool:
+    return n.name.endswith("_cast_to_fp16_node") or n.name.startswith("graph_input_cast")
 
 
 def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
@@ -127,7 +152,7 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
     for n in g.node:
         if n.op_type == "Cast" and n.name.endswith("_cast_to_fp32_node"):
             p = by_out.get(n.input[0])
-            if p is not None and p.op_type == "Cast" and p.name.endswith("_cast_to_fp16_node"):
+            if p is not None and p.op_type == "Cast" and _converter_fp16_cast(p):
                 rewire[n.output[0]] = p.input[0]
     if not rewire:
         return 0
@@ -140,7 +165,7 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
     for n in dead:
         g.node.remove(n)
     used = {x for n in g.node for x in n.input} | outputs
-    for n in [n for n in g.node if n.name.endswith("_cast_to_fp16_node") and n.output[0] not in used]:
+    for n in [n for n in g.node if n.op_type == "Cast" and _converter_fp16_cast(n) and n.output[0] not in used]:
         g.node.remove(n)
     return len(rewire)
 
