@@ -232,7 +232,10 @@ def test_chunks_by_bytes(fp16_onnx):
     path = fp16_onnx / "llm.onnx"
     model = onnx.load(str(path))
     names, _ = float_tensors(model)
-    for feeds in data.samples("llm", 4):
+    feeds_list = list(data.samples("llm", 4))
+    # and a 2-row copy of each (CFG-like batch): where inference leaves the batch symbolic
+    feeds_list += [{k: np.concatenate([x, x]) for k, x in f.items()} for f in feeds_list]
+    for feeds in feeds_list:
         est = tensor_bytes(model, names, {k: v.shape for k, v in feeds.items()})
         model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                                   for n in names if n not in {o.name for o in model.graph.output})
