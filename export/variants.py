@@ -55,6 +55,8 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
              progress: bool = True, plan: Plan | None = None) -> dict[str, Any]:
     """Write tmp/<graph>.fp16.onnx for every exported graph; fill entries[g]['precisions']['fp16'];
     -> the manifest's 'calibration' record."""
+    from tqdm import tqdm
+
     from .fp16 import derive_fp16
     from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory
 
@@ -64,7 +66,11 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
     plan = plan or PLANS["default"]
     calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs, plan, progress)
     record_s = time.perf_counter() - t0
-    for name, e in entries.items():
+    if progress:
+        tqdm.write(f"calibration set: {'reused' if reused else 'recorded'} in {record_s:.1f} s")
+    bar = tqdm(entries.items(), desc="fp16", unit="graph", disable=not progress)
+    for name, e in bar:
+        bar.set_postfix_str(name)
         t0 = time.perf_counter()
         src = e["file"]
         if name == "vae_dec" and vae_precision == "fp32":
@@ -79,6 +85,10 @@ def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
             v = precision_entry(tmp, out, r["data"], r["recipe"], src)
             v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
             _release_memory()
+            if progress:
+                rc = r["recipe"]
+                bar.write(f"fp16 {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
+                          f"{rc['calibration_samples']} samples x {rc['measure_runs_per_sample']} runs")
         e.setdefault("precisions", {})["fp16"] = v
     return {"dir": CALIB_DIR, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
             "record_seconds": round(record_s, 2), "bytes": calib.index["bytes"],
