@@ -47,7 +47,7 @@ class TorchBackend:
         self.cfg: JanusFlowConfig = model.cfg
         self.modules: dict[str, Any] = {  # torch modules (mypy sees torch as Any)
             "siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
-            "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
+            "llm_gen": LLMGraph(model, hidden_only=True), "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
             self.add_vae(vae)
         from janusflow_trt.export.specs import build_specs
@@ -95,8 +95,8 @@ class OrtBackend:
             raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
                                  "(or '[gpu]' with CUDA)") from None
 
-        from janusflow_trt.export.manifest import resolve_graph
-        from janusflow_trt.export.specs import build_specs, precision_variant
+        from janusflow_trt.export.manifest import has_view, resolve_graph
+        from janusflow_trt.export.specs import VIEWS, build_specs, precision_variant
 
         self.dir = Path(artifacts)
         self.manifest = read_manifest(artifacts, cfg)
@@ -104,6 +104,8 @@ class OrtBackend:
         self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}  # I/O dtypes
         for g in self.manifest.get("graphs", {}):  # a precision that was not exported: refused up front
             resolve_graph(self.manifest, self.dir, g, precision)
+        # a view the export lacks (older export): its parent runs, and only the view's outputs are returned
+        self.view_parent = {v: p for v, (p, _) in VIEWS.items() if not has_view(self.manifest, v, precision)}
         self.cfg = cfg
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -144,6 +146,9 @@ class OrtBackend:
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """IOBinding: inputs bound in place (no copy), outputs written into preallocated buffers that
         are reused across calls (see OutputBuffers for how long a result stays valid)."""
+        if graph in self.view_parent:
+            out = self.run(self.view_parent[graph], feeds)
+            return {n: out[n] for n in self.specs[graph].output_names}
         sess, spec = self.session(graph), self.specs[graph]
         binding = sess.io_binding()
         sizes: dict[str, int] = {}

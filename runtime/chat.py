@@ -32,13 +32,15 @@ def kv_dtype(backend: Backend):
 
 
 def llm_step(backend: Backend, cache: StaticKVCache, embeds: np.ndarray, new_mask: np.ndarray,
-             write: bool = True) -> dict[str, np.ndarray]:
-    """Run the LLM graph on `embeds` [B,S,H] after the cached prefix; optionally append its K/V."""
+             write: bool = True, graph: str = "llm") -> dict[str, np.ndarray]:
+    """Run the LLM graph on `embeds` [B,S,H] after the cached prefix; optionally append its K/V.
+    graph: "llm", or its view "llm_gen" (last_hidden_state only) for a step that writes nothing."""
+    assert not (write and graph != "llm"), "only the llm graph returns the K/V to write"
     b, s, _ = embeds.shape
     if write:
         cache.reserve(cache.length + s)
     pos = np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s))
-    out = backend.run("llm", {"inputs_embeds": embeds, "attention_mask": cache.mask(new_mask),
+    out = backend.run(graph, {"inputs_embeds": embeds, "attention_mask": cache.mask(new_mask),
                               "position_ids": np.ascontiguousarray(pos), **cache.past_feeds()})
     if write:
         cache.append(out, new_mask)

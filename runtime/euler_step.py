@@ -23,9 +23,9 @@ KV_PREFIX = "past_key_values."
 
 EULER_STEP: tuple[tuple[str, dict[str, Source]], ...] = (
     ("gen_enc", {"z": ("carry", "z"), "t": ("step", "t")}),
-    ("llm", {"inputs_embeds": ("out", "gen_enc", "step_embeds"), "attention_mask": ("const", "mask"),
-             "position_ids": ("const", "positions"), KV_PREFIX + "*": ("cache", "*")}),
-    ("gen_dec", {"hidden": ("out", "llm", "last_hidden_state"), "skip": ("out", "gen_enc", "skip"),
+    ("llm_gen", {"inputs_embeds": ("out", "gen_enc", "step_embeds"), "attention_mask": ("const", "mask"),
+                 "position_ids": ("const", "positions"), KV_PREFIX + "*": ("cache", "*")}),
+    ("gen_dec", {"hidden": ("out", "llm_gen", "last_hidden_state"), "skip": ("out", "gen_enc", "skip"),
                  "t_emb": ("out", "gen_enc", "t_emb"), "z": ("carry", "z"), "cfg_weight": ("const", "cfg_weight"),
                  "dt": ("const", "dt")}),
 )

@@ -36,7 +36,7 @@ class TorchCudaBackend:
         self.dtype = DTYPES[dtype]
         mods: dict[str, torch.nn.Module] = {
             "siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
-            "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
+            "llm_gen": LLMGraph(model, hidden_only=True), "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae_dir is not None:
             mods["vae_dec"] = VAEDecGraph(load_vae(vae_dir))
         self.modules = {k: m.eval().to("cuda", self.dtype) for k, m in mods.items()}
