@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from janusflow_trt.export.specs import VIEWS
 from janusflow_trt.janusflow_ref.errors import CheckpointError
 from janusflow_trt.janusflow_ref.fingerprint import sha256_file
 
@@ -66,12 +67,14 @@ class Recorder:
         self.files: list[dict[str, Any]] = []
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph in self.active:
-            d = self.out / graph
+        # a view (the Euler step's llm_gen) takes its parent's inputs: its calls calibrate the parent
+        name = VIEWS[graph][0] if graph in VIEWS else graph
+        if name in self.active:
+            d = self.out / name
             d.mkdir(parents=True, exist_ok=True)
-            path = d / f"{sum(f['graph'] == graph for f in self.files):05d}.npz"
+            path = d / f"{sum(f['graph'] == name for f in self.files):05d}.npz"
             np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
-            self.files.append({"graph": graph, "source": self.source, "file": f"{graph}/{path.name}",
+            self.files.append({"graph": name, "source": self.source, "file": f"{name}/{path.name}",
                                "sha256": sha256_file(path)})
         return self.inner.run(graph, feeds)
 

@@ -160,3 +160,21 @@ def test_torch_backend_view_module(tiny_model):
     assert list(gen) == ["last_hidden_state"]
     np.testing.assert_array_equal(gen["last_hidden_state"], full["last_hidden_state"])
     assert torch.is_tensor(next(b.modules["llm_gen"].parameters()))
+
+
+def test_calibration_records_euler_view_calls_as_llm_samples(tiny_model, tiny_dir, processor, tmp_path):
+    """The Euler step calls llm_gen; its feeds are the llm's, and the FP16 / INT8 calibration of the llm
+    must keep seeing the Euler-step activations (577-token steps at full size), recorded as 'llm'."""
+    from janusflow_trt.calibration.record import Recorder
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.backends import TorchBackend
+
+    cfg = load_config(tiny_dir)
+    rec = Recorder(TorchBackend(tiny_model, threads=2), tmp_path)
+    cache = text2img.prefill_prefix(rec, cfg, processor, "a red fox", 1)
+    rec.active = {"llm"}
+    z = np.zeros((1, 4, 48, 48), np.float32)
+    list(text2img.euler_loop(rec, cache, z, 2, 2.0))
+    assert [f["graph"] for f in rec.files] == ["llm", "llm"]
+    for f in rec.files:
+        assert np.load(tmp_path / f["file"])["inputs_embeds"].shape[1] == 1 + cfg.num_gen_tokens
