@@ -66,7 +66,20 @@ class Recorder:
         self.source = ""
         self.files: list[dict[str, Any]] = []
 
+    @property
+    def device(self):
+        return self.inner.device
+
+    def run_tensors(self, graph: str, feeds: dict) -> dict:
+        """The device-resident seam (the decode loop): recorded the same way, on the host."""
+        self._save(graph, {k: v.cpu().numpy() for k, v in feeds.items()})
+        return self.inner.run_tensors(graph, feeds)
+
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._save(graph, feeds)
+        return self.inner.run(graph, feeds)
+
+    def _save(self, graph: str, feeds: dict[str, np.ndarray]) -> None:
         # a view (the Euler step's llm_gen) takes its parent's inputs: its calls calibrate the parent
         name = VIEWS[graph][0] if graph in VIEWS else graph
         if name in self.active:
@@ -76,7 +89,6 @@ class Recorder:
             np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
             self.files.append({"graph": name, "source": self.source, "file": f"{name}/{path.name}",
                                "sha256": sha256_file(path)})
-        return self.inner.run(graph, feeds)
 
 
 def _stat(path: Path) -> list:

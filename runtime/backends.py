@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ class TorchBackend:
     """Runs the export graph modules eagerly on the CPU."""
 
     name = "torch-fast"
+    device = torch.device("cpu")
 
     def __init__(self, model, vae=None, threads: int | None = None):
         from janusflow_trt.export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph
@@ -66,6 +68,14 @@ class TorchBackend:
         res = self.modules[graph](*args)
         res = res if isinstance(res, tuple) else (res,)
         return {n: r.numpy() for n, r in zip(outs, res, strict=True)}
+
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The device-resident form of run(): torch tensors in and out, nothing converted."""
+        res = self.modules[graph](*[feeds[n] for n in self.specs[graph].input_names])
+        res = res if isinstance(res, tuple) else (res,)
+        return dict(zip(self.specs[graph].output_names, res, strict=True))
 
 
 def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
@@ -121,6 +131,10 @@ class OrtBackend:
         self.sessions: dict = {}
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.buffers = OutputBuffers()
+        # run_tensors(): torch buffers on the device the first provider runs on (ORT binds their pointers)
+        self.device = torch.device("cpu" if self.on_cpu else "cuda")
+        self.tensor_buffers = OutputBuffers(empty=lambda shape, dtype: torch.empty(
+            shape, dtype=getattr(torch, dtype), device=self.device))
 
     def session(self, graph: str):
         if graph not in self.sessions:
@@ -168,6 +182,31 @@ class OrtBackend:
         sess.run_with_iobinding(binding)
         return out
 
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """IOBinding over torch tensors on self.device: inputs and outputs bound by pointer (CPU or CUDA),
+        nothing copied or converted; outputs are reused buffers, as run()'s."""
+        if graph in self.view_parent:
+            out = self.run_tensors(self.view_parent[graph], feeds)
+            return {n: out[n] for n in self.specs[graph].output_names}
+        sess, spec = self.session(graph), self.specs[graph]
+        binding = sess.io_binding()
+        sizes: dict[str, int] = {}
+        for t in spec.inputs:
+            x = feeds[t.name]
+            assert x.dtype == getattr(torch, t.dtype) and x.is_contiguous() and x.device == self.device, \
+                f"{graph}.{t.name}: {x.dtype} {x.device} tensor, the graph binds {t.dtype} on {self.device}"
+            sizes.update((d, n) for d, n in zip(t.shape, x.shape, strict=True) if isinstance(d, str))
+            binding.bind_input(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(x.shape),
+                               x.data_ptr())
+        shapes = {t.name: tuple(sizes[d] if isinstance(d, str) else d for d in t.shape) for t in spec.outputs}
+        out = self.tensor_buffers.get(graph, shapes, {t.name: t.dtype for t in spec.outputs})
+        for t in spec.outputs:
+            buf = out[t.name]
+            binding.bind_output(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(buf.shape),
+                                buf.data_ptr())
+        sess.run_with_iobinding(binding)
+        return out
+
     @property
     def kv_dtype(self) -> np.dtype:
         return np.dtype(self.specs["llm"].inputs[3].dtype)
@@ -182,15 +221,16 @@ class OutputBuffers:
     length is a new prefill shape, and at full size one prefill's outputs are ~240 MB. An evicted
     buffer still held by a caller stays alive until the caller lets go of it."""
 
-    def __init__(self, max_shapes: int = 4):
-        self.max_shapes = max_shapes
+    def __init__(self, max_shapes: int = 4, empty: Callable[[tuple[int, ...], str], Any] = np.empty):
+        """empty(shape, dtype string): the allocator (numpy by default; torch tensors for run_tensors)."""
+        self.max_shapes, self.empty = max_shapes, empty
         self.pool: dict[str, OrderedDict[tuple, list]] = {}
 
-    def get(self, graph: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    def get(self, graph: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, Any]:
         lru = self.pool.setdefault(graph, OrderedDict())
         key = tuple(shapes.values())
         if key not in lru:
-            pair = [{n: np.empty(s, dtypes[n]) for n, s in shapes.items()} for _ in range(2)]
+            pair = [{n: self.empty(s, dtypes[n]) for n, s in shapes.items()} for _ in range(2)]
             lru[key] = [pair, 0]
             if len(lru) > self.max_shapes:
                 lru.popitem(last=False)

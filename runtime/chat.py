@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, ChatInputs, Processor
-from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
 
 from .backends import Backend
+from .decode import decode_tokens
 from .kv_cache import StaticKVCache
 
 
@@ -65,12 +66,8 @@ def chat_tokens(backend: Backend, cfg, inputs: ChatInputs, params: SamplingParam
     embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
     cache = new_cache(cfg, 1, ids.shape[1], dtype=kv_dtype(backend))  # grows in buckets with the answer
     logits = prefill(backend, cache, embeds)
-    for i in range(params.max_new_tokens):
-        tok = int(next_token(torch.from_numpy(logits), params, i)[0])
-        yield tok
-        if tok == eos_id:
-            return
-        logits = decode_one_token(backend, cache, tok)
+    # the decode loop on the backend's device: one host read (the token id) per token
+    yield from decode_tokens(backend, cache, logits, params, eos_id)
 
 
 def chat(backend: Backend, cfg, processor: Processor, image: Image.Image, question: str,

@@ -62,6 +62,18 @@ class TorchCudaBackend:
             self.static[key] = (ins, outs, work, CapturedStep(work, self.stream) if self.capture else None)
         return self.static[key]
 
+    device = torch.device("cuda")
+    capturable = True  # the decode step is captured per KV bucket (runtime/decode.py)
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Device tensors in and out on the current stream; floating inputs cast to the module dtype
+        (the FP32 boundary of the specs), outputs as the module computes them."""
+        args = [feeds[n].to(self.dtype) if feeds[n].is_floating_point() else feeds[n]
+                for n in self.specs[graph].input_names]
+        res = self.modules[graph](*args)
+        return dict(zip(self.specs[graph].output_names, res if isinstance(res, tuple) else (res,), strict=True))
+
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[graph]
         ins, outs, work, step = self._slot(graph, tuple(tuple(feeds[t.name].shape) for t in spec.inputs))

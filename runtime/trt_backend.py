@@ -96,6 +96,23 @@ class TrtBackend:
         e = self.engines[graph]
         (e.replay if capture else e.enqueue)(self.stream)
 
+    capturable = True  # engines enqueue on self.stream over bound buffers (runtime/decode.py captures)
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device("cuda")
+
+    def run_tensors(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        """The feeds (device tensors) bound as the engine's inputs, enqueued on self.stream, no sync;
+        -> the engine's output buffers (rewritten by the next call of this graph)."""
+        spec = self.specs[graph]
+        bufs = self.buffers(graph, {t.name: tuple(feeds[t.name].shape) for t in spec.inputs},
+                            {n: feeds[n] for n in spec.input_names})
+        self.enqueue(graph)
+        return {n: bufs[n] for n in spec.output_names}
+
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
