@@ -178,3 +178,24 @@ def test_calibration_records_euler_view_calls_as_llm_samples(tiny_model, tiny_di
     assert [f["graph"] for f in rec.files] == ["llm", "llm"]
     for f in rec.files:
         assert np.load(tmp_path / f["file"])["inputs_embeds"].shape[1] == 1 + cfg.num_gen_tokens
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_plan_builds_the_view_from_its_file(ext_onnx, precision):
+    """`janusflow build` (plan, no TensorRT): the view gets its own engine, parsed from the view file of
+    that precision, with the one Euler-step profile."""
+    from janusflow_trt.export.engine_manifest import source_graph
+    from janusflow_trt.export.trt_build import plan
+
+    m = _manifest(ext_onnx)
+    _, plans = plan(ext_onnx, precision, ["embed", "llm"])
+    by = {p.graph: p for p in plans}
+    assert list(by) == ["embed", "llm", "llm_gen"]
+    want = resolve_graph(m, ext_onnx, "llm_gen", precision)
+    assert by["llm_gen"].source == {"file": want["file"], "sha256": want["sha256"]} == \
+        source_graph(m, "llm_gen", precision)
+    assert [p.name for p in by["llm_gen"].profiles] == ["euler"]
+    assert {b.tensor for b in by["llm_gen"].buffers if not b.tensor.startswith("past_")} == \
+        {"inputs_embeds", "attention_mask", "position_ids", "last_hidden_state"}  # no logits, no present.*
+    _, plans = plan(ext_onnx, precision, ["embed"])  # no llm asked for: no view either
+    assert [p.graph for p in plans] == ["embed"]
