@@ -28,11 +28,13 @@ class DeviceKV:
     """A StaticKVCache's contents as device tensors: K/V [B, n_kv, C, hd] per layer, the decode mask
     [B, C + 1] (slot validity, then 1 for the new token) and the write index [1]."""
 
-    def __init__(self, cache: StaticKVCache, device: torch.device):
+    def __init__(self, cache: StaticKVCache, device: torch.device, dtype: torch.dtype | None = None):
+        """dtype: the device cache's dtype if not the host cache's (torch-cuda's BF16)."""
         self.past_names, self.present_names = cache.past_names, cache.present_names
         self.length, self.device = cache.length, device  # host mirror of index: the host counts its tokens
         # once per request: the host cache's buffers to the device (zero-copy views on the CPU)
-        self._load([torch.as_tensor(b, device=device) for b in cache.buffers],
+        past = [torch.as_tensor(b, device=device) for b in cache.buffers]
+        self._load([p.to(dtype) for p in past] if dtype is not None else past,
                    torch.as_tensor(cache.valid, device=device), cache.capacity)
 
     def _load(self, past: list[torch.Tensor], valid: torch.Tensor, capacity: int) -> None:
@@ -68,7 +70,7 @@ class DeviceDecoder:
     def __init__(self, backend: Any, cache: StaticKVCache, first: torch.Tensor):
         """first: the token sampled from the prefill's logits [1] (on the device)."""
         self.b, self.device = backend, backend.device
-        self.kv = DeviceKV(cache, self.device)
+        self.kv = DeviceKV(cache, self.device, getattr(backend, "kv_torch_dtype", None))
         self.ids = first.view(1, 1).to(self.device, torch.int64).clone()  # [1, 1]: the next step's input
         self.pos = torch.full((1, 1), cache.length, dtype=torch.int64, device=self.device)
         self.capture = bool(getattr(backend, "capturable", False))

@@ -65,6 +65,11 @@ class TorchCudaBackend:
     device = torch.device("cuda")
     capturable = True  # the decode step is captured per KV bucket (runtime/decode.py)
 
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        """The decode loop's device cache in the modules' dtype (numpy has no bf16 for the host cache)."""
+        return self.dtype
+
     @torch.inference_mode()
     def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Device tensors in and out on the current stream; floating inputs cast to the module dtype
