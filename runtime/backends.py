@@ -1,6 +1,8 @@
 """The one backend seam: pipelines call `backend.run(graph, feeds)` and never ask who runs it.
 
 feeds / results are dicts of numpy arrays keyed by the graph spec's input / output names.
+`run_tensors(graph, feeds)` is the device-resident form: torch tensors on `backend.device` in and out,
+nothing converted (the decode and Euler loops: runtime/decode.py, euler_step.euler_loop_tensors).
 - TorchBackend: the graph modules of export/graphs.py, eager (the in-process reference).
 - OrtBackend:   ONNX Runtime sessions over an export directory (CPU by default, CUDA if present).
 - TrtBackend:   TensorRT engines (runtime/trt_backend.py); GPU only.
@@ -204,6 +206,8 @@ class OrtBackend:
             buf = out[t.name]
             binding.bind_output(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(buf.shape),
                                 buf.data_ptr())
+        if self.device.type == "cuda":  # ORT's CUDA EP runs on its own stream: torch's writes must be done
+            torch.cuda.current_stream().synchronize()  # (a wait, no copy; Run returns after ORT's stream)
         sess.run_with_iobinding(binding)
         return out
 
