@@ -25,8 +25,11 @@ from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 class Backend(Protocol):
     name: str
+    device: Any  # torch.device of run_tensors' buffers
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 def physical_cores() -> int:
