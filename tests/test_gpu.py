@@ -171,7 +171,7 @@ def _greedy_answer(backend, tiny_dir, processor, test_image, n):
 
 
 @needs_cuda
-def test_torch_cuda_decode_step_capture_equals_eager(tiny_dir, processor, test_image, monkeypatch):
+def test_cuda_graph_decode_step_equals_eager(tiny_dir, processor, test_image, monkeypatch):
     """The device decode step (runtime/decode.py) captured per KV bucket and replayed == run eagerly,
     over a bucket change (a recapture)."""
     from janusflow_trt.runtime import cuda_graph
