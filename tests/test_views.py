@@ -29,8 +29,9 @@ def ext_onnx(tiny_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)
     try:
+        cal = builtin_calibration()
         onnx_export.export_graphs(tiny_dir, None, out, graphs="embed,llm,gen_enc,gen_dec", progress=False,
-                                  precisions="fp32,fp16", calib_inputs=InputSet(builtin_calibration().prompts[:2], builtin_calibration().pairs[:1]),
+                                  precisions="fp32,fp16", calib_inputs=InputSet(cal.prompts[:2], cal.pairs[:1]),
                                   calib_plan=PLAN)
     finally:
         mp.undo()
@@ -70,7 +71,8 @@ def test_view_has_no_lm_head_and_reads_the_llm_data_file(ext_onnx, tiny_dir, pre
     assert all(len(t.raw_data) <= 1024 for t in gen.graph.initializer)  # onnx's inline threshold
     assert (ext_onnx / gen_e["file"]).stat().st_size < (ext_onnx / data).stat().st_size / 10
     # the references are valid: with its data loaded, each kept initializer equals the parent's
-    full_llm = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(ext_onnx / llm_e["file"])).graph.initializer}
+    full_llm = {t.name: onnx.numpy_helper.to_array(t)
+                for t in onnx.load(str(ext_onnx / llm_e["file"])).graph.initializer}
     for t in onnx.load(str(ext_onnx / gen_e["file"])).graph.initializer:
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), full_llm[t.name])
 
