@@ -166,12 +166,12 @@ class Runtime:
         enc = {k: v.copy() for k, v in self.b.run("gen_enc", {"z": z2, "t": t}).items()}
         embeds = enc["step_embeds"]
         ones = np.ones(embeds.shape[:2], np.int64)
-        hidden = llm_step(self.b, cache, embeds, ones, write=False)["last_hidden_state"].copy()
+        hidden = llm_step(self.b, cache, embeds, ones, write=False, graph="llm_gen")["last_hidden_state"].copy()
         dec_feeds = {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
                      "cfg_weight": np.array([2.0], np.float32), "dt": np.array([1 / 30], np.float32)}
         return {
             "enc": timed(lambda: self.b.run("gen_enc", {"z": z2, "t": t}), repeat),
-            "llm": timed(lambda: llm_step(self.b, cache, embeds, ones, write=False), repeat),
+            "llm": timed(lambda: llm_step(self.b, cache, embeds, ones, write=False, graph="llm_gen"), repeat),
             "dec": timed(lambda: self.b.run("gen_dec", dec_feeds), repeat),
         }
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from janusflow_trt.export.specs import VIEWS
 from janusflow_trt.janusflow_ref.errors import CheckpointError
 from janusflow_trt.janusflow_ref.fingerprint import sha256_file
 
@@ -101,15 +102,29 @@ class Recorder:
         self.source = ""
         self.files: list[dict[str, Any]] = []
 
+    @property
+    def device(self):
+        return self.inner.device
+
+    def run_tensors(self, graph: str, feeds: dict) -> dict:
+        """The device-resident seam (the decode loop): recorded the same way, on the host."""
+        self._save(graph, {k: v.cpu().numpy() for k, v in feeds.items()})
+        return self.inner.run_tensors(graph, feeds)
+
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if graph in self.active:
-            d = self.out / graph
-            d.mkdir(parents=True, exist_ok=True)
-            path = d / f"{sum(f['graph'] == graph for f in self.files):05d}.npz"
-            np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
-            self.files.append({"graph": graph, "source": self.source, "file": f"{graph}/{path.name}",
-                               "sha256": sha256_file(path)})
+        self._save(graph, feeds)
         return self.inner.run(graph, feeds)
+
+    def _save(self, graph: str, feeds: dict[str, np.ndarray]) -> None:
+        # a view (the Euler step's llm_gen) takes its parent's inputs: its calls calibrate the parent
+        name = VIEWS[graph][0] if graph in VIEWS else graph
+        if name in self.active:
+            d = self.out / name
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / f"{sum(f['graph'] == name for f in self.files):05d}.npz"
+            np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            self.files.append({"graph": name, "source": self.source, "file": f"{name}/{path.name}",
+                               "sha256": sha256_file(path)})
 
 
 def _stat(path: Path) -> list:

@@ -17,6 +17,7 @@ from janusflow_trt.janusflow_ref.errors import CheckpointError
 from janusflow_trt.janusflow_ref.images import write_atomic
 
 from .manifest import VERSION, sha256_file
+from .specs import VIEWS
 from .trt_plan import Profile
 
 FORMAT_VERSION = 1
@@ -40,6 +41,14 @@ class Target:
 def source_graph(export_manifest: dict[str, Any], graph: str, precision: str) -> dict[str, str]:
     """{"file", "sha256"} of `graph`'s ONNX file at `precision` in an export manifest. FP32 is the graph entry
     itself; another precision is a variant recorded under entry["precisions"][precision]."""
+    if graph in VIEWS:  # recorded beside its parent's file at each precision (export/views.py)
+        parent = VIEWS[graph][0]
+        src = source_graph(export_manifest, parent, precision)  # refuses a missing parent or precision
+        g = export_manifest["graphs"][parent]
+        v = (g if precision == "fp32" else g["precisions"][precision]).get("views", {}).get(graph)
+        if v is None:
+            raise CheckpointError(f"the export has no {graph} view of {src['file']} (re-export with this version)")
+        return {"file": str(v["file"]), "sha256": str(v["sha256"])}
     entry = export_manifest.get("graphs", {}).get(graph)
     if entry is None:
         raise CheckpointError(f"the export manifest has no graph {graph!r} (export it first)")

@@ -90,10 +90,12 @@ class LLMGraph(nn.Module):
        present.{i}.key/value [B,n_kv,S,hd] (new positions only).
     """
 
-    def __init__(self, model: JanusFlow):
+    def __init__(self, model: JanusFlow, hidden_only: bool = False):
+        """hidden_only: return last_hidden_state alone (the llm_gen view: no LM head), as the Euler step reads."""
         super().__init__()
         self.lm = model.language_model
         self.num_layers = len(self.lm.model.layers)
+        self.hidden_only = hidden_only
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         base = self.lm.model
@@ -114,6 +116,8 @@ class LLMGraph(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             presents += [k, v]
         h = base.norm(h)
+        if self.hidden_only:
+            return h
         logits = self.lm.lm_head(h[:, -1, :]).float()
         return (h, logits, *presents)
 

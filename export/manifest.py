@@ -13,7 +13,7 @@ from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.janusflow_ref.errors import CheckpointError
 from janusflow_trt.janusflow_ref.fingerprint import quick_digest, sha256_file, weights_fingerprint
 
-from .specs import GRAPH_NAMES, GraphSpec
+from .specs import GRAPH_NAMES, VIEWS, GraphSpec
 
 FORMAT_VERSION = 2  # 2: per-file size + quick digest, weights fingerprint
 VERSION = __version__  # janusflow-trt
@@ -94,6 +94,17 @@ def _check_entries(path: Path, m: dict[str, Any]) -> None:
             raise CheckpointError(f"{where}.opset must be an integer, got {g.get('opset')!r}")
         if g.get("external_data") is not None:
             _check_record(f"{where}.external_data", g["external_data"])
+        _check_views(where, g)
+
+
+def _check_views(where: str, e: dict[str, Any]) -> None:
+    views = e.get("views", {})
+    if not isinstance(views, dict) or any(v not in VIEWS for v in views):
+        raise CheckpointError(f"{where}.views must map view names ({', '.join(VIEWS)}) to files")
+    for v, r in views.items():
+        _check_record(f"{where}.views.{v}", r)
+        if r.get("external_data") is not None:
+            _check_record(f"{where}.views.{v}.external_data", r["external_data"])
 
 
 def _check_file(artifacts: Path, label: str, r: dict[str, Any], full: bool) -> None:
@@ -108,8 +119,12 @@ def _check_file(artifacts: Path, label: str, r: dict[str, Any], full: bool) -> N
 
 
 def _records(e: dict[str, Any]) -> list[dict[str, Any]]:
-    """A graph (or precision) entry's file records: the graph file, and its external data if any."""
-    return [e] + ([e["external_data"]] if e.get("external_data") else [])
+    """A graph (or precision) entry's file records: the graph file, its external data if any, and its
+    views' files (a view's external data is its parent's data file: listed once)."""
+    out = [e] + ([e["external_data"]] if e.get("external_data") else [])
+    for v in e.get("views", {}).values():
+        out += [r for r in _records(v) if r["file"] not in {o["file"] for o in out}]
+    return out
 
 
 def _check_files(artifacts: Path, m: dict[str, Any], full: bool) -> None:
@@ -190,6 +205,13 @@ def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str,
     """The manifest entry (file, sha256, ...) of graph `name` at `precision`; refuses one that was not
     exported, or whose file is missing or changed (fp32 files are checked by load_checked). Files: size +
     quick digest; full=True: full sha256 too (verify)."""
+    if name in VIEWS:  # a view is recorded beside its parent's file at each precision
+        parent = VIEWS[name][0]
+        v = resolve_graph(m, artifacts, parent, precision, full).get("views", {}).get(name)
+        if v is None:
+            raise CheckpointError(f"graph {parent} ({precision}) has no {name} view (exported by an older version; "
+                                  "re-export)")
+        return v
     g = m.get("graphs", {}).get(name)
     if g is None:
         raise CheckpointError(f"{artifacts}/manifest.json has no graph {name!r} (re-export with it)")
@@ -200,6 +222,15 @@ def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str,
         raise CheckpointError(f"graph {name} was not exported at precision {precision} (exported: "
                               f"{','.join(exported_precisions(m, name))}); re-export with --precision fp32,{precision}")
     _check_record(f"graphs.{name}.precisions.{precision}", e)
+    _check_views(f"graphs.{name}.precisions.{precision}", e)
     for r in _records(e):
         _check_file(Path(artifacts), f"graph {name} ({precision})", r, full)
     return e
+
+
+def has_view(m: dict[str, Any], view: str, precision: str) -> bool:
+    """Whether the export holds `view` at `precision` (exports before views, or a parent the Extractor
+    could not cut, have none: callers run the parent graph instead)."""
+    g = m.get("graphs", {}).get(VIEWS[view][0], {})
+    e = g if precision == "fp32" else g.get("precisions", {}).get(precision, {})
+    return view in e.get("views", {})

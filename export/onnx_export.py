@@ -409,6 +409,9 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             inputs = calib_inputs if calib_inputs is not None else calibration_set()
             manifest["calibration"] = add_int8(model_dir, vae, tmp, out, specs, entries, inputs, int8,
                                                calib_method, progress, calib_plan)
+        from .views import add_views
+
+        add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
         write_manifest(tmp, manifest)
         replace_dir(tmp, out)
     except BaseException:

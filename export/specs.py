@@ -14,6 +14,11 @@ import numpy as np
 from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, LATENT_SIZE, JanusFlowConfig
 
 GRAPH_NAMES = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
+# Views: a graph's output subset, for callers that read only those ("drop graph outputs nobody reads").
+# An Euler step reads only the LLM's last hidden states: its view has no LM head (at full size 0.8 GB
+# of FP32 weights read for nothing every step) and no K/V outputs. Derived from the parent's ONNX file
+# at export (export/views.py), never exported from torch: same nodes, same weights (same data file).
+VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {"llm_gen": ("llm", ("last_hidden_state",))}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     syms: dict[str, Sym] = field(default_factory=dict)
+    view_of: str | None = None  # set on a view (VIEWS): the graph whose outputs this is a subset of
 
     @property
     def input_names(self) -> list[str]:
@@ -135,7 +141,18 @@ def build_specs(cfg: JanusFlowConfig, vae_upscale: int = 8) -> dict[str, GraphSp
     syms = {"B": Sym("B", 1, 1, 8, 2)}
     specs["vae_dec"] = GraphSpec("vae_dec", [T("latents", f32, "B", *lat)],
                                  [T("image", f32, "B", 3, side, side, tol=loose)], syms)
+    for view in VIEWS:
+        specs[view] = view_spec(specs, view)
     return specs
+
+
+def view_spec(specs: dict[str, GraphSpec], view: str) -> GraphSpec:
+    """The parent's spec with only the view's outputs (same inputs, symbols, tolerances)."""
+    parent, keep = VIEWS[view]
+    p = specs[parent]
+    outs = [t for t in p.outputs if t.name in keep]
+    assert [t.name for t in outs] == list(keep), f"view {view}: {keep} are not outputs of {parent} in that order"
+    return GraphSpec(view, list(p.inputs), outs, p.syms, view_of=parent)
 
 
 def max_images(specs: dict[str, GraphSpec]) -> int:
@@ -220,7 +237,7 @@ def precision_variant(spec: GraphSpec, precision: str) -> GraphSpec:
         return GraphSpec(spec.name, [TensorSpec(t.name, t.dtype, t.shape, INT8_TOL if t.tol else None)
                                      for t in spec.inputs],
                          [TensorSpec(t.name, t.dtype, t.shape, INT8_TOL if t.tol else None) for t in spec.outputs],
-                         spec.syms)
+                         spec.syms, spec.view_of)
     if precision != "fp16":
         raise ValueError(f"unknown precision {precision!r}")
 
@@ -229,7 +246,7 @@ def precision_variant(spec: GraphSpec, precision: str) -> GraphSpec:
             return TensorSpec(t.name, "float16", t.shape, FP16_TOL if t.tol else None)
         return TensorSpec(t.name, t.dtype, t.shape, FP16_TOL if t.tol else None)
 
-    return GraphSpec(spec.name, [var(t) for t in spec.inputs], [var(t) for t in spec.outputs], spec.syms)
+    return GraphSpec(spec.name, [var(t) for t in spec.inputs], [var(t) for t in spec.outputs], spec.syms, spec.view_of)
 
 
 def fp16_boundary(spec: GraphSpec) -> list[str]:

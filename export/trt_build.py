@@ -34,8 +34,8 @@ from .engine_manifest import (
     source_graph,
     write_json_atomic,
 )
-from .manifest import load_checked
-from .specs import build_specs
+from .manifest import has_view, load_checked
+from .specs import VIEWS, build_specs
 from .trt_ops import check_opset, unsupported_ops
 from .trt_plan import Buffer, Profile, budget, engine_profiles, plan_buffers
 
@@ -92,6 +92,9 @@ def plan(artifacts: Path, precision: str, graphs: list[str]) -> tuple[JanusFlowC
     cfg = _manifest_config(artifacts)
     raw = load_checked(artifacts, cfg, check_files=False)
     specs = build_specs(cfg)
+    # a view the export holds gets its own engine (the Euler step's LLM without LM head; it costs the
+    # device a second copy of the LLM's layer weights, TensorRT engines do not share weights)
+    graphs = graphs + [v for v, (p, _) in VIEWS.items() if p in graphs and has_view(raw, v, precision)]
     out = []
     for g in graphs:
         try:

@@ -5,6 +5,7 @@ admits (the budget `build --dry-run` prints and the runtime allocates once).
 Profiles:
 - llm: "prefill" (S >= 2 new tokens; opt = one Euler step's 1 + G tokens over a cache of the spec's opt
   capacity) and "decode" (S = 1), so each gets kernels tuned for its shapes;
+- llm_gen (the LLM without LM head and K/V outputs, export/views.py): "euler", S = 1 + G exactly;
 - every other graph: one profile straight from its spec (the generation graphs' batch axis is the CFG
   batch 2n, min 2; TensorRT cannot say "even", so the runtime refuses odd batches before enqueueing).
 """
@@ -45,11 +46,13 @@ def _profile(spec: GraphSpec, name: str, **fixed: tuple[int, int, int]) -> Profi
 
 def engine_profiles(specs: dict[str, GraphSpec], graph: str) -> list[Profile]:
     spec = specs[graph]
-    if graph != "llm":
+    if graph not in ("llm", "llm_gen"):
         return [_profile(spec, "all")]
     s = spec.syms["S"]
     step_tokens = specs["gen_enc"].outputs[0].shape[1]  # step_embeds [B, 1 + G, H]: one Euler step's new tokens
     assert isinstance(step_tokens, int), "gen_enc step_embeds must have a static token axis"
+    if graph == "llm_gen":  # only ever run by the Euler step: its exact token count
+        return [_profile(spec, "euler", S=(step_tokens, step_tokens, step_tokens))]
     prefill_opt = min(max(step_tokens, 2), s.max)
     return [_profile(spec, "prefill", S=(2, prefill_opt, s.max)), _profile(spec, "decode", S=(1, 1, 1))]
 

@@ -73,9 +73,12 @@ class RuntimeEngine:
         return prefill_prefix(self.backend, self.cfg, self.processor, prompt, num_images)
 
     def euler(self, cache, z0: np.ndarray, steps: int, cfg_weight: float) -> Iterator[np.ndarray]:
-        from janusflow_trt.runtime.text2img import euler_loop
+        """The loop on the backend's device (runtime/euler_step.py); each step's z is read back here for
+        the caller's callback and finiteness check (n x 36 KB; zero-copy on the CPU)."""
+        from janusflow_trt.runtime.euler_step import euler_loop_tensors
 
-        return euler_loop(self.backend, cache, z0, steps, cfg_weight)
+        for z in euler_loop_tensors(self.backend, cache, z0, steps, cfg_weight):
+            yield z.cpu().numpy()
 
     def ensure_vae(self) -> None:
         if self._add_vae is not None:

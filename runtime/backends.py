@@ -1,6 +1,8 @@
 """The one backend seam: pipelines call `backend.run(graph, feeds)` and never ask who runs it.
 
 feeds / results are dicts of numpy arrays keyed by the graph spec's input / output names.
+`run_tensors(graph, feeds)` is the device-resident form: torch tensors on `backend.device` in and out,
+nothing converted (the decode and Euler loops: runtime/decode.py, euler_step.euler_loop_tensors).
 - TorchBackend: the graph modules of export/graphs.py, eager (the in-process reference).
 - OrtBackend:   ONNX Runtime sessions over an export directory (CPU by default, CUDA if present).
 - TrtBackend:   TensorRT engines (runtime/trt_backend.py); GPU only.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,8 +25,11 @@ from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 class Backend(Protocol):
     name: str
+    device: Any  # torch.device of run_tensors' buffers
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 def physical_cores() -> int:
@@ -39,6 +45,7 @@ class TorchBackend:
     """Runs the export graph modules eagerly on the CPU."""
 
     name = "torch-fast"
+    device = torch.device("cpu")
 
     def __init__(self, model, vae=None, threads: int | None = None):
         from janusflow_trt.export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph
@@ -47,7 +54,7 @@ class TorchBackend:
         self.cfg: JanusFlowConfig = model.cfg
         self.modules: dict[str, Any] = {  # torch modules (mypy sees torch as Any)
             "siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
-            "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
+            "llm_gen": LLMGraph(model, hidden_only=True), "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae is not None:
             self.add_vae(vae)
         from janusflow_trt.export.specs import build_specs
@@ -66,6 +73,14 @@ class TorchBackend:
         res = self.modules[graph](*args)
         res = res if isinstance(res, tuple) else (res,)
         return {n: r.numpy() for n, r in zip(outs, res, strict=True)}
+
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The device-resident form of run(): torch tensors in and out, nothing converted."""
+        res = self.modules[graph](*[feeds[n] for n in self.specs[graph].input_names])
+        res = res if isinstance(res, tuple) else (res,)
+        return dict(zip(self.specs[graph].output_names, res, strict=True))
 
 
 def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
@@ -95,8 +110,8 @@ class OrtBackend:
             raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
                                  "(or '[gpu]' with CUDA)") from None
 
-        from janusflow_trt.export.manifest import resolve_graph
-        from janusflow_trt.export.specs import build_specs, precision_variant
+        from janusflow_trt.export.manifest import has_view, resolve_graph
+        from janusflow_trt.export.specs import VIEWS, build_specs, precision_variant
 
         self.dir = Path(artifacts)
         self.manifest = read_manifest(artifacts, cfg)
@@ -104,6 +119,8 @@ class OrtBackend:
         self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}  # I/O dtypes
         for g in self.manifest.get("graphs", {}):  # a precision that was not exported: refused up front
             resolve_graph(self.manifest, self.dir, g, precision)
+        # a view the export lacks (older export): its parent runs, and only the view's outputs are returned
+        self.view_parent = {v: p for v, (p, _) in VIEWS.items() if not has_view(self.manifest, v, precision)}
         self.cfg = cfg
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -119,6 +136,10 @@ class OrtBackend:
         self.sessions: dict = {}
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.buffers = OutputBuffers()
+        # run_tensors(): torch buffers on the device the first provider runs on (ORT binds their pointers)
+        self.device = torch.device("cpu" if self.on_cpu else "cuda")
+        self.tensor_buffers = OutputBuffers(empty=lambda shape, dtype: torch.empty(
+            shape, dtype=getattr(torch, dtype), device=self.device))
 
     def session(self, graph: str):
         if graph not in self.sessions:
@@ -144,6 +165,9 @@ class OrtBackend:
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """IOBinding: inputs bound in place (no copy), outputs written into preallocated buffers that
         are reused across calls (see OutputBuffers for how long a result stays valid)."""
+        if graph in self.view_parent:
+            out = self.run(self.view_parent[graph], feeds)
+            return {n: out[n] for n in self.specs[graph].output_names}
         sess, spec = self.session(graph), self.specs[graph]
         binding = sess.io_binding()
         sizes: dict[str, int] = {}
@@ -163,6 +187,33 @@ class OrtBackend:
         sess.run_with_iobinding(binding)
         return out
 
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """IOBinding over torch tensors on self.device: inputs and outputs bound by pointer (CPU or CUDA),
+        nothing copied or converted; outputs are reused buffers, as run()'s."""
+        if graph in self.view_parent:
+            out = self.run_tensors(self.view_parent[graph], feeds)
+            return {n: out[n] for n in self.specs[graph].output_names}
+        sess, spec = self.session(graph), self.specs[graph]
+        binding = sess.io_binding()
+        sizes: dict[str, int] = {}
+        for t in spec.inputs:
+            x = feeds[t.name]
+            assert x.dtype == getattr(torch, t.dtype) and x.is_contiguous() and x.device == self.device, \
+                f"{graph}.{t.name}: {x.dtype} {x.device} tensor, the graph binds {t.dtype} on {self.device}"
+            sizes.update((d, n) for d, n in zip(t.shape, x.shape, strict=True) if isinstance(d, str))
+            binding.bind_input(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(x.shape),
+                               x.data_ptr())
+        shapes = {t.name: tuple(sizes[d] if isinstance(d, str) else d for d in t.shape) for t in spec.outputs}
+        out = self.tensor_buffers.get(graph, shapes, {t.name: t.dtype for t in spec.outputs})
+        for t in spec.outputs:
+            buf = out[t.name]
+            binding.bind_output(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(buf.shape),
+                                buf.data_ptr())
+        if self.device.type == "cuda":  # ORT's CUDA EP runs on its own stream: torch's writes must be done
+            torch.cuda.current_stream().synchronize()  # (a wait, no copy; Run returns after ORT's stream)
+        sess.run_with_iobinding(binding)
+        return out
+
     @property
     def kv_dtype(self) -> np.dtype:
         return np.dtype(self.specs["llm"].inputs[3].dtype)
@@ -177,15 +228,16 @@ class OutputBuffers:
     length is a new prefill shape, and at full size one prefill's outputs are ~240 MB. An evicted
     buffer still held by a caller stays alive until the caller lets go of it."""
 
-    def __init__(self, max_shapes: int = 4):
-        self.max_shapes = max_shapes
+    def __init__(self, max_shapes: int = 4, empty: Callable[[tuple[int, ...], str], Any] = np.empty):
+        """empty(shape, dtype string): the allocator (numpy by default; torch tensors for run_tensors)."""
+        self.max_shapes, self.empty = max_shapes, empty
         self.pool: dict[str, OrderedDict[tuple, list]] = {}
 
-    def get(self, graph: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    def get(self, graph: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, Any]:
         lru = self.pool.setdefault(graph, OrderedDict())
         key = tuple(shapes.values())
         if key not in lru:
-            pair = [{n: np.empty(s, dtypes[n]) for n, s in shapes.items()} for _ in range(2)]
+            pair = [{n: self.empty(s, dtypes[n]) for n, s in shapes.items()} for _ in range(2)]
             lru[key] = [pair, 0]
             if len(lru) > self.max_shapes:
                 lru.popitem(last=False)

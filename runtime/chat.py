@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, ChatInputs, Processor
-from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
 
 from .backends import Backend
+from .decode import decode_tokens
 from .kv_cache import StaticKVCache
 
 
@@ -32,13 +33,15 @@ def kv_dtype(backend: Backend):
 
 
 def llm_step(backend: Backend, cache: StaticKVCache, embeds: np.ndarray, new_mask: np.ndarray,
-             write: bool = True) -> dict[str, np.ndarray]:
-    """Run the LLM graph on `embeds` [B,S,H] after the cached prefix; optionally append its K/V."""
+             write: bool = True, graph: str = "llm") -> dict[str, np.ndarray]:
+    """Run the LLM graph on `embeds` [B,S,H] after the cached prefix; optionally append its K/V.
+    graph: "llm", or its view "llm_gen" (last_hidden_state only) for a step that writes nothing."""
+    assert not (write and graph != "llm"), "only the llm graph returns the K/V to write"
     b, s, _ = embeds.shape
     if write:
         cache.reserve(cache.length + s)
     pos = np.broadcast_to(np.arange(cache.length, cache.length + s, dtype=np.int64), (b, s))
-    out = backend.run("llm", {"inputs_embeds": embeds, "attention_mask": cache.mask(new_mask),
+    out = backend.run(graph, {"inputs_embeds": embeds, "attention_mask": cache.mask(new_mask),
                               "position_ids": np.ascontiguousarray(pos), **cache.past_feeds()})
     if write:
         cache.append(out, new_mask)
@@ -63,12 +66,8 @@ def chat_tokens(backend: Backend, cfg, inputs: ChatInputs, params: SamplingParam
     embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
     cache = new_cache(cfg, 1, ids.shape[1], dtype=kv_dtype(backend))  # grows in buckets with the answer
     logits = prefill(backend, cache, embeds)
-    for i in range(params.max_new_tokens):
-        tok = int(next_token(torch.from_numpy(logits), params, i)[0])
-        yield tok
-        if tok == eos_id:
-            return
-        logits = decode_one_token(backend, cache, tok)
+    # the decode loop on the backend's device: one host read (the token id) per token
+    yield from decode_tokens(backend, cache, logits, params, eos_id)
 
 
 def chat(backend: Backend, cfg, processor: Processor, image: Image.Image, question: str,

@@ -23,9 +23,9 @@ KV_PREFIX = "past_key_values."
 
 EULER_STEP: tuple[tuple[str, dict[str, Source]], ...] = (
     ("gen_enc", {"z": ("carry", "z"), "t": ("step", "t")}),
-    ("llm", {"inputs_embeds": ("out", "gen_enc", "step_embeds"), "attention_mask": ("const", "mask"),
-             "position_ids": ("const", "positions"), KV_PREFIX + "*": ("cache", "*")}),
-    ("gen_dec", {"hidden": ("out", "llm", "last_hidden_state"), "skip": ("out", "gen_enc", "skip"),
+    ("llm_gen", {"inputs_embeds": ("out", "gen_enc", "step_embeds"), "attention_mask": ("const", "mask"),
+                 "position_ids": ("const", "positions"), KV_PREFIX + "*": ("cache", "*")}),
+    ("gen_dec", {"hidden": ("out", "llm_gen", "last_hidden_state"), "skip": ("out", "gen_enc", "skip"),
                  "t_emb": ("out", "gen_enc", "t_emb"), "z": ("carry", "z"), "cfg_weight": ("const", "cfg_weight"),
                  "dt": ("const", "dt")}),
 )
@@ -83,3 +83,34 @@ def run_step_host(backend, state: dict[str, Any], consts: dict[str, np.ndarray],
         outs[graph] = backend.run(graph, args)
     for name, (g, o) in CARRY.items():
         state[name] = outs[g][o].copy()
+
+
+def euler_loop_tensors(backend, cache, z: np.ndarray, steps: int, cfg_weight: float):
+    """The Euler loop over the device-resident seam (backend.run_tensors, on backend.device), following
+    EULER_STEP: the K/V, constants and timestep table go to the device once per request; per step
+    nothing crosses to the host. Yields the device z [n,4,48,48] after each step (a view of the carry,
+    rewritten by the next step: copy what you keep)."""
+    import torch
+
+    dev = backend.device
+    n = z.shape[0]
+    step_tokens = backend.specs["gen_enc"].outputs[0].shape[1]
+    c = step_constants(cache, 2 * n, step_tokens, cfg_weight, steps)
+    table = torch.as_tensor(c.pop("t_table"), device=dev)  # [steps, 2n]
+    consts = {k: torch.as_tensor(v, device=dev) for k, v in c.items()}
+    kv = {k: torch.as_tensor(v, device=dev) for k, v in cache.past_feeds().items()}
+    state = {"z": torch.as_tensor(np.concatenate([z, z]).astype(np.float32), device=dev)}
+    for i in range(steps):
+        outs: dict[str, dict] = {}
+        sources = {"carry": state, "step": {"t": table[i]}, "const": consts}
+        for graph, feeds in EULER_STEP:
+            args = {}
+            for name in backend.specs[graph].input_names:
+                src = source_of(feeds, name)
+                assert src is not None
+                args[name] = outs[src[1]][src[2]] if src[0] == "out" else kv[name] if src[0] == "cache" \
+                    else sources[src[0]][src[1]]
+            outs[graph] = backend.run_tensors(graph, args)
+        for name, (g, o) in CARRY.items():
+            state[name].copy_(outs[g][o])
+        yield state["z"][:n]

@@ -40,7 +40,8 @@ def euler_loop(backend: Backend, cache, z: np.ndarray, steps: int, cfg_weight: f
     for t in ts:
         enc = backend.run("gen_enc", {"z": z2, "t": t})
         embeds = enc["step_embeds"]  # [2n, 1+G, H]: t_emb then the latent tokens, straight from the graph
-        out = llm_step(backend, cache, embeds, np.ones(embeds.shape[:2], np.int64), write=False)
+        # the llm_gen view: last_hidden_state only (no LM head, no K/V out)
+        out = llm_step(backend, cache, embeds, np.ones(embeds.shape[:2], np.int64), write=False, graph="llm_gen")
         dec = backend.run("gen_dec", {"hidden": out["last_hidden_state"], "skip": enc["skip"], "t_emb": enc["t_emb"],
                                       "z": z2, "cfg_weight": w, "dt": dt})
         z2 = dec["z_next"]

@@ -36,7 +36,7 @@ class TorchCudaBackend:
         self.dtype = DTYPES[dtype]
         mods: dict[str, torch.nn.Module] = {
             "siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
-            "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
+            "llm_gen": LLMGraph(model, hidden_only=True), "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
         if vae_dir is not None:
             mods["vae_dec"] = VAEDecGraph(load_vae(vae_dir))
         self.modules = {k: m.eval().to("cuda", self.dtype) for k, m in mods.items()}
@@ -61,6 +61,23 @@ class TorchCudaBackend:
 
             self.static[key] = (ins, outs, work, CapturedStep(work, self.stream) if self.capture else None)
         return self.static[key]
+
+    device = torch.device("cuda")
+    capturable = True  # the decode step is captured per KV bucket (runtime/decode.py)
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        """The decode loop's device cache in the modules' dtype (numpy has no bf16 for the host cache)."""
+        return self.dtype
+
+    @torch.inference_mode()
+    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Device tensors in and out on the current stream; floating inputs cast to the module dtype
+        (the FP32 boundary of the specs), outputs as the module computes them."""
+        args = [feeds[n].to(self.dtype) if feeds[n].is_floating_point() else feeds[n]
+                for n in self.specs[graph].input_names]
+        res = self.modules[graph](*args)
+        return dict(zip(self.specs[graph].output_names, res if isinstance(res, tuple) else (res,), strict=True))
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[graph]

@@ -21,7 +21,7 @@ from janusflow_trt.export.engine_manifest import (
     read_engine_manifest,
     source_graph,
 )
-from janusflow_trt.export.specs import build_specs
+from janusflow_trt.export.specs import VIEWS, build_specs
 from janusflow_trt.export.trt_build import require_cuda, require_tensorrt, target_here
 from janusflow_trt.export.trt_plan import engine_profiles
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
@@ -45,10 +45,10 @@ def export_sources(m: dict[str, Any]) -> dict[str, str] | None:
 
 
 def pick_profile(graph: str, shapes: dict[str, tuple[int, ...]]) -> str:
-    """The engine profile a call falls in (llm: one new token -> decode, more -> prefill)."""
+    """The engine profile a call falls in (llm: one new token -> decode, more -> prefill; llm_gen: euler)."""
     if graph == "llm":
         return "decode" if shapes["inputs_embeds"][1] == 1 else "prefill"
-    return "all"
+    return "euler" if graph == "llm_gen" else "all"
 
 
 class TrtBackend:
@@ -70,8 +70,12 @@ class TrtBackend:
                               export_sources(m))
         check_engine_files(self.dir, m, graphs)
         self.profile_index = {g: [p["name"] for p in m["engines"][g]["profiles"]] for g in graphs}
+        self.view_parent: dict[str, str] = {}
         logger = trt.Logger(trt.Logger.WARNING)
         self.engines = {g: Engine(self.dir / m["engines"][g]["file"], logger) for g in graphs}
+        for v, (p, _) in VIEWS.items():  # engines built without the view: the parent engine, its prefill profile
+            if v not in self.engines and p in self.engines:
+                self.engines[v], self.view_parent[v] = self.engines[p], p
         size = max(e.device_memory_size for e in self.engines.values())
         self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")  # shared: one engine at a time
         for e in self.engines.values():
@@ -84,12 +88,30 @@ class TrtBackend:
         b = shapes[spec.inputs[0].name][0]
         if spec.syms.get("B") is not None and spec.syms["B"].multiple_of > 1 and b % spec.syms["B"].multiple_of:
             raise InputError(f"{graph}: batch {b} is not a whole number of CFG pairs")
-        prof = self.profile_index[graph].index(pick_profile(graph, shapes))
+        parent = self.view_parent.get(graph)
+        prof = self.profile_index[parent or graph].index(pick_profile(parent or graph, shapes))
         return self.engines[graph].bind(prof, shapes, self.stream, external)
 
     def enqueue(self, graph: str, capture: bool = False) -> None:
         e = self.engines[graph]
         (e.replay if capture else e.enqueue)(self.stream)
+
+    capturable = True  # engines enqueue on self.stream over bound buffers (runtime/decode.py captures)
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device("cuda")
+
+    def run_tensors(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        """The feeds (device tensors) bound as the engine's inputs, enqueued on self.stream, no sync;
+        -> the engine's output buffers (rewritten by the next call of this graph)."""
+        spec = self.specs[graph]
+        bufs = self.buffers(graph, {t.name: tuple(feeds[t.name].shape) for t in spec.inputs},
+                            {n: feeds[n] for n in spec.input_names})
+        self.enqueue(graph)
+        return {n: bufs[n] for n in spec.output_names}
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -101,6 +101,14 @@ def test_llm_profiles_prefill_and_decode(cfg, raw):
                                                         lm["hidden_size"] // lm["num_attention_heads"])
 
 
+def test_llm_gen_profile_is_the_euler_step_exactly(cfg):
+    specs = build_specs(cfg)
+    (p,) = engine_profiles(specs, "llm_gen")
+    lo, opt, hi = p.shapes["inputs_embeds"]
+    assert lo[1] == opt[1] == hi[1] == cfg.num_gen_tokens + 1  # t_emb + G latent tokens, from the config
+    assert (lo[0], hi[0]) == (1, 16) and pick_profile("llm_gen", {"inputs_embeds": opt}) == "euler"
+
+
 def test_generation_profiles_are_cfg_batches(cfg):
     specs = build_specs(cfg)
     for g in ("gen_enc", "gen_dec"):
@@ -113,7 +121,8 @@ def test_dummy_inputs_fall_inside_the_picked_profile(cfg):
     specs = build_specs(cfg)
     for name, spec in specs.items():
         profiles = {p.name: p for p in engine_profiles(specs, name)}
-        for sizes in ([{}, {"S": 1}] if name == "llm" else [{}]):
+        step_tokens = cfg.num_gen_tokens + 1  # an Euler step's new tokens: the only S llm_gen runs at
+        for sizes in {"llm": [{}, {"S": 1}], "llm_gen": [{"S": step_tokens}]}.get(name, [{}]):
             feeds = dummy_inputs(spec, **sizes)
             p = profiles[pick_profile(name, {k: v.shape for k, v in feeds.items()})]
             for k, v in feeds.items():
@@ -275,11 +284,11 @@ def test_euler_wiring_is_complete_and_ordered(cfg):
     specs = build_specs(cfg)
     check_wiring(specs)
     swapped = (EULER_STEP[0], EULER_STEP[2], EULER_STEP[1])
-    with pytest.raises(AssertionError, match="gen_dec.hidden reads llm.last_hidden_state before it is produced"):
+    with pytest.raises(AssertionError, match="gen_dec.hidden reads llm_gen.last_hidden_state before it is produced"):
         check_wiring(specs, swapped)
-    dropped = (EULER_STEP[0], ("llm", {k: v for k, v in EULER_STEP[1][1].items() if k != "position_ids"}),
+    dropped = (EULER_STEP[0], ("llm_gen", {k: v for k, v in EULER_STEP[1][1].items() if k != "position_ids"}),
                EULER_STEP[2])
-    with pytest.raises(AssertionError, match="llm.position_ids has no source"):
+    with pytest.raises(AssertionError, match="llm_gen.position_ids has no source"):
         check_wiring(specs, dropped)
 
 
