@@ -69,7 +69,8 @@ def test_view_has_no_lm_head_and_reads_the_llm_data_file(ext_onnx, tiny_dir, pre
     assert _external_locations(gen) == _external_locations(llm) == {data}
     assert gen_e["external_data"]["file"] == data
     assert all(len(t.raw_data) <= 1024 for t in gen.graph.initializer)  # onnx's inline threshold
-    assert (ext_onnx / gen_e["file"]).stat().st_size < (ext_onnx / data).stat().st_size / 10
+    # about the parent's proto (pruned; names may differ), never its weights
+    assert (ext_onnx / gen_e["file"]).stat().st_size < (ext_onnx / llm_e["file"]).stat().st_size + 4096
     # the references are valid: with its data loaded, each kept initializer equals the parent's
     full_llm = {t.name: onnx.numpy_helper.to_array(t)
                 for t in onnx.load(str(ext_onnx / llm_e["file"])).graph.initializer}
