@@ -131,7 +131,8 @@ def test_cpu_flavour_layout(int8_onnx):
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     q_types = {inits[n.input[2]].dtype for n in g.node if n.op_type == "QuantizeLinear"}
     w_types = {inits[n.input[0]].dtype for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-    assert q_types == {np.dtype(np.uint8)} and np.dtype(np.int8) in w_types
+    # uint8 activations; int8 only for attention's B inputs (test_cpu_flavour_measured_choices)
+    assert q_types == {np.dtype(np.uint8), np.dtype(np.int8)} and np.dtype(np.int8) in w_types
     assert e["recipe"]["reduce_range"] == (not e["recipe"]["cpu_vnni"])
 
 
@@ -155,8 +156,8 @@ def test_cpu_flavour_measured_choices(int8_onnx, graph):
         if n.op_type == "Conv":
             assert all(producer.get(x) is None or producer[x].op_type != "DequantizeLinear" for x in n.input), n.name
     bmms = [n for n in g.node if n.op_type == "MatMul" and not set(n.input) & set(inits)
-            and producer.get(n.input[0]) is not None and producer[n.input[0]].op_type == "DequantizeLinear"
-            and producer[n.input[0]].input[0] not in inits]
+            and all(producer.get(x) is not None and producer[x].op_type == "DequantizeLinear"
+                    and producer[x].input[0] not in inits for x in n.input)]
     assert bool(bmms) == (graph in ("llm", "siglip")), [n.name for n in bmms]
     for n in bmms:
         a, b = (producer[x] for x in n.input)
