@@ -2,6 +2,7 @@
 
 usage: python benchmarks/profile_step.py MODEL_DIR ARTIFACTS_DIR [--precision int8-cpu] [--rows 2] [--prefix 25]
        [--optimized DIR]  (writes each session's optimized graph there: what ORT fused)
+       [--decode CONTEXT] (one LLM decode call instead of an Euler step)
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def step_feeds(cfg, rows: int, prefix: int) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
+def decode_feeds(cfg, context: int) -> dict[str, np.ndarray]:
+    """One chat decode call of the LLM: 1 token after `context` cached ones."""
+    rng = np.random.default_rng(0)
+    h, layers = cfg.hidden, cfg.llm.num_hidden_layers
+    hd, nkv = h // cfg.llm.num_attention_heads, cfg.llm.num_key_value_heads
+    past = {f"past_key_values.{i}.{kv}": rng.standard_normal((1, nkv, context, hd), dtype=np.float32)
+            for i in range(layers) for kv in ("key", "value")}
+    return {"inputs_embeds": rng.standard_normal((1, 1, h), dtype=np.float32),
+            "attention_mask": np.ones((1, context + 1), np.int64),
+            "position_ids": np.array([[context]], np.int64), **past}
+
+
 def profile_graph(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int, tmp: Path,
                   optimized: Path | None = None) -> tuple[float, collections.Counter, collections.Counter]:
     """-> (wall ms per call, kernel ms per call by op type, node count by op type of the optimized graph)."""
@@ -85,6 +98,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--optimized", type=Path, help="write each session's optimized graph to this directory")
+    ap.add_argument("--decode", type=int, metavar="CONTEXT", help="profile one LLM decode call instead of a step")
     args = ap.parse_args()
     cfg = load_config(args.model)
     manifest = read_manifest(args.artifacts, cfg)
@@ -92,7 +106,8 @@ def main() -> None:
         args.optimized.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="janusflow-profile-"))
     try:
-        for name, feeds in step_feeds(cfg, args.rows, args.prefix).items():
+        graphs = {"llm": decode_feeds(cfg, args.decode)} if args.decode else step_feeds(cfg, args.rows, args.prefix)
+        for name, feeds in graphs.items():
             path = Path(args.artifacts) / resolve_graph(manifest, Path(args.artifacts), name, args.precision)["file"]
             wall, kernel, nodes = profile_graph(path, feeds, args.threads, args.runs, tmp, args.optimized)
             total = sum(kernel.values())
