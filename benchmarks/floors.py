@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
