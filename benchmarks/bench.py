@@ -159,6 +159,18 @@ class Runtime:
         llm = timed(lambda: llm_step(self.b, cache, emb, one, write=False), tokens)
         return {"embed": embed, "llm": llm}
 
+    def decode_weights(self) -> dict | None:
+        """The bytes a decode token reads, from the LLM graph file this backend runs (INT8 / FP16 /
+        FP32 as stored); None for a torch backend (FP32 parameters, counted from the config)."""
+        if not hasattr(self.b, "manifest"):
+            return None
+        from janusflow_trt.export.manifest import resolve_graph
+
+        file = resolve_graph(self.b.manifest, self.b.dir, "llm", self.b.precision)["file"]
+        w = floors.graph_weight_bytes(self.b.dir / file)
+        return {"file": file, "weight_bytes": w["weights"], "by_dtype": w["by_dtype"],
+                "kv_bytes": np.dtype(self.b.kv_dtype).itemsize}
+
     def euler_ms(self, z, repeat: int) -> dict[str, float]:
         cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
         z2 = np.concatenate([z, z]).astype(np.float32)
@@ -212,6 +224,8 @@ def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_
     r["e2e_steps"] = e2e_steps
     r["s_per_image"] = runner.image_s(z, e2e_steps)
     r["rss_mb_after"] = rss_mb()
+    if hasattr(runner, "decode_weights"):
+        r["decode_weights"] = runner.decode_weights()
     return r
 
 
@@ -253,7 +267,10 @@ def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
         floor_ms = sum(flop.values()) / (gflops * 1e9) * 1e3
         r["euler_floor_ms"] = floor_ms
         r["euler_vs_floor"] = r["euler_ms"]["step"] / floor_ms
-        r["decode_floor_ms"] = {c: floors.decode_bytes(cfg, int(c)) / (gbs * 1e9) * 1e3 for c in r["decode_ms"]}
+        w = r.get("decode_weights") or {}  # the run graph's stored bytes; else FP32 parameters
+        r["decode_floor_ms"] = {c: floors.decode_bytes(cfg, int(c), weight_bytes=w.get("weight_bytes"),
+                                                        kv_bytes=w.get("kv_bytes")) / (gbs * 1e9) * 1e3
+                                for c in r["decode_ms"]}
         r["decode_vs_floor"] = {c: r["decode_ms"][c] / r["decode_floor_ms"][c] for c in r["decode_ms"]}
 
 
@@ -311,6 +328,12 @@ def markdown(result: dict) -> str:
                     f"read {m['best']:.1f} GB/s (median {m['median']:.1f}, spread {m['spread']:.0%})"
                     + (" - NOISY: the machine was busy, floor ratios are unreliable"
                        if max(g["spread"], m["spread"]) > NOISY_SPREAD else "")]
+    weights = {n: r["decode_weights"] for n, r in b.items() if r.get("decode_weights")}
+    if weights:
+        out += ["", "Decode floor counts the LLM graph's stored bytes: " + "; ".join(
+            f"{n} {w['weight_bytes'] / 1e6:.1f} MB ({w['file']}: " + ", ".join(
+                f"{k} {v / 1e6:.1f}" for k, v in w["by_dtype"].items()) + f"), KV {w['kv_bytes']} B/elem"
+            for n, w in weights.items())]
     parts = {n: r["decode_parts_ms"] for n, r in b.items() if "decode_parts_ms" in r}
     if parts:
         def line(n, c, p):

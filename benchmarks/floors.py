@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
@@ -92,9 +94,40 @@ def euler_step_flops(cfg: JanusFlowConfig, rows: int, prefix: int, recompute_pre
     return {"enc": gen_enc_flops(cfg, rows), "llm": llm, "dec": gen_dec_flops(cfg, rows)}
 
 
-def decode_bytes(cfg: JanusFlowConfig, context: int, dtype_bytes: int = 4) -> float:
-    """Bytes one decode token must read: every LLM weight, the LM head and the K/V of the context."""
+def decode_bytes(cfg: JanusFlowConfig, context: int, dtype_bytes: int = 4, weight_bytes: float | None = None,
+                 kv_bytes: int | None = None) -> float:
+    """Bytes one decode token must read: every LLM weight, the LM head and the K/V of the context.
+    weight_bytes: those of the graph actually run (graph_weight_bytes: INT8 / FP16 / FP32 as stored);
+    otherwise the parameter count at dtype_bytes. kv_bytes: the cache's element size (default dtype_bytes)."""
     h, layers = cfg.hidden, cfg.llm.num_hidden_layers
     kv = cfg.llm.num_key_value_heads * (h // cfg.llm.num_attention_heads)
-    weights = layers * llm_layer_params(cfg) + h * cfg.llm.vocab_size
-    return dtype_bytes * (weights + 2 * layers * context * kv)
+    if weight_bytes is None:
+        weight_bytes = dtype_bytes * (layers * llm_layer_params(cfg) + h * cfg.llm.vocab_size)
+    return weight_bytes + (kv_bytes or dtype_bytes) * 2 * layers * context * kv
+
+
+def graph_weight_bytes(path: str | Path) -> dict[str, int]:
+    """Bytes of one ONNX graph file's constants as stored (an INT8 weight 1 byte per element plus its
+    scales and zero points, FP16 2, FP32 4), read from the tensor headers only (external data is not
+    loaded). Tables read only by Gather (a token embedding: one row per token) are counted apart.
+    -> {'weights': bytes every call reads, 'gathered': bytes of Gather-only tables, 'by_dtype': ...}."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
+                                     if a.name == "value"]
+    readers: dict[str, set[str]] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, set()).add(n.op_type)
+    out: dict = {"weights": 0, "gathered": 0, "by_dtype": {}}
+    for t in tensors:
+        dt = np.dtype(tensor_dtype_to_np_dtype(t.data_type))
+        nbytes = int(np.prod(t.dims, dtype=np.int64)) * dt.itemsize
+        if readers.get(t.name) == {"Gather"}:
+            out["gathered"] += nbytes
+            continue
+        out["weights"] += nbytes
+        out["by_dtype"][dt.name] = out["by_dtype"].get(dt.name, 0) + nbytes
+    return out

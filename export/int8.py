@@ -73,6 +73,30 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANT_OPS]
 
 
+# int8-cpu: what ORT's CPU kernels make faster, by measurement (small preset, Euler-step shapes, 2 threads,
+# ORT 1.32, AVX512-VNNI; README: INT8, CPU speed).
+CPU_FLOAT_CONV = ("ORT fuses Q/DQ around a Conv only into QLinearConv, which needs a quantized output; ours "
+                  "feed float norms and adds, so it ran as DequantizeLinear -> float Conv outside the NCHWc "
+                  "kernels: 7x slower than the FP32 Conv (gen_enc's 3 Convs 3.2 -> 23 ms, gen_dec's 5.1 -> "
+                  "22.5 ms); stays FP32")
+CPU_SIGNED_B = ("activation x activation MatMul (attention Q@K^T, P@V): its B input int8 symmetric, so ORT "
+                "runs the u8s8 (VNNI) kernel instead of u8u8 (small LLM at Euler-step shapes: 244 -> 150 ms "
+                "min over rounds, FP32 567 ms)")
+
+
+def cpu_plan(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[dict]]]:
+    """int8-cpu's measured choices for one graph -> (excluded node -> reason, TensorQuantOverrides):
+    every Conv stays FP32; the B input of every MatMul whose two inputs are activations is int8
+    symmetric (activations are otherwise uint8)."""
+    from onnxruntime.quantization import QuantType
+
+    g = model.graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    exclude = {n.name: CPU_FLOAT_CONV for n in g.node if n.op_type == "Conv"}
+    signed = {n.input[1] for n in g.node if n.op_type == "MatMul" and not consts & set(n.input)}
+    return exclude, {t: [{"quant_type": QuantType.QInt8, "symmetric": True}] for t in sorted(signed)}
+
+
 def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
                 exclude: dict[str, str] | None = None, big: bool = False) -> dict[str, Any]:
     """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
@@ -103,6 +127,11 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
             named.unlink(missing_ok=True)
             Path(f"{named}.data").unlink(missing_ok=True)
     opts = flavour_options(precision, method)
+    overrides: dict[str, list[dict]] = {}
+    if precision == "int8-cpu":
+        cpu_exclude, overrides = cpu_plan(onnx.load(str(named), load_external_data=False))
+        exclude = {**cpu_exclude, **exclude}
+        opts["extra_options"]["TensorQuantOverrides"] = overrides
     cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
            "entropy": CalibrationMethod.Entropy}[method]
     try:
@@ -128,6 +157,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "reduce_range": opts["reduce_range"], "cpu_vnni": cpu_has_vnni(),
         "quantized_op_types": list(QUANT_OPS), "quantized_nodes": len(nodes) - len(exclude),
         "excluded": exclude, "float_consumers_rewired": rewired,
+        **({"int8_symmetric_activations": {"tensors": sorted(overrides), "why": CPU_SIGNED_B}} if overrides else {}),
         "bias": "float" if precision == "int8" else "int32 (ORT default)",
         "float_parts": "FP32 (norms, softmax, residual adds, outputs)", "calibration_samples": n,
     }

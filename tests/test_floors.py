@@ -19,3 +19,57 @@ def test_probes_run_every_size():
     for p in (g, r):
         assert p["best"] == max(p["per_size_best"].values()) and p["best"] >= p["median"] > 0
         assert 0 <= p["spread"] < 1
+
+
+def _graph_with_constants(tmp_path):
+    """An LLM-like graph: an int8 per-channel weight behind DequantizeLinear, an FP16 weight, an FP32
+    norm weight, a Constant node, and a token table read only by Gather; the big tensor stored as
+    external data (its header alone gives the count)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.integers(-127, 127, (64, 32), dtype=np.int8), "w_q"),  # 2048 B
+        numpy_helper.from_array(rng.random(32, dtype=np.float32), "w_scale"),  # 128 B
+        numpy_helper.from_array(np.zeros(32, np.int8), "w_zp"),  # 32 B
+        numpy_helper.from_array(rng.random(64, dtype=np.float32), "norm_w"),  # 256 B
+        numpy_helper.from_array(rng.random((32, 16)).astype(np.float16), "w16"),  # 1024 B
+        numpy_helper.from_array(rng.random((100, 64), dtype=np.float32), "table"),  # 25600 B, Gather only
+    ]
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+        rng.random(16).astype(np.float16), "c"))  # 32 B
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["x"]),
+        helper.make_node("Mul", ["x", "norm_w"], ["xn"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=1),
+        helper.make_node("MatMul", ["xn", "w"], ["h"]),
+        helper.make_node("Cast", ["h"], ["h16"], to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["h16", "w16"], ["y0"]),
+        const, helper.make_node("Add", ["y0", "c"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 16])], inits)
+    path = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(g), str(path), save_as_external_data=True, location="g.onnx.data",
+                    size_threshold=1024)
+    return path
+
+
+def test_graph_weight_bytes_counts_stored_dtypes(tmp_path):
+    w = floors.graph_weight_bytes(_graph_with_constants(tmp_path))
+    assert w["by_dtype"] == {"int8": 2048 + 32, "float32": 128 + 256, "float16": 1024 + 32}
+    assert w["weights"] == 2048 + 32 + 128 + 256 + 1024 + 32
+    assert w["gathered"] == 100 * 64 * 4
+
+
+def test_decode_bytes_uses_the_run_graphs_bytes():
+    from janusflow_trt.janusflow_ref.config import parse_config
+    from janusflow_trt.janusflow_ref.tiny import model_config
+
+    cfg = parse_config(model_config("golden", 0))  # h 2048, 2 layers, 16/16 heads, inter 256, vocab 512
+    # by hand: 2 x (4 x 2048^2 + 3 x 2048 x 256) + 2048 x 512 = 37,748,736 weights; K+V of 10 tokens
+    # in 2 layers of 2048 = 81,920 elements
+    assert floors.decode_bytes(cfg, 10) == 4 * (37_748_736 + 81_920)
+    assert floors.decode_bytes(cfg, 10, weight_bytes=1000, kv_bytes=2) == 1000 + 2 * 81_920
