@@ -101,7 +101,8 @@ def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) 
 def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int = 8) -> list[dict[str, Any]]:
     """LLM nodes by what their INT8 costs chat: on the recorded chat calls (prefill and decode), each
     quantized node alone ('alone') and every quantized node but it ('without'), vs FP32: worst logits
-    cosine and the share of positions whose argmax (the greedy token) differs. -> rows, most costly alone first."""
+    cosine and the share of calls whose argmax (the greedy token) differs; each node's activation
+    outlier ratio. -> rows: all quantized first, then the most costly alone."""
     import onnxruntime as ort
 
     from .fp16 import name_nodes
@@ -130,15 +131,15 @@ def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int 
     ref = run(f32)
 
     def score(model) -> dict[str, float]:
-        out = run(model)
-        flips = [float(np.mean(np.argmax(a, -1) != np.argmax(b, -1))) for a, b in zip(out, ref, strict=True)]
+        out = run(model)  # logits [1, V]: the position whose token the call picks
         return {"logits_cosine": min(cosine(a, b) for a, b in zip(out, ref, strict=True)),
-                "top1_flip": float(np.mean(flips))}
+                "top1_flip": float(np.mean([np.argmax(a) != np.argmax(b) for a, b in zip(out, ref, strict=True)]))}
 
+    ratios = outlier_ratios(fp32_path, feeds)
     rows = [{"node": "(all quantized)", "op": "", **{f"without_{k}": v for k, v in score(q).items()}}]
     for node in quantized:
         alone = score(only_quantized(q, f32, {node}))
         without = score(only_quantized(q, f32, set(quantized) - {node}))
-        rows.append({"node": node, "op": ops[node], **{f"alone_{k}": v for k, v in alone.items()},
-                     **{f"without_{k}": v for k, v in without.items()}})
+        rows.append({"node": node, "op": ops[node], "outlier_ratio": ratios.get(node),
+                     **{f"alone_{k}": v for k, v in alone.items()}, **{f"without_{k}": v for k, v in without.items()}})
     return [rows[0], *sorted(rows[1:], key=lambda r: r["alone_top1_flip"], reverse=True)]
