@@ -329,3 +329,31 @@ def test_int8_not_exported_refused(tiny_onnx, tiny_dir, test_image):
              "--precision", "int8-cpu", "--image", str(test_image), "--question", "hi", "--max-new-tokens", "2")
     assert r.returncode == 2 and "not exported at precision int8-cpu" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sensitivity_probes(int8_onnx):
+    """chat_sensitivity's probe graphs: none quantized runs as FP32, all quantized as the product, one node
+    quantized differs from both (the same calibrated scales, one calibration)."""
+    import onnxruntime as ort
+
+    from janusflow_trt.export.fp16 import name_nodes
+    from janusflow_trt.export.int8_sensitivity import only_quantized
+
+    e = _manifest(int8_onnx)["graphs"]["llm"]
+    f32 = onnx.load(str(int8_onnx / e["file"]))
+    name_nodes(f32)
+    q = onnx.load(str(int8_onnx / e["precisions"]["int8-cpu"]["file"]))
+    dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in q.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & dq}
+    feeds = next(CalibrationData(int8_onnx / "calib").samples("llm"))
+
+    def logits(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["logits"], feeds)[0]
+
+    ref, prod = logits(f32), logits(q)
+    assert not np.allclose(ref, prod, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(logits(only_quantized(q, f32, set())), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits(only_quantized(q, f32, quantized)), prod)
+    one = logits(only_quantized(q, f32, {sorted(quantized)[0]}))
+    assert not np.allclose(one, ref, rtol=0, atol=1e-7) and not np.allclose(one, prod, rtol=0, atol=1e-7)
