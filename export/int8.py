@@ -5,7 +5,9 @@ Tools, fed the FP32 runtime's recorded inputs (calibration/record.py):
   Q/DQ placement; it pins its own onnx / onnxruntime-gpu / torch, so it runs in its own environment
   through export/modelopt_worker.py); its float parts are FP16.
 - otherwise (and always for int8-cpu): onnxruntime.quantization.quantize_static (QuantFormat.QDQ)
-  configured to the same rules, through calibration/int8_calib.py; its float parts stay FP32.
+  configured to the same rules, through calibration/int8_calib.py. For int8 its float parts are then
+  made FP16 with the FP16 variant's measured FP32 islands (fp16_float_parts: ModelOpt's own recipe,
+  quantize in FP32 then convert); int8-cpu keeps them FP32 (ORT's CPU kernels).
 
 Two flavours from the same calibration (the same activation ranges):
 - int8 (TensorRT): symmetric INT8, zero points 0 (TensorRT's parser rejects others); weights per output
@@ -98,9 +100,12 @@ def cpu_plan(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[dic
 
 
 def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
-                exclude: dict[str, str] | None = None, big: bool = False) -> dict[str, Any]:
+                exclude: dict[str, str] | None = None, big: bool = False,
+                islands: dict[str, str] | None = None) -> dict[str, Any]:
     """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
-    exclude: node name -> why it stays float (measured sensitivity)."""
+    exclude: node name -> why it stays float (measured sensitivity). islands (int8 with ORT's quantizer):
+    the FP16 variant's node -> why it stays FP32; given, every other float part becomes FP16; None keeps
+    the float parts FP32 (the sensitivity probes, which measure INT8 error alone)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     from .fp16 import name_nodes
@@ -143,6 +148,9 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         Path(f"{named}.data").unlink(missing_ok=True)
     q = onnx.load(str(out_path))
     rewired = float_consumers_read_float(q)
+    float_parts: Any = "FP32 (norms, softmax, residual adds, outputs)"
+    if precision == "int8" and islands is not None:
+        q, float_parts = fp16_float_parts(q, islands)
     onnx.save_model(q, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=f"{out_path.name}.data")
     del q
@@ -159,7 +167,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "excluded": exclude, "float_consumers_rewired": rewired,
         **({"int8_symmetric_activations": {"tensors": sorted(overrides), "why": CPU_SIGNED_B}} if overrides else {}),
         "bias": "float" if precision == "int8" else "int32 (ORT default)",
-        "float_parts": "FP32 (norms, softmax, residual adds, outputs)", "calibration_samples": n,
+        "float_parts": float_parts, "calibration_samples": n,
     }
     return {"data": data, "recipe": recipe}
 
@@ -201,6 +209,65 @@ def float_consumers_read_float(model: onnx.ModelProto) -> int:
     for t in [t for t in g.initializer if t.name not in used]:
         g.initializer.remove(t)
     return n_rewired
+
+
+FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear-19: FP16 scales; DQ outputs the scale's type
+
+
+def fp16_float_parts(model: onnx.ModelProto, islands: dict[str, str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A Q/DQ graph with FP32 float parts -> the same graph with FP16 float parts, as TensorRT runs it
+    (strongly typed: each tensor's type is the graph's). Opset 19 so that Q/DQ take FP16 scales: DQ(int8,
+    scale fp16) then outputs FP16 and feeds the FP16 MatMul/Gemm/Conv directly; a Cast between DQ and the
+    MatMul would hide the pair from TensorRT's Q/DQ fusion (ModelOpt folds exactly those casts:
+    modelopt/onnx/utils.py fold_dq_fp32_to_fp16_casts). Nodes in `islands` (the FP16 variant's measured
+    overflow / flush tensors, norms, softmax, the logits) stay FP32, and so does a Q/DQ pair whose
+    readers are all islands (DQ(scale fp32) -> FP32 MatMul, again with no Cast between). Graph inputs and
+    outputs stay FP32: the int8 variant's boundary (export/specs.py: precision_variant). -> (model, recipe)."""
+    from onnx import version_converter
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from .fp16 import drop_fp16_round_trips
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < FP16_QDQ_OPSET:
+        model = version_converter.convert_version(model, FP16_QDQ_OPSET)
+    g = model.graph
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    block = set(islands)
+    dqs = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    for dq in dqs:
+        if readers.get(dq.output[0]) and all(r.name in block for r in readers[dq.output[0]]):
+            block.add(dq.name)
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:  # Q and its DQs share the scale initializer
+        if all(r.name in block for r in readers.get(q.output[0], [])):
+            block.add(q.name)
+    fp32_qdq = len(block) - len(set(islands))
+    keep_io = [t.name for t in [*g.input, *g.output] if t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    model = convert_float_to_float16(model, keep_io_types=keep_io, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
+                                     node_block_list=sorted(block))
+    round_trips = drop_fp16_round_trips(model)
+    present = {n.name for n in model.graph.node}
+    return model, {"dtype": "FP16", "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+                   "opset": FP16_QDQ_OPSET, "io": "FP32 (the int8 variant's boundary; cast inside the graph)",
+                   "kept_fp32": {k: v for k, v in islands.items() if k in present},
+                   "fp32_qdq_nodes": fp32_qdq, "fp32_round_trips_removed": round_trips}
+
+
+def fp16_islands(fp32_path: Path, spec, calib, fp16_entry: dict | None) -> dict[str, str]:
+    """The FP16 variant's FP32 islands (node -> reason): its recipe when this export made it, else
+    measured the same way (calibration/ranges.py on the same recorded samples)."""
+    if fp16_entry and "kept_fp32" in fp16_entry.get("recipe", {}):
+        return dict(fp16_entry["recipe"]["kept_fp32"])
+    from janusflow_trt.calibration.ranges import measure
+
+    from .fp16 import choose_islands, name_nodes
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    name_nodes(model)
+    return choose_islands(model, measure(fp32_path, lambda: calib.samples(spec.name))).reasons
 
 
 def modelopt_python() -> str | None:
@@ -279,7 +346,9 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
                 with PeakRSS() as rss:
                     big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
                     out = f"{name}.{prec}.onnx"
-                    r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big)
+                    isl = (fp16_islands(tmp / src, specs[name], calib, e.get("precisions", {}).get("fp16"))
+                           if prec == "int8" and modelopt_python() is None else None)
+                    r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big, islands=isl)
                 v = precision_entry(tmp, out, r["data"], r["recipe"], src)
                 v["recipe"]["calibration_sha256"] = calib.sha256
                 v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)

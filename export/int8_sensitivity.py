@@ -76,3 +76,70 @@ def sensitivity(fp32_path: Path, spec, calib, precision: str = "int8", method: s
                         for a, b in zip(r, s8.run(spec.output_names, f), strict=True))
             rows.append({"node": node, "op": op, "cosine_alone": worst, "outlier_ratio": ratios.get(node)})
     return sorted(rows, key=lambda r: r["cosine_alone"])
+
+
+def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
+    """The calibrated Q/DQ graph (FP32 float parts) with only the nodes in `keep` quantized: every other
+    MatMul/Gemm/Conv reads its FP32 inputs again (activations are still in the graph, weights come back
+    from the FP32 graph). One calibration for every probe, and the kept nodes keep the product's scales."""
+    import copy
+
+    m = copy.deepcopy(qdq)
+    inputs32 = {n.name: list(n.input) for n in fp32.graph.node if n.op_type in QUANT_OPS}
+    inits32 = {t.name: t for t in fp32.graph.initializer}
+    have = {t.name for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.name in inputs32 and n.name not in keep:
+            n.input[:] = inputs32[n.name]
+            for i in n.input:
+                if i in inits32 and i not in have:
+                    m.graph.initializer.append(inits32[i])
+                    have.add(i)
+    return m
+
+
+def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int = 8) -> list[dict[str, Any]]:
+    """LLM nodes by what their INT8 costs chat: on the recorded chat calls (prefill and decode), each
+    quantized node alone ('alone') and every quantized node but it ('without'), vs FP32: worst logits
+    cosine and the share of calls whose argmax (the greedy token) differs; each node's activation
+    outlier ratio. -> rows: all quantized first, then the most costly alone."""
+    import onnxruntime as ort
+
+    from .fp16 import name_nodes
+    from .quality_metrics import cosine
+
+    chat = [f for f in calib.index["files"] if f["graph"] == spec.name and f["source"].startswith("chat:")]
+    keep = {f["file"] for f in chat[:samples]}
+    feeds = []
+    for f, x in zip([f for f in calib.index["files"] if f["graph"] == spec.name], calib.samples(spec.name),
+                    strict=True):
+        if f["file"] in keep:
+            feeds.append(x)
+    f32 = onnx.load(str(fp32_path))
+    name_nodes(f32)
+    q = onnx.load(str(qdq_path))
+    dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = sorted(n.name for n in q.graph.node if n.op_type in QUANT_OPS and set(n.input) & dq_out)
+    ops = {n.name: n.op_type for n in q.graph.node}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+
+    def run(model):
+        s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [s.run(["logits"], f)[0] for f in feeds]
+
+    ref = run(f32)
+
+    def score(model) -> dict[str, float]:
+        out = run(model)  # logits [1, V]: the position whose token the call picks
+        return {"logits_cosine": min(cosine(a, b) for a, b in zip(out, ref, strict=True)),
+                "top1_flip": float(np.mean([np.argmax(a) != np.argmax(b) for a, b in zip(out, ref, strict=True)]))}
+
+    ratios = outlier_ratios(fp32_path, feeds)
+    rows = [{"node": "(all quantized)", "op": "", **{f"without_{k}": v for k, v in score(q).items()}}]
+    for node in quantized:
+        alone = score(only_quantized(q, f32, {node}))
+        without = score(only_quantized(q, f32, set(quantized) - {node}))
+        rows.append({"node": node, "op": ops[node], "outlier_ratio": ratios.get(node),
+                     **{f"alone_{k}": v for k, v in alone.items()}, **{f"without_{k}": v for k, v in without.items()}})
+    return [rows[0], *sorted(rows[1:], key=lambda r: r["alone_top1_flip"], reverse=True)]

@@ -124,6 +124,63 @@ def check_trt_rules(path):
     assert per_channel, "no per-channel weight"
 
 
+FLOAT16, FLOAT = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("graph", QUANTIZED)
+def test_trt_flavour_float_parts_fp16(int8_onnx, tiny_dir, graph):
+    """ORT-made int8: float parts FP16 except the FP16 variant's islands, in the form TensorRT's strongly typed
+    parser fuses: opset >= 19, DQ(int8, FP16 scale) -> FP16 MatMul/Gemm/Conv with no Cast between; FP32 I/O."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    from janusflow_trt.calibration.ranges import measure
+    from janusflow_trt.export.fp16 import choose_islands, name_nodes
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    e = _manifest(int8_onnx)["graphs"][graph]
+    fp = e["precisions"]["int8"]["recipe"]["float_parts"]
+    assert isinstance(fp, dict) and fp["dtype"] == "FP16", fp
+    # the islands are the FP16 variant's, measured on the same calibration samples
+    m32 = onnx.load(str(int8_onnx / e["file"]))
+    name_nodes(m32)
+    calib = CalibrationData(int8_onnx / "calib")
+    spec = build_specs(load_config(tiny_dir))[graph]
+    want = choose_islands(m32, measure(int8_onnx / e["file"], lambda: calib.samples(graph))).reasons
+    islands = set(fp["kept_fp32"])
+    assert islands == set(want)
+
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(int8_onnx / e["precisions"]["int8"]["file"])))
+    g = m.graph
+    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    inits = {t.name: t.data_type for t in g.initializer}
+    types = {**inits, **{v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}}
+    producer = {o: n for n in g.node for o in n.output}
+    assert {t.name: types[t.name] for t in [*g.input, *g.output] if t.name in spec.input_names + spec.output_names
+            and types[t.name] in (FLOAT, FLOAT16)} == {t.name: FLOAT for t in spec.inputs + spec.outputs
+                                                        if t.dtype == "float32"}
+    n16 = 0
+    for n in g.node:
+        outs = [types.get(o) for o in n.output if types.get(o) in (FLOAT, FLOAT16)]
+        if not outs or n.op_type == "Cast":
+            continue
+        if n.op_type in ("MatMul", "Gemm", "Conv"):
+            for i in n.input[:2]:
+                p = producer.get(i)
+                assert p is None or p.op_type != "Cast" or producer.get(p.input[0]) is None or \
+                    producer[p.input[0]].op_type != "DequantizeLinear", f"{n.name}: Cast between DQ and {n.op_type}"
+                if p is not None and p.op_type == "DequantizeLinear":  # DQ outputs its scale's type
+                    assert inits[p.input[1]] == outs[0], f"{n.name}: DQ scale {inits[p.input[1]]}, node {outs[0]}"
+        if n.op_type == "QuantizeLinear":
+            continue
+        want16 = n.name not in islands and n.op_type not in DEFAULT_OP_BLOCK_LIST
+        if n.op_type == "DequantizeLinear":  # follows its readers
+            want16 = any(r.name not in islands for r in g.node if n.output[0] in r.input)
+        assert outs == [FLOAT16 if want16 else FLOAT] * len(outs), f"{n.name} ({n.op_type}) outputs {outs}"
+        n16 += want16
+    assert n16 > len(islands), f"{n16} FP16 nodes, {len(islands)} islands"
+
+
 def test_cpu_flavour_layout(int8_onnx):
     """int8-cpu: uint8 activations, int8 weights, as ORT's fast u8s8 kernels want."""
     e = _manifest(int8_onnx)["graphs"]["llm"]["precisions"]["int8-cpu"]
@@ -304,3 +361,31 @@ def test_int8_not_exported_refused(tiny_onnx, tiny_dir, test_image):
              "--precision", "int8-cpu", "--image", str(test_image), "--question", "hi", "--max-new-tokens", "2")
     assert r.returncode == 2 and "not exported at precision int8-cpu" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sensitivity_probes(int8_onnx):
+    """chat_sensitivity's probe graphs: none quantized runs as FP32, all quantized as the product, one node
+    quantized differs from both (the same calibrated scales, one calibration)."""
+    import onnxruntime as ort
+
+    from janusflow_trt.export.fp16 import name_nodes
+    from janusflow_trt.export.int8_sensitivity import only_quantized
+
+    e = _manifest(int8_onnx)["graphs"]["llm"]
+    f32 = onnx.load(str(int8_onnx / e["file"]))
+    name_nodes(f32)
+    q = onnx.load(str(int8_onnx / e["precisions"]["int8-cpu"]["file"]))
+    dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in q.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & dq}
+    feeds = next(CalibrationData(int8_onnx / "calib").samples("llm"))
+
+    def logits(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["logits"], feeds)[0]
+
+    ref, prod = logits(f32), logits(q)
+    assert not np.allclose(ref, prod, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(logits(only_quantized(q, f32, set())), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits(only_quantized(q, f32, quantized)), prod)
+    one = logits(only_quantized(q, f32, {sorted(quantized)[0]}))
+    assert not np.allclose(one, ref, rtol=0, atol=1e-7) and not np.allclose(one, prod, rtol=0, atol=1e-7)
