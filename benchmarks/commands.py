@@ -27,18 +27,9 @@ DECODE_MARGIN = 32  # decode tokens (<= 16) after a context, plus warm-up, must 
 
 def check_out(out: Path, force: bool) -> None:
     """Before the run: OUT is a directory we may create or write bench.* into."""
-    from janusflow_trt.janusflow_ref.outputs import check_output_file
+    from janusflow_trt.janusflow_ref.outputs import check_output_dir
 
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    parent = out if out.is_dir() else out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {parent} is not writable")
-    if out.is_dir():
-        for name in OUTPUTS:
-            check_output_file(out / name, "--out", force)
+    check_output_dir(out, "--out", force, OUTPUTS)
 
 
 def max_context(args) -> int:

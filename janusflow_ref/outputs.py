@@ -86,6 +86,8 @@ def check_output_dir(out: str | Path, flag: str, force: bool, names: Sequence[st
     if out.exists() and not out.is_dir():
         raise JanusFlowError(f"{flag} {out} exists and is not a directory")
     if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise JanusFlowError(f"{flag} {out} is not writable")
         for name in names:
             check_output_file(out / name, flag, force)
         return out
