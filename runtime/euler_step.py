@@ -68,19 +68,33 @@ def step_constants(cache, rows: int, step_tokens: int, cfg_weight: float, steps:
             "t_table": np.stack([np.full((rows,), timestep(i, steps), np.float32) for i in range(steps)])}
 
 
+def resolve_step(specs: dict[str, GraphSpec], step=EULER_STEP) -> list[tuple[str, list[tuple[str, Source]]]]:
+    """The wiring per graph input, looked up once per request: [(graph, [(input, source)])]."""
+    out = []
+    for graph, feeds in step:
+        pairs = []
+        for name in specs[graph].input_names:
+            src = source_of(feeds, name)
+            assert src is not None
+            pairs.append((name, src))
+        out.append((graph, pairs))
+    return out
+
+
+def run_wired(run, wired, sources: dict[str, dict], kv: dict) -> dict[str, dict]:
+    """One step: each graph of `wired` called through `run` (backend.run or run_tensors) on its sources."""
+    outs: dict[str, dict] = {}
+    for graph, pairs in wired:
+        outs[graph] = run(graph, {name: outs[src[1]][src[2]] if src[0] == "out" else kv[name]
+                                  if src[0] == "cache" else sources[src[0]][src[1]] for name, src in pairs})
+    return outs
+
+
 def run_step_host(backend, state: dict[str, Any], consts: dict[str, np.ndarray], kv: dict[str, np.ndarray],
                   t: np.ndarray) -> None:
     """One step over backend.run (numpy seam), following EULER_STEP; updates state["z"] in place of the carry."""
-    outs: dict[str, dict[str, np.ndarray]] = {}
-    sources = {"carry": state, "step": {"t": t}, "const": consts}
-    for graph, feeds in EULER_STEP:
-        args = {}
-        for name in backend.specs[graph].input_names:
-            src = source_of(feeds, name)
-            assert src is not None
-            args[name] = outs[src[1]][src[2]] if src[0] == "out" else kv[name] if src[0] == "cache" \
-                else sources[src[0]][src[1]]
-        outs[graph] = backend.run(graph, args)
+    outs = run_wired(backend.run, resolve_step(backend.specs),
+                     {"carry": state, "step": {"t": t}, "const": consts}, kv)
     for name, (g, o) in CARRY.items():
         state[name] = outs[g][o].copy()
 
@@ -100,17 +114,9 @@ def euler_loop_tensors(backend, cache, z: np.ndarray, steps: int, cfg_weight: fl
     consts = {k: torch.as_tensor(v, device=dev) for k, v in c.items()}
     kv = {k: torch.as_tensor(v, device=dev) for k, v in cache.past_feeds().items()}
     state = {"z": torch.as_tensor(np.concatenate([z, z]).astype(np.float32), device=dev)}
+    wired = resolve_step(backend.specs)
     for i in range(steps):
-        outs: dict[str, dict] = {}
-        sources = {"carry": state, "step": {"t": table[i]}, "const": consts}
-        for graph, feeds in EULER_STEP:
-            args = {}
-            for name in backend.specs[graph].input_names:
-                src = source_of(feeds, name)
-                assert src is not None
-                args[name] = outs[src[1]][src[2]] if src[0] == "out" else kv[name] if src[0] == "cache" \
-                    else sources[src[0]][src[1]]
-            outs[graph] = backend.run_tensors(graph, args)
+        outs = run_wired(backend.run_tensors, wired, {"carry": state, "step": {"t": table[i]}, "const": consts}, kv)
         for name, (g, o) in CARRY.items():
             state[name].copy_(outs[g][o])
         yield state["z"][:n]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .cuda_graph import CapturedStep
-from .euler_step import CARRY, EULER_STEP, check_wiring, source_of, step_constants
+from .euler_step import CARRY, EULER_STEP, check_wiring, resolve_step, step_constants
 from .trt_backend import TrtBackend
 
 
@@ -38,12 +38,10 @@ class DeviceEulerLoop:
         self.t = torch.empty_like(self.t_table[0])
         sizes = {"B": rows, "S": step_tokens, "C": cache.capacity}
         bufs: dict[str, dict[str, torch.Tensor]] = {}
-        for graph, feeds in EULER_STEP:
+        for graph, pairs in resolve_step(backend.specs):
             spec = backend.specs[graph]
             ext: dict[str, torch.Tensor] = {}
-            for name in spec.input_names:
-                src = source_of(feeds, name)
-                assert src is not None
+            for name, src in pairs:
                 ext[name] = (bufs[src[1]][src[2]] if src[0] == "out" else kv[name] if src[0] == "cache"
                              else self.t if src[0] == "step" else self.carry[src[1]] if src[0] == "carry"
                              else consts[src[1]])
