@@ -37,18 +37,19 @@ def check_sample(spec, feeds: dict[str, np.ndarray], where: str) -> None:
 
 
 class RecordedReader(CalibrationDataReader):
-    """onnxruntime's CalibrationDataReader over CalibrationData.samples(graph)."""
+    """onnxruntime's CalibrationDataReader over CalibrationData.samples(graph, limit) (limit: at most this
+    many samples, spread over the kinds of call; None: all)."""
 
-    def __init__(self, calib, spec):
-        self.calib, self.spec = calib, spec
+    def __init__(self, calib, spec, limit: int | None = None):
+        self.calib, self.spec, self.limit = calib, spec, limit
         self.rewind()
 
     def rewind(self) -> None:
-        self._it = iter(self.calib.samples(self.spec.name))
+        self._it = iter(self.calib.samples(self.spec.name, self.limit))
         self.seen, self.end = 0, None
 
     def __len__(self) -> int:
-        return self.calib.count(self.spec.name)
+        return len(self.calib.select(self.spec.name, self.limit))
 
     def set_range(self, start_index: int, end_index: int) -> None:
         """ORT's strided calibration (CalibStridedMinMax) collects one window per call; windows come in order."""

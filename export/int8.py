@@ -101,8 +101,10 @@ def cpu_plan(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[dic
 
 def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
                 exclude: dict[str, str] | None = None, big: bool = False,
-                islands: dict[str, str] | None = None) -> dict[str, Any]:
+                islands: dict[str, str] | None = None, limit: int | None = None) -> dict[str, Any]:
     """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
+    limit: calibrate on at most this many of the graph's recorded samples (the plan's measure_samples;
+    CalibrationData.select spreads them over the kinds of call); None: all.
     exclude: node name -> why it stays float (measured sensitivity). islands (int8 with ORT's quantizer):
     the FP16 variant's node -> why it stays FP32; given, every other float part becomes FP16; None keeps
     the float parts FP32 (the sensitivity probes, which measure INT8 error alone)."""
@@ -114,7 +116,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     method = method or (MODELOPT_DEFAULT if mo else DEFAULT_METHOD)
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}")
-    n = calib.count(spec.name)
+    n = len(calib.select(spec.name, limit))
     if n == 0:
         raise CheckpointError(f"calibration data {calib.path}: no samples recorded for graph {spec.name}")
     model = onnx.load(str(fp32_path))
@@ -127,7 +129,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     exclude = dict(exclude or {})
     if mo is not None:
         try:
-            return _modelopt(mo, named, spec, calib, out_path, method, exclude, len(nodes))
+            return _modelopt(mo, named, spec, calib, out_path, method, exclude, len(nodes), limit)
         finally:
             named.unlink(missing_ok=True)
             Path(f"{named}.data").unlink(missing_ok=True)
@@ -140,7 +142,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
            "entropy": CalibrationMethod.Entropy}[method]
     try:
-        quantize_static(str(named), str(out_path), RecordedReader(calib, spec), quant_format=QuantFormat.QDQ,
+        quantize_static(str(named), str(out_path), RecordedReader(calib, spec, limit), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=sorted(exclude),
                         calibrate_method=cal, use_external_data_format=big, **opts)
     finally:
@@ -168,6 +170,8 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         **({"int8_symmetric_activations": {"tensors": sorted(overrides), "why": CPU_SIGNED_B}} if overrides else {}),
         "bias": "float" if precision == "int8" else "int32 (ORT default)",
         "float_parts": float_parts, "calibration_samples": n,
+        "calibration_samples_recorded": calib.count(spec.name),
+        "calibration_samples_by_kind": calib.kinds(spec.name, limit),
     }
     return {"data": data, "recipe": recipe}
 
@@ -256,7 +260,7 @@ def fp16_float_parts(model: onnx.ModelProto, islands: dict[str, str]) -> tuple[o
                    "fp32_qdq_nodes": fp32_qdq, "fp32_round_trips_removed": round_trips}
 
 
-def fp16_islands(fp32_path: Path, spec, calib, fp16_entry: dict | None) -> dict[str, str]:
+def fp16_islands(fp32_path: Path, spec, calib, fp16_entry: dict | None, limit: int | None = None) -> dict[str, str]:
     """The FP16 variant's FP32 islands (node -> reason): its recipe when this export made it, else
     measured the same way (calibration/ranges.py on the same recorded samples)."""
     if fp16_entry and "kept_fp32" in fp16_entry.get("recipe", {}):
@@ -267,7 +271,7 @@ def fp16_islands(fp32_path: Path, spec, calib, fp16_entry: dict | None) -> dict[
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     name_nodes(model)
-    return choose_islands(model, measure(fp32_path, lambda: calib.samples(spec.name))).reasons
+    return choose_islands(model, measure(fp32_path, lambda: calib.samples(spec.name, limit))).reasons
 
 
 def modelopt_python() -> str | None:
@@ -279,10 +283,13 @@ def modelopt_python() -> str | None:
 
 
 def _modelopt(py: str, named: Path, spec, calib, out_path: Path, method: str, exclude: dict[str, str],
-              quantizable: int) -> dict[str, Any]:
+              quantizable: int, limit: int | None = None) -> dict[str, Any]:
     if method not in MODELOPT_METHODS:
         raise JanusFlowError(f"--calib-method {method}: ModelOpt's int8 offers {','.join(MODELOPT_METHODS)} "
                              f"(unset ${MODELOPT_ENV} for ONNX Runtime's quantizer)")
+    if limit is not None and limit < calib.count(spec.name):
+        raise JanusFlowError(f"ModelOpt int8 of {spec.name}: the worker calibrates on every recorded sample; "
+                             f"use --calib-plan default, or unset ${MODELOPT_ENV} for ONNX Runtime's quantizer")
     for k, feeds in enumerate(calib.samples(spec.name)):  # the worker feeds these unchecked
         check_sample(spec, feeds, f"{spec.name} sample {k}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -346,9 +353,11 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
                 with PeakRSS() as rss:
                     big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
                     out = f"{name}.{prec}.onnx"
-                    isl = (fp16_islands(tmp / src, specs[name], calib, e.get("precisions", {}).get("fp16"))
+                    isl = (fp16_islands(tmp / src, specs[name], calib, e.get("precisions", {}).get("fp16"),
+                                        (plan or Plan()).measure_samples)
                            if prec == "int8" and modelopt_python() is None else None)
-                    r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big, islands=isl)
+                    r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big, islands=isl,
+                                    limit=(plan or Plan()).measure_samples)
                 v = precision_entry(tmp, out, r["data"], r["recipe"], src)
                 v["recipe"]["calibration_sha256"] = calib.sha256
                 v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)

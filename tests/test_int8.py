@@ -280,6 +280,43 @@ def test_reader_feeds_the_recorded_data(int8_onnx, tiny_dir):
     assert reader.get_next() is None and reader.seen == len(files) > 1
 
 
+def test_reader_limit_feeds_the_selected_spread(int8_onnx, tiny_dir):
+    """The lean plan's per-graph cap: the reader yields exactly the selected files (every kind of call kept),
+    and the recipe counts what the calibrator saw."""
+    from janusflow_trt.calibration.int8_calib import RecordedReader
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    calib = CalibrationData(int8_onnx / "calib")
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    all_files = [f for f in calib.index["files"] if f["graph"] == "llm"]
+    limit = 3
+    assert len(all_files) > limit
+    chosen = [f for _, f in calib.select("llm", limit)]
+    reader = RecordedReader(calib, spec, limit)
+    assert len(reader) == limit
+    for f in chosen:
+        got = reader.get_next()
+        with np.load(int8_onnx / "calib" / f["file"]) as z:
+            assert set(got) == set(z.files) and all(np.array_equal(got[k], z[k]) for k in z.files)
+    assert reader.get_next() is None and reader.seen == limit
+
+
+def test_derive_int8_limit_recorded(int8_onnx, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("JANUSFLOW_MODELOPT_PYTHON", raising=False)
+    from janusflow_trt.export.int8 import derive_int8
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["gen_enc"]
+    calib = CalibrationData(int8_onnx / "calib")
+    assert calib.count("gen_enc") > 2
+    r = derive_int8(int8_onnx / "gen_enc.onnx", spec, calib, tmp_path / "e.onnx", "int8-cpu", "minmax", limit=2)
+    assert r["recipe"]["calibration_samples"] == 2
+    assert r["recipe"]["calibration_samples_recorded"] == calib.count("gen_enc")
+    assert sum(r["recipe"]["calibration_samples_by_kind"].values()) == 2
+
+
 def _scales(path) -> dict[str, np.ndarray]:
     g = onnx.load(str(path)).graph
     return {t.name: numpy_helper.to_array(t) for t in g.initializer if "scale" in t.name}
