@@ -16,8 +16,7 @@ from typing import Any
 from janusflow_trt.janusflow_ref.errors import CheckpointError
 from janusflow_trt.janusflow_ref.images import write_atomic
 
-from .manifest import VERSION, sha256_file
-from .specs import VIEWS
+from .manifest import VERSION, lookup_entry, read_json_manifest, sha256_file
 from .trt_plan import Profile
 
 FORMAT_VERSION = 1
@@ -39,25 +38,9 @@ class Target:
 
 
 def source_graph(export_manifest: dict[str, Any], graph: str, precision: str) -> dict[str, str]:
-    """{"file", "sha256"} of `graph`'s ONNX file at `precision` in an export manifest. FP32 is the graph entry
-    itself; another precision is a variant recorded under entry["precisions"][precision]."""
-    if graph in VIEWS:  # recorded beside its parent's file at each precision (export/views.py)
-        parent = VIEWS[graph][0]
-        src = source_graph(export_manifest, parent, precision)  # refuses a missing parent or precision
-        g = export_manifest["graphs"][parent]
-        v = (g if precision == "fp32" else g["precisions"][precision]).get("views", {}).get(graph)
-        if v is None:
-            raise CheckpointError(f"the export has no {graph} view of {src['file']} (re-export with this version)")
-        return {"file": str(v["file"]), "sha256": str(v["sha256"])}
-    entry = export_manifest.get("graphs", {}).get(graph)
-    if entry is None:
-        raise CheckpointError(f"the export manifest has no graph {graph!r} (export it first)")
-    if precision != "fp32":
-        entry = entry.get("precisions", {}).get(precision)
-        if entry is None:
-            raise CheckpointError(f"the export has no {precision} variant of graph {graph!r} "
-                                  f"(export with --precision {precision})")
-    return {"file": str(entry["file"]), "sha256": str(entry["sha256"])}
+    """{"file", "sha256"} of `graph`'s ONNX file (or view's) at `precision` in an export manifest."""
+    e = lookup_entry(export_manifest, graph, precision)
+    return {"file": str(e["file"]), "sha256": str(e["sha256"])}
 
 
 def engine_entry(file: str, out_dir: Path, source: dict[str, str], profiles: list[Profile],
@@ -85,14 +68,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def read_engine_manifest(engines_dir: Path) -> dict[str, Any]:
     path = engines_dir / FILE
-    if not path.is_file():
-        raise CheckpointError(f"no {FILE} in {engines_dir} (run `janusflow build` first)")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or not isinstance(m.get("engines"), dict):
-        raise CheckpointError(f"{path}: not a janusflow-trt engine manifest (no 'engines')")
+    m = read_json_manifest(path, "engines", "janusflow build")
     if m.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
     return m

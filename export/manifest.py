@@ -133,22 +133,29 @@ def _check_files(artifacts: Path, m: dict[str, Any], full: bool) -> None:
             _check_file(artifacts, f"graph {name}", r, full)
 
 
-def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True, full: bool = False
-                 ) -> dict[str, Any]:
-    """The manifest, after refusing a missing or malformed one, another version, config or checkpoint,
-    or a missing/changed graph file. Files: size + quick digest; full=True: full sha256 too (verify)."""
-    artifacts = Path(artifacts)
-    path = artifacts / "manifest.json"
+def read_json_manifest(path: Path, key: str, writer: str) -> dict[str, Any]:
+    """A JSON manifest (export's manifest.json, build's engines.json) as a dict holding the object `key`;
+    anything else is refused in one line (missing -> run `writer` first)."""
     if not path.is_file():
-        raise CheckpointError(f"no manifest.json in {artifacts} (run `janusflow export` first)")
+        raise CheckpointError(f"no {path.name} in {path.parent} (run `{writer}` first)")
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if not isinstance(m, dict) or not isinstance(m.get("graphs"), dict):
-        raise CheckpointError(f"{path}: not a janusflow-trt manifest (no 'graphs')")
+    if not isinstance(m, dict) or not isinstance(m.get(key), dict):
+        raise CheckpointError(f"{path}: not a janusflow-trt {path.stem} (no '{key}')")
+    return m
+
+
+def load_checked(artifacts: Path, cfg: JanusFlowConfig, check_files: bool = True, full: bool = False
+                 ) -> dict[str, Any]:
+    """The manifest, after refusing a missing or malformed one, another version, config or checkpoint,
+    or a missing/changed graph file. Files: size + quick digest; full=True: full sha256 too (verify)."""
+    artifacts = Path(artifacts)
+    path = artifacts / "manifest.json"
+    m = read_json_manifest(path, "graphs", "janusflow export")
     theirs, ours = _version(m.get("janusflow_trt_version")), _version(VERSION)
     assert ours is not None, VERSION
     if theirs is None:
@@ -200,27 +207,40 @@ def exported_precisions(m: dict[str, Any], name: str) -> list[str]:
     return [] if g is None else ["fp32", *g.get("precisions", {})]
 
 
-def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str, full: bool = False
-                  ) -> dict[str, Any]:
-    """The manifest entry (file, sha256, ...) of graph `name` at `precision`; refuses one that was not
-    exported, or whose file is missing or changed (fp32 files are checked by load_checked). Files: size +
-    quick digest; full=True: full sha256 too (verify)."""
-    if name in VIEWS:  # a view is recorded beside its parent's file at each precision
+def lookup_entry(m: dict[str, Any], name: str, precision: str) -> dict[str, Any]:
+    """The manifest entry of graph (or view) `name` at `precision`, files unchecked: fp32 is the graph entry
+    itself, another precision its variant under entry["precisions"], a view is recorded beside its
+    parent's entry at each precision (export/views.py). Refuses one that was not exported, in one line."""
+    if name in VIEWS:
         parent = VIEWS[name][0]
-        v = resolve_graph(m, artifacts, parent, precision, full).get("views", {}).get(name)
+        v = lookup_entry(m, parent, precision).get("views", {}).get(name)
         if v is None:
             raise CheckpointError(f"graph {parent} ({precision}) has no {name} view (exported by an older version; "
                                   "re-export)")
         return v
     g = m.get("graphs", {}).get(name)
     if g is None:
-        raise CheckpointError(f"{artifacts}/manifest.json has no graph {name!r} (re-export with it)")
+        raise CheckpointError(f"the export manifest has no graph {name!r} (export it first)")
     if precision == "fp32":
         return g
     e = g.get("precisions", {}).get(precision)
     if e is None:
         raise CheckpointError(f"graph {name} was not exported at precision {precision} (exported: "
                               f"{','.join(exported_precisions(m, name))}); re-export with --precision fp32,{precision}")
+    return e
+
+
+def resolve_graph(m: dict[str, Any], artifacts: Path, name: str, precision: str, full: bool = False
+                  ) -> dict[str, Any]:
+    """The manifest entry (file, sha256, ...) of graph `name` at `precision`; refuses one that was not
+    exported, or whose file is missing or changed (fp32 files are checked by load_checked). Files: size +
+    quick digest; full=True: full sha256 too (verify)."""
+    if name in VIEWS:  # a view is recorded beside its parent's file at each precision
+        resolve_graph(m, artifacts, VIEWS[name][0], precision, full)  # the parent's files checked too
+        return lookup_entry(m, name, precision)
+    e = lookup_entry(m, name, precision)
+    if precision == "fp32":
+        return e
     _check_record(f"graphs.{name}.precisions.{precision}", e)
     _check_views(f"graphs.{name}.precisions.{precision}", e)
     for r in _records(e):

@@ -213,7 +213,7 @@ def test_modified_engine_file_refused(engines):
 def test_source_graph_lookup(tiny_onnx):
     exp = json.loads((tiny_onnx / "manifest.json").read_text())
     assert source_graph(exp, "llm", "fp32")["file"] == "llm.onnx"
-    with pytest.raises(CheckpointError, match="no fp16 variant of graph 'llm'"):
+    with pytest.raises(CheckpointError, match="graph llm was not exported at precision fp16"):
         source_graph(exp, "llm", "fp16")
 
 
