@@ -124,13 +124,32 @@ def sincos_arguments(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return list(seen.values())
 
 
+def load_typed(path: Path, opset: int | None = None) -> onnx.ModelProto:
+    """The graph file at `path` with every tensor's type inferred (value_info), raised to `opset` first if
+    given, then its weights loaded. Inference and the version converter run on the weightless proto
+    (external initializers keep their type and dims): both pass the model through protobuf
+    serialisation, which fails above 2 GB, so given the loaded full-size LLM they would fail (the
+    float16 converter's own inference did: "Failed to serialize proto"). Small graphs with inline
+    weights take the same path."""
+    from onnx import version_converter
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(str(path), load_external_data=False)
+    if opset is not None and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < opset:
+        model = version_converter.convert_version(model, opset)
+    model = onnx.shape_inference.infer_shapes(model)
+    load_external_data_for_model(model, str(Path(path).parent))
+    return model
+
+
 def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.ModelProto:
+    """`model` from load_typed (its value_info stands in for the converter's own shape inference)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     fp16_io = set(fp16_boundary(spec))
     keep = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32" and t.name not in fp16_io]
     model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                     node_block_list=block)
+                                     node_block_list=block, disable_shape_infer=True)
     drop_fp16_round_trips(model)
     return model
 
@@ -186,7 +205,7 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
         ranges = Ranges(samples=len(calib.select(spec.name, limit)))
     else:
         ranges = measure(fp32_path, samples)
-    model = onnx.load(str(fp32_path))
+    model = load_typed(fp32_path)
     name_nodes(model)
     if all_fp32:
         islands = Islands({n.name: f"request: {all_fp32}" for n in model.graph.node}, {})

@@ -151,11 +151,16 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     q = onnx.load(str(out_path))
     rewired = float_consumers_read_float(q)
     float_parts: Any = "FP32 (norms, softmax, residual adds, outputs)"
-    if precision == "int8" and islands is not None:
-        q, float_parts = fp16_float_parts(q, islands)
-    onnx.save_model(q, str(out_path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=f"{out_path.name}.data")
+    save = lambda m: onnx.save_model(m, str(out_path), save_as_external_data=big,  # noqa: E731
+                                     all_tensors_to_one_file=True, location=f"{out_path.name}.data")
+    save(q)
     del q
+    if precision == "int8" and islands is not None:  # re-read typed (fp16.load_typed: no >2 GB serialisation)
+        from .fp16 import load_typed
+
+        q, float_parts = fp16_float_parts(load_typed(out_path, FP16_QDQ_OPSET), islands)
+        save(q)
+        del q
     data = f"{out_path.name}.data" if big and Path(f"{out_path}.data").is_file() else None
     recipe = {
         "tool": "onnxruntime.quantization.quantize_static (QuantFormat.QDQ)",
@@ -227,14 +232,13 @@ def fp16_float_parts(model: onnx.ModelProto, islands: dict[str, str]) -> tuple[o
     overflow / flush tensors, norms, softmax, the logits) stay FP32, and so does a Q/DQ pair whose
     readers are all islands (DQ(scale fp32) -> FP32 MatMul, again with no Cast between). Graph inputs and
     outputs stay FP32: the int8 variant's boundary (export/specs.py: precision_variant). -> (model, recipe)."""
-    from onnx import version_converter
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     from .fp16 import drop_fp16_round_trips
 
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if opset < FP16_QDQ_OPSET:
-        model = version_converter.convert_version(model, FP16_QDQ_OPSET)
+    if opset < FP16_QDQ_OPSET or not model.graph.value_info:
+        raise ValueError(f"fp16_float_parts takes a model from fp16.load_typed(path, {FP16_QDQ_OPSET})")
     g = model.graph
     readers: dict[str, list] = {}
     for n in g.node:
@@ -251,7 +255,7 @@ def fp16_float_parts(model: onnx.ModelProto, islands: dict[str, str]) -> tuple[o
     fp32_qdq = len(block) - len(set(islands))
     keep_io = [t.name for t in [*g.input, *g.output] if t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     model = convert_float_to_float16(model, keep_io_types=keep_io, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                     node_block_list=sorted(block))
+                                     node_block_list=sorted(block), disable_shape_infer=True)
     round_trips = drop_fp16_round_trips(model)
     present = {n.name for n in model.graph.node}
     return model, {"dtype": "FP16", "tool": "onnxruntime.transformers.float16.convert_float_to_float16",

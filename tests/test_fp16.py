@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
@@ -356,3 +357,26 @@ def test_cli_refuses_precision(tiny_onnx, tiny_dir, test_image):
     for prec, msg in (("fp16", "not exported at precision fp16"), ("fp8", "unknown precision")):
         r = _cli(*base, "--precision", prec)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_load_typed_weightless_inference(tiny_onnx, tmp_path):
+    """fp16.load_typed infers types and raises the opset on the weightless proto (full-size graphs are over
+    protobuf's 2 GB limit), then loads the weights: the same types and weights as the inline model."""
+    from onnx import shape_inference
+
+    from janusflow_trt.export.fp16 import load_typed
+
+    inline = onnx.load(str(tiny_onnx / "llm.onnx"))
+    w = {t.name: numpy_helper.to_array(t) for t in inline.graph.initializer}
+    want = {v.name: v.type.tensor_type.elem_type for v in shape_inference.infer_shapes(inline).graph.value_info}
+    ext = tmp_path / "llm.onnx"
+    onnx.save_model(inline, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="llm.onnx.data", size_threshold=0)
+    got = load_typed(ext)
+    have = {v.name: v.type.tensor_type.elem_type for v in got.graph.value_info}
+    assert want and have == want
+    assert all(np.array_equal(numpy_helper.to_array(t), w[t.name]) for t in got.graph.initializer)
+    assert len(got.graph.initializer) == len(w)
+    up = load_typed(ext, 19)
+    assert next(o.version for o in up.opset_import if o.domain in ("", "ai.onnx")) == 19
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in up.graph.initializer)
