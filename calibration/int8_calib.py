@@ -59,6 +59,12 @@ class RecordedReader(CalibrationDataReader):
             self.get_next()
         self.end = end_index
 
+    def feeds(self):
+        """A fresh pass over the samples (checked), for calibrators that walk them more than once."""
+        self.rewind()
+        while (f := self.get_next()) is not None:
+            yield f
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.end is not None and self.seen >= self.end:
             return None
@@ -77,3 +83,72 @@ def cpu_has_vnni() -> bool:
     except OSError:
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# -- activation ranges, measured in chunks -----------------------------------------------------------
+# ORT's own calibrators (quantize_static without a cache) hold the model proto twice and an ONNX Runtime
+# session of it, and the histogram methods expose every calibrated tensor of a run at once: at full size one
+# Euler-step LLM sample is ~7 GB of them, and the export was killed at 24.3 GB RSS. The same statistics are
+# collected here over calibration/ranges.py's chunked, arena-free sessions, by ORT's own collector classes
+# (HistogramCollector for percentile / entropy), each tensor seeing the samples in the same order, and
+# handed to quantize_static through its calibration cache: it then runs no calibrator at all.
+HISTOGRAM = {  # ORT create_calibrator's defaults per method (onnxruntime/quantization/calibrate.py)
+    "percentile": dict(method="percentile", symmetric=True, num_bins=2048, num_quantized_bins=2048),
+    "entropy": dict(method="entropy", symmetric=False, num_bins=128, num_quantized_bins=128),
+}
+
+
+def calibrated_tensors(model) -> list[str]:
+    """ORT's selection (CalibraterBase.select_tensors_to_calibrate with op_types_to_calibrate = the quantized
+    op types): every float input or output of a MatMul / Gemm / Conv that is not an initializer, in graph
+    order. `model`: the graph proto (weights not needed), typed by shape inference here."""
+    import onnx
+
+    from janusflow_trt.export.int8 import QUANT_OPS
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input]}
+    inits = {t.name for t in model.graph.initializer}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    out: dict[str, None] = {}
+    for n in model.graph.node:
+        if n.op_type in QUANT_OPS:
+            for t in [*n.input, *n.output]:
+                if t and t not in inits and types.get(t) in floats:
+                    out[t] = None
+    return list(out)
+
+
+def tensor_ranges(path, samples, method: str, percentile: float, chunk_bytes: int | None = None):
+    """-> onnxruntime.quantization TensorsData of the graph at `path` over `samples()` (a callable giving a
+    fresh iterator of feeds), as ORT's calibrator of `method` computes it."""
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, HistogramCollector, TensorsData
+
+    from .ranges import CHUNK_BYTES, walk_exposed
+
+    names = calibrated_tensors(onnx.load(str(path), load_external_data=False))
+    walk = walk_exposed(path, samples, names, chunk_bytes or CHUNK_BYTES)
+    if method == "minmax":  # MinMaxCalibrater: ReduceMin / ReduceMax per run, then nanmin / nanmax over runs
+        lo: dict[str, np.ndarray] = {}
+        hi: dict[str, np.ndarray] = {}
+        for _, values in walk:
+            for n, x in values.items():
+                a, b = np.min(x), np.max(x)
+                lo[n] = a if n not in lo else np.nanmin([lo[n], a])
+                hi[n] = b if n not in hi else np.nanmax([hi[n], b])
+        one = lambda v: np.asarray(v, np.float32).reshape(1)  # noqa: E731  (ORT's reduce outputs are [1])
+        return TensorsData(CalibrationMethod.MinMax, {n: (one(lo[n]), one(hi[n])) for n in names if n in lo})
+    if method not in HISTOGRAM:
+        raise ValueError(f"unknown calibration method {method!r}")
+    collector = HistogramCollector(percentile=percentile, scenario="same", **HISTOGRAM[method])
+    import contextlib
+    import io
+
+    for _, values in walk:
+        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints a line per call
+            collector.collect({n: [x] for n, x in values.items()})
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = collector.compute_collection_result()
+    cal = CalibrationMethod.Percentile if method == "percentile" else CalibrationMethod.Entropy
+    return TensorsData(cal, result)

@@ -11,7 +11,7 @@ unoptimised, so every tensor is the value the unfused graph computes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,25 +111,22 @@ def chunks(names: list[str], size: dict[str, int], budget: int) -> list[list[str
 CHUNK_BYTES = 4 << 30  # exposed activations per run; the full-size LLM's FP32 weights (~6 GB) come on top
 
 
-def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]],
-            chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Ranges:
-    """samples: a callable returning a fresh iterator of FP32 feeds (it is walked once per chunk)."""
+def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], names: list[str],
+                 chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(sample index, {name: value}) for every sample and chunk of `names` (intermediate tensors of the graph
+    at `path`, exposed as extra outputs, <= chunk_bytes of them per run; a graph input is taken from the
+    feeds). Each chunk walks all samples once, in order, so a tensor sees the samples in recording order.
+    The side graph re-saved next to `path` references its external data (no weight copied); sessions run
+    unoptimised (every tensor is the unfused graph's value), with no memory arena and no weight prepacking.
+    """
     import onnxruntime as ort
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    names, unknown = float_tensors(model)
-    res = Ranges(unmeasured=unknown)
+    inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
-    # per tensor, the most over the samples' distinct input shapes (a decode step's KV cache is the
-    # largest input but has the smallest activations: input bytes do not tell which sample is largest)
-    signatures = {tuple(sorted((k, x.shape) for k, x in f.items())) for f in samples()}
-    size = dict.fromkeys(names, 0)
-    for sig in signatures:
-        for n, b in tensor_bytes(model, names, dict(sig)).items():
-            size[n] = max(size[n], b)
-    parts = chunks(names, size, chunk_bytes)
-    res.chunks = len(parts)
+    parts = plan_chunks(model, samples, [n for n in names if n not in inputs], chunk_bytes)
+    fed = [n for n in names if n in inputs]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
@@ -137,6 +134,9 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
     if threads:
         so.intra_op_num_threads = threads
+    if fed:
+        for k, feeds in enumerate(samples()):
+            yield k, {n: feeds[n] for n in fed}
     side = path.parent / f".ranges-{path.name}"
     try:
         for part in parts:
@@ -147,13 +147,37 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
             onnx.save_model(m, str(side))
             del m
             sess = ort.InferenceSession(str(side), so, providers=["CPUExecutionProvider"])
-            count = 0
-            for feeds in samples():
-                for n, x in zip(part, sess.run(part, feeds), strict=True):
-                    res.tensors.setdefault(n, Range()).update(x)
-                count += 1
-            res.samples = count
+            for k, feeds in enumerate(samples()):
+                yield k, dict(zip(part, sess.run(part, feeds), strict=True))
             del sess
     finally:
         side.unlink(missing_ok=True)
+
+
+def plan_chunks(model: onnx.ModelProto, samples: Callable[[], Iterable[dict[str, np.ndarray]]], names: list[str],
+                chunk_bytes: int) -> list[list[str]]:
+    """`names` cut into runs of <= chunk_bytes of activations, per tensor the most over the samples'
+    distinct input shapes (a decode step's KV cache is the largest input but has the smallest
+    activations: input bytes do not tell which sample is largest)."""
+    signatures = {tuple(sorted((k, x.shape) for k, x in f.items())) for f in samples()}
+    size = dict.fromkeys(names, 0)
+    for sig in signatures:
+        for n, b in tensor_bytes(model, names, dict(sig)).items():
+            size[n] = max(size[n], b)
+    return chunks(names, size, chunk_bytes)
+
+
+def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]],
+            chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Ranges:
+    """samples: a callable returning a fresh iterator of FP32 feeds (it is walked once per chunk)."""
+    model = onnx.load(str(path), load_external_data=False)
+    names, unknown = float_tensors(model)
+    res = Ranges(unmeasured=unknown, chunks=len(plan_chunks(model, samples, names, chunk_bytes)))
+    del model
+    seen: set[int] = set()
+    for k, values in walk_exposed(path, samples, names, chunk_bytes, threads):
+        seen.add(k)
+        for n, x in values.items():
+            res.tensors.setdefault(n, Range()).update(x)
+    res.samples = len(seen)
     return res

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni
+from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni, tensor_ranges
 from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
@@ -50,24 +51,19 @@ MODELOPT_DEFAULT = "minmax"  # ModelOpt's int8 has no percentile; minmax beat en
 PERCENTILE = 99.999
 
 
-def flavour_options(precision: str, method: str) -> dict[str, Any]:
-    """quantize_static keyword arguments of one flavour (the recipe records them)."""
+def flavour_options(precision: str) -> dict[str, Any]:
+    """quantize_static keyword arguments of one flavour (the recipe records them). Activation ranges come
+    from the calibration cache (calibration/int8_calib.py: tensor_ranges), so no calibrator option."""
     from onnxruntime.quantization import QuantType
 
-    # MinMax: bounded memory. Histograms: one run per collect (CalibStridedMinMax, despite its name, is
-    # ORT's generic windowed collection), as the histogram collector stacks a tensor's values across the
-    # runs of one collect and the LLM's shapes differ between calls (prefill, decode, Euler step)
-    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 8} if method == "minmax" else {"CalibStridedMinMax": 1}
-    if method == "percentile":
-        extra.update(CalibPercentile=PERCENTILE)
     if precision == "int8":
-        extra.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
         return dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    reduce_range=False, extra_options=extra)
+                    reduce_range=False,
+                    extra_options=dict(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False))
     if precision == "int8-cpu":
-        extra.update(ActivationSymmetric=False, WeightSymmetric=True)
         return dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    reduce_range=not cpu_has_vnni(), extra_options=extra)
+                    reduce_range=not cpu_has_vnni(),
+                    extra_options=dict(ActivationSymmetric=False, WeightSymmetric=True))
     raise ValueError(f"not an int8 precision: {precision!r}")
 
 
@@ -109,6 +105,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     the FP16 variant's node -> why it stays FP32; given, every other float part becomes FP16; None keeps
     the float parts FP32 (the sensitivity probes, which measure INT8 error alone)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     from .fp16 import name_nodes
 
@@ -133,7 +130,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         finally:
             named.unlink(missing_ok=True)
             Path(f"{named}.data").unlink(missing_ok=True)
-    opts = flavour_options(precision, method)
+    opts = flavour_options(precision)
     overrides: dict[str, list[dict]] = {}
     if precision == "int8-cpu":
         cpu_exclude, overrides = cpu_plan(onnx.load(str(named), load_external_data=False))
@@ -141,11 +138,16 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         opts["extra_options"]["TensorQuantOverrides"] = overrides
     cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
            "entropy": CalibrationMethod.Entropy}[method]
+    cache = out_path.with_name(f".ranges-{out_path.name}.json")
     try:
-        quantize_static(str(named), str(out_path), RecordedReader(calib, spec, limit), quant_format=QuantFormat.QDQ,
+        reader = RecordedReader(calib, spec, limit)
+        save_tensors_data(tensor_ranges(named, reader.feeds, method, PERCENTILE), cache)
+        quantize_static(str(named), str(out_path), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=sorted(exclude),
-                        calibrate_method=cal, use_external_data_format=big, **opts)
+                        calibrate_method=cal, use_external_data_format=big, calibration_cache_path=str(cache),
+                        **opts)
     finally:
+        cache.unlink(missing_ok=True)
         named.unlink(missing_ok=True)
         Path(f"{named}.data").unlink(missing_ok=True)
     q = onnx.load(str(out_path))
@@ -167,6 +169,9 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "flavour": "TensorRT: symmetric int8, zero points 0" if precision == "int8"
                    else "ONNX Runtime CPU: uint8 activations, int8 weights",
         "calibration_method": method, **({"percentile": PERCENTILE} if method == "percentile" else {}),
+        "calibration_tool": "ORT's collectors (MinMax / HistogramCollector) over chunked, arena-free sessions "
+                            "(calibration/int8_calib.py: tensor_ranges), fed to quantize_static as its "
+                            "calibration cache",
         "activations": "per tensor, " + ("symmetric int8" if precision == "int8" else "asymmetric uint8"),
         "weights": "per output channel, symmetric int8" + (", reduce_range (7-bit)" if opts["reduce_range"] else ""),
         "reduce_range": opts["reduce_range"], "cpu_vnni": cpu_has_vnni(),
@@ -366,6 +371,9 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
                 v["recipe"]["calibration_sha256"] = calib.sha256
                 v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
                 _release_memory()
+                if progress:
+                    print(f"{prec} {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
+                          f"{r['recipe']['calibration_samples']} samples", file=sys.stderr, flush=True)
             e.setdefault("precisions", {})[prec] = v
     return {"dir": CALIB_DIR, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
             "record_seconds": round(record_s, 2), "bytes": calib.index["bytes"],

@@ -317,6 +317,38 @@ def test_derive_int8_limit_recorded(int8_onnx, tiny_dir, tmp_path, monkeypatch):
     assert sum(r["recipe"]["calibration_samples_by_kind"].values()) == 2
 
 
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_chunked_ranges_equal_ort_calibrator(int8_onnx, tiny_dir, tmp_path, method):
+    """tensor_ranges (chunked exposure, what the export feeds quantize_static as its cache) gives the ranges
+    ORT's own calibrator computes on the same samples: same tensors, same values (to float32 GEMM noise: its
+    session prepacks the weights, ours does not), with chunks small
+    enough that every tensor is exposed in a run of its own."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from janusflow_trt.calibration.int8_calib import RecordedReader, tensor_ranges
+    from janusflow_trt.export.int8 import PERCENTILE, QUANT_OPS
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["llm"]  # prefill, decode and Euler calls: shapes differ
+    reader = RecordedReader(CalibrationData(int8_onnx / "calib"), spec)
+    ours = tensor_ranges(int8_onnx / "llm.onnx", reader.feeds, method, PERCENTILE, chunk_bytes=1)
+    cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+           "entropy": CalibrationMethod.Entropy}[method]
+    ort_cal = create_calibrator(int8_onnx / "llm.onnx", list(QUANT_OPS), str(tmp_path / "aug.onnx"), cal,
+                                extra_options={"percentile": PERCENTILE} if method == "percentile" else {})
+    for k in range(len(reader)):  # one sample per collect, as ORT's strided calibration did
+        reader.set_range(k, k + 1)
+        ort_cal.collect_data(reader)
+    theirs = ort_cal.compute_data()
+    assert len(ours.data) > 20 and set(ours.data) == set(theirs.data)
+    for name in theirs.data:
+        a, b = ours.data[name].range_value, theirs.data[name].range_value
+        assert np.shape(a[0]) == np.shape(b[0]), (name, a, b)
+        assert np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6), (name, a, b)
+
+
 def _scales(path) -> dict[str, np.ndarray]:
     g = onnx.load(str(path)).graph
     return {t.name: numpy_helper.to_array(t) for t in g.initializer if "scale" in t.name}
