@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import pytest
+from onnx import numpy_helper
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
 from janusflow_trt.calibration.record import CalibrationData, Plan, spread
