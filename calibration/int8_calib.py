@@ -3,6 +3,8 @@ in recording order, checked against the graph's spec before a single one is fed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from functools import lru_cache
 
 import numpy as np
@@ -128,7 +130,7 @@ def tensor_ranges(path, samples, method: str, percentile: float, chunk_bytes: in
     from .ranges import CHUNK_BYTES, walk_exposed
 
     names = calibrated_tensors(onnx.load(str(path), load_external_data=False))
-    walk = walk_exposed(path, samples, names, chunk_bytes or CHUNK_BYTES)
+    walk = walk_exposed(path, samples, names, chunk_bytes=chunk_bytes or CHUNK_BYTES)
     if method == "minmax":  # MinMaxCalibrater: ReduceMin / ReduceMax per run, then nanmin / nanmax over runs
         lo: dict[str, np.ndarray] = {}
         hi: dict[str, np.ndarray] = {}
@@ -142,13 +144,9 @@ def tensor_ranges(path, samples, method: str, percentile: float, chunk_bytes: in
     if method not in HISTOGRAM:
         raise ValueError(f"unknown calibration method {method!r}")
     collector = HistogramCollector(percentile=percentile, scenario="same", **HISTOGRAM[method])
-    import contextlib
-    import io
-
-    for _, values in walk:
-        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints a line per call
+    with contextlib.redirect_stdout(io.StringIO()):  # the collector prints a line per call
+        for _, values in walk:
             collector.collect({n: [x] for n, x in values.items()})
-    with contextlib.redirect_stdout(io.StringIO()):
         result = collector.compute_collection_result()
     cal = CalibrationMethod.Percentile if method == "percentile" else CalibrationMethod.Entropy
     return TensorsData(cal, result)

@@ -112,10 +112,12 @@ CHUNK_BYTES = 4 << 30  # exposed activations per run; the full-size LLM's FP32 w
 
 
 def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], names: list[str],
-                 chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                 parts: list[list[str]] | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 threads: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(sample index, {name: value}) for every sample and chunk of `names` (intermediate tensors of the graph
     at `path`, exposed as extra outputs, <= chunk_bytes of them per run; a graph input is taken from the
-    feeds). Each chunk walks all samples once, in order, so a tensor sees the samples in recording order.
+    feeds). parts: the chunks, if the caller already planned them (plan_chunks). Each chunk walks all
+    samples once, in order, so a tensor sees the samples in recording order.
     The side graph re-saved next to `path` references its external data (no weight copied); sessions run
     unoptimised (every tensor is the unfused graph's value), with no memory arena and no weight prepacking.
     """
@@ -125,7 +127,8 @@ def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.n
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
-    parts = plan_chunks(model, samples, [n for n in names if n not in inputs], chunk_bytes)
+    if parts is None:
+        parts = plan_chunks(model, samples, [n for n in names if n not in inputs], chunk_bytes)
     fed = [n for n in names if n in inputs]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -171,11 +174,12 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
             chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Ranges:
     """samples: a callable returning a fresh iterator of FP32 feeds (it is walked once per chunk)."""
     model = onnx.load(str(path), load_external_data=False)
-    names, unknown = float_tensors(model)
-    res = Ranges(unmeasured=unknown, chunks=len(plan_chunks(model, samples, names, chunk_bytes)))
+    names, unknown = float_tensors(model)  # node outputs only: no graph input among them
+    parts = plan_chunks(model, samples, names, chunk_bytes)
+    res = Ranges(unmeasured=unknown, chunks=len(parts))
     del model
     seen: set[int] = set()
-    for k, values in walk_exposed(path, samples, names, chunk_bytes, threads):
+    for k, values in walk_exposed(path, samples, names, parts, threads=threads):
         seen.add(k)
         for n, x in values.items():
             res.tensors.setdefault(n, Range()).update(x)

@@ -352,6 +352,7 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
     else:
         calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs, plan or Plan(), progress)
     record_s = time.perf_counter() - t0
+    limit = (plan or Plan()).measure_samples  # per graph, samples calibrated on (None: all recorded)
     for name, e in entries.items():
         for prec in precisions:
             t0 = time.perf_counter()
@@ -362,11 +363,10 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
                 with PeakRSS() as rss:
                     big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
                     out = f"{name}.{prec}.onnx"
-                    isl = (fp16_islands(tmp / src, specs[name], calib, e.get("precisions", {}).get("fp16"),
-                                        (plan or Plan()).measure_samples)
+                    isl = (fp16_islands(tmp / src, specs[name], calib, e.get("precisions", {}).get("fp16"), limit)
                            if prec == "int8" and modelopt_python() is None else None)
                     r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big, islands=isl,
-                                    limit=(plan or Plan()).measure_samples)
+                                    limit=limit)
                 v = precision_entry(tmp, out, r["data"], r["recipe"], src)
                 v["recipe"]["calibration_sha256"] = calib.sha256
                 v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
