@@ -315,6 +315,10 @@ def test_derive_int8_limit_recorded(int8_onnx, tiny_dir, tmp_path, monkeypatch):
     assert r["recipe"]["calibration_samples"] == 2
     assert r["recipe"]["calibration_samples_recorded"] == calib.count("gen_enc")
     assert sum(r["recipe"]["calibration_samples_by_kind"].values()) == 2
+    # the calibrator really saw only those 2: the ranges (hence the scales) differ from calibrating on all
+    derive_int8(int8_onnx / "gen_enc.onnx", spec, calib, tmp_path / "all.onnx", "int8-cpu", "minmax")
+    two, every = _scales(tmp_path / "e.onnx"), _scales(tmp_path / "all.onnx")
+    assert two.keys() == every.keys() and any(not np.array_equal(two[k], every[k]) for k in two)
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
