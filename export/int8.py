@@ -77,22 +77,26 @@ CPU_FLOAT_CONV = ("ORT fuses Q/DQ around a Conv only into QLinearConv, which nee
                   "feed float norms and adds, so it ran as DequantizeLinear -> float Conv outside the NCHWc "
                   "kernels: 7x slower than the FP32 Conv (gen_enc's 3 Convs 3.2 -> 23 ms, gen_dec's 5.1 -> "
                   "22.5 ms); stays FP32")
-CPU_SIGNED_B = ("activation x activation MatMul (attention Q@K^T, P@V): its B input int8 symmetric, so ORT "
-                "runs the u8s8 (VNNI) kernel instead of u8u8 (small LLM at Euler-step shapes: 244 -> 150 ms "
-                "min over rounds, FP32 567 ms)")
+CPU_FLOAT_BMM = ("activation x activation MatMul (attention Q@K^T, P@V): stays FP32. Quantized (uint8 A, int8 "
+                 "symmetric B for the u8s8 kernel) it re-quantizes the K/V cache at every decode step and the "
+                 "score block at every Euler step, and was slower everywhere: LLM graph, 2 threads, no spinning, "
+                 "min over rounds, BMMs int8 -> float: small decode @64 1.19 -> 1.12 ms, @1024 1.93 -> 1.49 ms, "
+                 "Euler step 57.7 -> 54.7 ms (FP32 2.17 / 2.54 / 93.3); golden widths decode @64 2.65 -> 2.15 "
+                 "ms, @1024 6.62 -> 3.58 ms (FP32 6.08 / 7.42) (README: INT8, CPU speed)")
 
 
-def cpu_plan(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[dict]]]:
-    """int8-cpu's measured choices for one graph -> (excluded node -> reason, TensorQuantOverrides):
-    every Conv stays FP32; the B input of every MatMul whose two inputs are activations is int8
-    symmetric (activations are otherwise uint8)."""
-    from onnxruntime.quantization import QuantType
-
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose two inputs are both activations (attention's score and value products)."""
     g = model.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    exclude = {n.name: CPU_FLOAT_CONV for n in g.node if n.op_type == "Conv"}
-    signed = {n.input[1] for n in g.node if n.op_type == "MatMul" and not consts & set(n.input)}
-    return exclude, {t: [{"quant_type": QuantType.QInt8, "symmetric": True}] for t in sorted(signed)}
+    return [n.name for n in g.node if n.op_type == "MatMul" and not consts & set(n.input)]
+
+
+def cpu_plan(model: onnx.ModelProto) -> dict[str, str]:
+    """int8-cpu's measured choices for one graph -> excluded node -> reason: every Conv and every
+    activation x activation MatMul stays FP32; what is quantized is a weight product (u8s8 kernels)."""
+    exclude = {n.name: CPU_FLOAT_CONV for n in model.graph.node if n.op_type == "Conv"}
+    return {**exclude, **{name: CPU_FLOAT_BMM for name in activation_matmuls(model)}}
 
 
 def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
@@ -131,11 +135,8 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
             named.unlink(missing_ok=True)
             Path(f"{named}.data").unlink(missing_ok=True)
     opts = flavour_options(precision)
-    overrides: dict[str, list[dict]] = {}
     if precision == "int8-cpu":
-        cpu_exclude, overrides = cpu_plan(onnx.load(str(named), load_external_data=False))
-        exclude = {**cpu_exclude, **exclude}
-        opts["extra_options"]["TensorQuantOverrides"] = overrides
+        exclude = {**cpu_plan(onnx.load(str(named), load_external_data=False)), **exclude}
     cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
            "entropy": CalibrationMethod.Entropy}[method]
     cache = out_path.with_name(f".ranges-{out_path.name}.json")
@@ -177,7 +178,6 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "reduce_range": opts["reduce_range"], "cpu_vnni": cpu_has_vnni(),
         "quantized_op_types": list(QUANT_OPS), "quantized_nodes": len(nodes) - len(exclude),
         "excluded": exclude, "float_consumers_rewired": rewired,
-        **({"int8_symmetric_activations": {"tensors": sorted(overrides), "why": CPU_SIGNED_B}} if overrides else {}),
         "bias": "float" if precision == "int8" else "int32 (ORT default)",
         "float_parts": float_parts, "calibration_samples": n,
         "calibration_samples_recorded": calib.count(spec.name),

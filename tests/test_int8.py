@@ -188,40 +188,42 @@ def test_cpu_flavour_layout(int8_onnx):
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     q_types = {inits[n.input[2]].dtype for n in g.node if n.op_type == "QuantizeLinear"}
     w_types = {inits[n.input[0]].dtype for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-    # uint8 activations; int8 only for attention's B inputs (test_cpu_flavour_measured_choices)
-    assert q_types == {np.dtype(np.uint8), np.dtype(np.int8)} and np.dtype(np.int8) in w_types
+    assert q_types == {np.dtype(np.uint8)} and w_types == {np.dtype(np.int8)}
     assert e["recipe"]["reduce_range"] == (not e["recipe"]["cpu_vnni"])
 
 
 @pytest.mark.parametrize("graph", QUANTIZED)
 def test_cpu_flavour_measured_choices(int8_onnx, graph):
-    """int8-cpu's measured choices, read from the graph and the recipe: every Conv stays FP32 (no
-    DequantizeLinear feeds it) and is listed as excluded with its reason; every activation x activation
-    MatMul (attention) reads an int8 zero-point-0 B input (u8s8 kernel), its A input uint8."""
+    """int8-cpu's measured choices, read from the graph and the recipe: every Conv and every activation x
+    activation MatMul (attention's products) stays FP32 (no DequantizeLinear feeds it) and is listed as
+    excluded with its reason; every weight MatMul/Gemm reads a DequantizeLinear of int8 weights."""
     from janusflow_trt.export.fp16 import name_nodes
 
     e = _manifest(int8_onnx)["graphs"][graph]
     rec = e["precisions"]["int8-cpu"]["recipe"]
     fp32 = onnx.load(str(int8_onnx / e["file"]))
     name_nodes(fp32)
+    inits32 = {t.name for t in fp32.graph.initializer}
     convs = {n.name for n in fp32.graph.node if n.op_type == "Conv"}
+    bmms = {n.name for n in fp32.graph.node if n.op_type == "MatMul" and not set(n.input) & inits32}
+    assert bool(bmms) == (graph in ("llm", "siglip")), sorted(bmms)
     assert {k for k, why in rec["excluded"].items() if "Conv" in why} == convs
+    assert {k for k, why in rec["excluded"].items() if "activation x activation" in why} == bmms
     g = onnx.load(str(int8_onnx / e["precisions"]["int8-cpu"]["file"])).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
+    dq_fed = lambda n: [x for x in n.input if producer.get(x) is not None  # noqa: E731
+                        and producer[x].op_type == "DequantizeLinear"]
+    n_weight = 0
     for n in g.node:
-        if n.op_type == "Conv":
-            assert all(producer.get(x) is None or producer[x].op_type != "DequantizeLinear" for x in n.input), n.name
-    bmms = [n for n in g.node if n.op_type == "MatMul" and not set(n.input) & set(inits)
-            and all(producer.get(x) is not None and producer[x].op_type == "DequantizeLinear"
-                    and producer[x].input[0] not in inits for x in n.input)]
-    assert bool(bmms) == (graph in ("llm", "siglip")), [n.name for n in bmms]
-    for n in bmms:
-        a, b = (producer[x] for x in n.input)
-        assert a.op_type == b.op_type == "DequantizeLinear", n.name
-        assert inits[a.input[2]].dtype == np.uint8, n.name
-        assert inits[b.input[2]].dtype == np.int8 and not inits[b.input[2]].any(), n.name
-    assert (rec.get("int8_symmetric_activations") is not None) == bool(bmms)
+        if n.op_type == "Conv" or (n.op_type == "MatMul" and not set(n.input) & set(inits)
+                                   and not any(producer[x].input[0] in inits for x in dq_fed(n))):
+            assert not dq_fed(n), f"{n.name} ({n.op_type}) reads a DequantizeLinear"
+        elif n.op_type in ("MatMul", "Gemm"):
+            w = [producer[x] for x in dq_fed(n) if producer[x].input[0] in inits]
+            assert w and inits[w[0].input[0]].dtype == np.int8, f"{n.name}: no int8 weight"
+            n_weight += 1
+    assert n_weight == rec["quantized_nodes"] > 0
 
 
 def test_passthrough_graphs(int8_onnx):
