@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from janusflow_trt.janusflow_ref.model import JanusFlow
 
 NEG = -1e9  # additive mask value; finite so a row never becomes all -inf/NaN
+EXP_FLOOR = -60.0  # softmax's exp(s - max) argument floor (see _attend)
 
 
 class SigLIPGraph(nn.Module):
@@ -52,7 +53,7 @@ def _exporting() -> bool:
 
 
 def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-            past_v: torch.Tensor, bias_past: torch.Tensor, bias_new: torch.Tensor):
+            past_v: torch.Tensor, bias_past: torch.Tensor, bias_new: torch.Tensor, keep_past: torch.Tensor):
     """Attention over [cached slots | new tokens] without concatenating K/V: the softmax is taken
     jointly over the two score blocks (shared max, shared denominator)."""
     attn = layer.self_attn
@@ -75,7 +76,13 @@ def _attend(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     sp = q @ kp.transpose(-1, -2) + bias_past  # [B,nh,S,C]
     sn = q @ kn.transpose(-1, -2) + bias_new  # [B,nh,S,S]
     m = torch.maximum(sp.amax(-1, keepdim=True), sn.amax(-1, keepdim=True))
-    ep, en = torch.exp(sp - m), torch.exp(sn - m)
+    # exp's argument floored at EXP_FLOOR: exp(NEG - m) would take the slow underflow path of ORT's CPU Exp
+    # (8.2 vs 3.4 ms for a 2x8x577x577 causal block, with the Clip). Any term under the floor weighs < e^-60
+    # of the row's largest (below FP32 resolution); cache slots that are masked or empty are then zeroed
+    # (keep_past), so whatever a buffer holds there never reaches the output. A masked new position keeps
+    # its e^-60 (its V is this call's own, finite), so a fully masked row (a pad query) stays finite.
+    ep = torch.exp((sp - m).clamp_min(EXP_FLOOR)) * keep_past
+    en = torch.exp((sn - m).clamp_min(EXP_FLOOR))
     out = (ep @ vp + en @ vn) / (ep.sum(-1, keepdim=True) + en.sum(-1, keepdim=True))
     out = attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
     return out, k, v
@@ -103,6 +110,7 @@ class LLMGraph(nn.Module):
         c = past[0].shape[2]
         valid = attention_mask.to(torch.bool)
         bias_past = torch.where(valid[:, None, None, :c], 0.0, NEG).to(inputs_embeds.dtype)  # [B,1,1,C]
+        keep_past = valid[:, None, None, :c].to(inputs_embeds.dtype)
         causal = torch.ones(s, s, dtype=torch.bool, device=inputs_embeds.device).tril()
         new_ok = causal[None, None] & valid[:, None, None, c:]
         bias_new = torch.where(new_ok, 0.0, NEG).to(inputs_embeds.dtype)
@@ -111,7 +119,7 @@ class LLMGraph(nn.Module):
         presents = []
         for i, layer in enumerate(base.layers):
             a, k, v = _attend(layer, layer.input_layernorm(h), cos, sin, past[2 * i], past[2 * i + 1],
-                              bias_past, bias_new)
+                              bias_past, bias_new, keep_past)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             presents += [k, v]
