@@ -22,12 +22,14 @@ from .onnx_export import load_modules, ort_session
 from .specs import GraphSpec, build_specs, compare, dummy_inputs, precision_variant
 
 PROMPT_CHAT = "Describe the image."
+INT8_DUMMY_SKIPPED = ("int8", "int8-cpu")
 PROMPT_GEN = "a red fox"
 
 
 @dataclass
 class Report:
     rows: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # cases not run, each with why
 
     @property
     def failures(self) -> list[dict]:
@@ -197,9 +199,18 @@ def verify(model_dir: str | Path, artifacts_dir: str | Path, vae_dir: str | Path
     sessions = {n: _session(art / resolve_graph(manifest, art, n, precision, full=True)["file"]) for n in names}
     report = Report()
     run = _Runner(specs, mods, sessions, report, precision)
-    for n in names:
-        run.check(n, "dummy", dummy_inputs(specs[n], seed=0))
+    if precision in INT8_DUMMY_SKIPPED:
+        # INT8 is defined on the calibrated activation ranges: every input N(0, 1) (skip maps, t_emb, hidden
+        # states at scales no real call has) clips at the per-tensor scales and says nothing about the graph
+        # (tiny: gen_dec 0.956, siglip 0.938 cosine). The realistic cases below still run every graph.
+        report.skipped.append(f"dummy (random) inputs: skipped for {precision}: outside the calibrated ranges; "
+                              "held-out quality: janusflow quality")
+    else:
+        for n in names:
+            run.check(n, "dummy", dummy_inputs(specs[n], seed=0))
     _real_cases(run, model_dir, cfg, names)
     if print_table:
         print(report.table())
+        for line in report.skipped:
+            print(line)
     return report

@@ -464,3 +464,30 @@ def test_sensitivity_probes(int8_onnx):
     np.testing.assert_array_equal(logits(only_quantized(q, f32, quantized)), prod)
     one = logits(only_quantized(q, f32, {sorted(quantized)[0]}))
     assert not np.allclose(one, ref, rtol=0, atol=1e-7) and not np.allclose(one, prod, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-cpu"])
+def test_verify_int8(int8_onnx, tiny_dir, precision, monkeypatch, tmp_path):
+    """`janusflow verify --precision int8|int8-cpu` passes on the realistic cases (random dummy inputs are
+    skipped, with the reason), and still fails an INT8 graph whose weights are off: the LLM's int8 weight
+    scales doubled, served in place of the exported file."""
+    from janusflow_trt.export import verify as V
+
+    report = V.verify(tiny_dir, int8_onnx, None, print_table=False, precision=precision)
+    assert report.ok and len(report.rows) > 20 and {r["graph"] for r in report.rows} >= set(QUANTIZED)
+    assert report.skipped and all(r["case"] != "dummy" for r in report.rows)
+
+    entry = _manifest(int8_onnx)["graphs"]["llm"]["precisions"][precision]
+    q = onnx.load(str(int8_onnx / entry["file"]))
+    inits = {t.name: t for t in q.graph.initializer}
+    weight_dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and numpy_helper.to_array(inits[n.input[0]]).dtype == np.int8]
+    assert weight_dq
+    for n in weight_dq:
+        t = inits[n.input[1]]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(q, str(bad))
+    real = V._session
+    monkeypatch.setattr(V, "_session", lambda p: real(bad if p.name == entry["file"] else p))
+    assert not V.verify(tiny_dir, int8_onnx, None, print_table=False, precision=precision).ok
