@@ -97,6 +97,18 @@ def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
     return manifest
 
 
+def read_manifest_at(artifacts: str | Path, cfg: JanusFlowConfig, precisions: list[str]) -> dict:
+    """read_manifest, and every graph of the export present and unchanged at each of `precisions`:
+    a precision that was not exported is refused up front, in one line."""
+    from janusflow_trt.export.manifest import resolve_graph
+
+    manifest = read_manifest(artifacts, cfg)
+    for p in precisions:
+        for g in manifest.get("graphs", {}):
+            resolve_graph(manifest, Path(artifacts), g, p)
+    return manifest
+
+
 class OrtBackend:
     """ONNX Runtime sessions, one per graph, created lazily; session options set deliberately."""
 
@@ -110,15 +122,13 @@ class OrtBackend:
             raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
                                  "(or '[gpu]' with CUDA)") from None
 
-        from janusflow_trt.export.manifest import has_view, resolve_graph
+        from janusflow_trt.export.manifest import has_view
         from janusflow_trt.export.specs import VIEWS, build_specs, precision_variant
 
         self.dir = Path(artifacts)
-        self.manifest = read_manifest(artifacts, cfg)
+        self.manifest = read_manifest_at(artifacts, cfg, [precision])
         self.precision = precision
         self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}  # I/O dtypes
-        for g in self.manifest.get("graphs", {}):  # a precision that was not exported: refused up front
-            resolve_graph(self.manifest, self.dir, g, precision)
         # a view the export lacks (older export): its parent runs, and only the view's outputs are returned
         self.view_parent = {v: p for v, (p, _) in VIEWS.items() if not has_view(self.manifest, v, precision)}
         self.cfg = cfg

@@ -24,3 +24,21 @@ def test_bench_end_to_end(tiny_dir, tiny_onnx, tmp_path, capsys):
     assert all(math.isclose(x, 1.0) for x in res["backends"]["baseline"]["speedup_vs_baseline"].values())
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| stage |" in (out / "bench.md").read_text()
+
+
+
+def test_bench_refuses_a_missing_precision_before_timing_anything(tiny_dir, tiny_onnx, tmp_path, capfd):
+    """An export without int8-cpu: one line, exit 2, nothing written, and the FP32 backend was not timed
+    first (it used to be timed in full before the int8-cpu backend failed to load)."""
+    from contract import snapshot
+
+    argv = ["bench", "--model", tiny_dir, "--artifacts", tiny_onnx, "--backends", "ort", "--precision",
+            "fp32,int8-cpu", "--contexts", "16", "--steps", "1", "--quick", "--out", tmp_path / "bench"]
+    before = snapshot(tmp_path, tiny_dir, tiny_onnx)
+    capfd.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (rc, err)
+    assert "not exported at precision int8-cpu" in err and "re-export with --precision fp32,int8-cpu" in err, err
+    assert "benchmarking" not in out, out
+    assert snapshot(tmp_path, tiny_dir, tiny_onnx) == before
