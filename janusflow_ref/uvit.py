@@ -20,6 +20,11 @@ def channels_last_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def spatial_l2(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of NHWC x over H and W -> [B,1,1,C] (export/patches.py swaps in the form ORT reduces fast)."""
+    return torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+
+
 class GlobalResponseNorm(nn.Module):
     """ConvNeXt-V2 GRN on NHWC: x * (1 + w * N(x)) + b, N = spatial L2 norm over its channel mean."""
 
@@ -29,7 +34,7 @@ class GlobalResponseNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(1, 1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        gx = spatial_l2(x)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return torch.addcmul(self.bias, self.weight * nx + 1, x)
 

@@ -353,3 +353,21 @@ def test_exported_gelus_in_ort_form(exported, tmp_path):
         so.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
         ort.InferenceSession(str(exported / g["file"]), so, providers=["CPUExecutionProvider"])
         assert not [n for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node if n.op_type == "Erf"], name
+
+
+def test_grn_exported_as_sum_of_squares(exported):
+    """GRN's spatial L2 norm leaves the export as Sqrt(ReduceSum(x * x)) over H, W (ORT's fast reduction),
+    never as ReduceL2, and the patched form is the L2 norm (against float64 numpy)."""
+    from janusflow_trt.export.patches import _spatial_l2
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 33)).astype(np.float32) * 3
+    want = np.sqrt((x.astype(np.float64) ** 2).sum(axis=(1, 2), keepdims=True))
+    got = _spatial_l2(torch.from_numpy(x)).numpy()
+    assert got.shape == (2, 1, 1, 33) and np.allclose(got, want, rtol=1e-6, atol=0)
+    for name in ("gen_enc", "gen_dec"):
+        g = onnx.load(str(exported / f"{name}.onnx")).graph
+        producer = {o: n for n in g.node for o in n.output}
+        assert not [n for n in g.node if n.op_type == "ReduceL2"], name
+        sqrt_of_sums = [n for n in g.node if n.op_type == "Sqrt" and producer[n.input[0]].op_type == "ReduceSum"]
+        squares = [producer[producer[n.input[0]].input[0]] for n in sqrt_of_sums]
+        assert squares and all(m.op_type == "Mul" and m.input[0] == m.input[1] for m in squares), name
