@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
 from janusflow_trt.calibration.record import CalibrationData, Plan, spread
-from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics
+from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
 
 PLAN = Plan(steps=4, full_runs=2, full_stride=2, early_steps=2)  # small: the tests time the machinery
 
@@ -51,6 +51,12 @@ def test_metrics_hand_values():
     assert first_divergence([1, 2], [1, 2, 3]) == 2
     assert first_divergence([1, 9, 3], [1, 2, 3]) == 1
     assert first_divergence([1, 2], [1, 2]) is None
+    # a sign flip is the worst cosine, not the best
+    assert cosine([1, 0], [-1, 0]) == -1.0 and cosine([1, 2], [-2, -4]) == pytest.approx(-1.0, abs=1e-12)
+    # worst(): each metric's worst over the samples, from different samples
+    rows = [{"max_abs": 1.0, "max_rel": 1.0, "cosine": 0.9, "finite": True},
+            {"max_abs": 2.0, "max_rel": 0.5, "cosine": 0.99, "finite": False}]
+    assert worst(rows) == {"max_abs": 2.0, "max_rel": 1.0, "cosine": 0.9, "finite": False, "samples": 2}
 
 
 # -- the exported fp16 variant -------------------------------------------------------------------
