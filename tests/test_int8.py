@@ -4,6 +4,7 @@ deterministic calibration on the recorded data, and the bad inputs of int8 expor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -537,3 +538,20 @@ def test_teacher_forcing_feeds_the_reference_prefix(monkeypatch):
     monkeypatch.setattr(chat, "decode_one_token", lambda backend, cache, tok: fed.append(tok) or onehot(tok + 1))
     assert quality.teacher_forced_top1(None, None, None, None, "q", [5, 7, 9]) == [2, 6, 8]
     assert fed == [5, 7]
+
+
+def test_outlier_ratio_hand_values(tmp_path):
+    """absmax / rms of a MatMul's activation over the samples: samples [1, 1, 1, 10] and [2, 2, 2, 2] give
+    10 / sqrt((25.75 + 4) / 2) (hand computed; the weight input is not an activation)."""
+    from onnx import TensorProto, helper
+
+    from janusflow_trt.export.int8_sensitivity import outlier_ratios
+
+    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "one",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    path = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    samples = [{"x": np.array([[1, 1, 1, 10]], np.float32)}, {"x": np.full((1, 4), 2, np.float32)}]
+    assert outlier_ratios(path, samples) == {"mm": pytest.approx(10 / math.sqrt((25.75 + 4) / 2), rel=1e-12)}
