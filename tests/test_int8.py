@@ -555,3 +555,35 @@ def test_outlier_ratio_hand_values(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     samples = [{"x": np.array([[1, 1, 1, 10]], np.float32)}, {"x": np.full((1, 4), 2, np.float32)}]
     assert outlier_ratios(path, samples) == {"mm": pytest.approx(10 / math.sqrt((25.75 + 4) / 2), rel=1e-12)}
+
+
+def test_fp16_float_parts_dq_shared_by_an_island_and_a_float16_reader(tmp_path):
+    """A weight DQ read by an FP32 island and by an FP16 MatMul stays FP16 (scale FP16, read by the FP16
+    MatMul with no Cast between: the form TensorRT fuses); only the island casts. A DQ is kept FP32 only
+    when every reader is an island (hand-made graph: no tiny export shares a DQ)."""
+    from onnx import TensorProto, helper
+
+    from janusflow_trt.export.fp16 import load_typed
+    from janusflow_trt.export.int8 import FP16_QDQ_OPSET, fp16_float_parts
+
+    inits = [numpy_helper.from_array(np.arange(-4, 4, dtype=np.int8).reshape(4, 2), "w_q"),
+             numpy_helper.from_array(np.array([0.1, 0.2], np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "w_zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="dq", axis=1),
+             helper.make_node("MatMul", ["x", "w"], ["a"], name="island_mm"),
+             helper.make_node("MatMul", ["x", "w"], ["b"], name="fp16_mm"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", FP16_QDQ_OPSET)]), str(path))
+    model, recipe = fp16_float_parts(load_typed(path, FP16_QDQ_OPSET), {"island_mm": "test island"})
+    assert recipe["fp32_qdq_nodes"] == 0
+    out = model.graph
+    scale = next(t for t in out.initializer if t.name == "w_scale")
+    assert scale.data_type == TensorProto.FLOAT16
+    fp16_mm = next(n for n in out.node if n.name == "fp16_mm")
+    assert fp16_mm.input[1] == "w", "the FP16 MatMul reads the DQ directly"
+    island = next(n for n in out.node if n.name == "island_mm")
+    producer = {o: n for n in out.node for o in n.output}
+    assert producer[island.input[1]].op_type == "Cast", "the FP32 island reads the FP16 weight through a Cast"
