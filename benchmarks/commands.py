@@ -89,12 +89,12 @@ def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:
         print("exporting graphs for the ort backend ...")
         artifacts = work / "onnx"
         export_graphs(model, None, artifacts, precisions=args.precision)
-    if artifacts is not None and any(b == "ort" or b.startswith("ort-") for b in backends):
-        # every precision the run will time, checked before the first one is timed
+    precisions = ["fp32" if b == "ort" else b.removeprefix("ort-") for b in backends if b.startswith("ort")]
+    if artifacts is not None and precisions:  # every precision the run will time, checked before any is timed
         from janusflow_trt.janusflow_ref.config import load_config
         from janusflow_trt.runtime.backends import read_manifest_at
 
-        read_manifest_at(artifacts, load_config(model), ["fp32", *(b[4:] for b in backends if b.startswith("ort-"))])
+        read_manifest_at(artifacts, load_config(model), precisions)
     quick = args.quick
     res = run_bench(model, artifacts, out, backends, contexts, threads, repeat=1 if quick else args.repeat,
                     decode_tokens=4 if quick else 16, e2e_steps=args.steps, size=args.size if not args.model

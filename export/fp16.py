@@ -30,6 +30,7 @@ import onnx
 
 from janusflow_trt.calibration.ranges import FP16_MAX, Ranges, measure
 
+from .onnx_graph import graph_opset, tensor_readers
 from .specs import GraphSpec, compare, fp16_boundary, precision_variant
 
 OVERFLOW_FRACTION = 0.5  # headroom: held-out inputs may reach 2x what calibration saw
@@ -82,10 +83,7 @@ def choose_islands(model: onnx.ModelProto, ranges: Ranges) -> Islands:
     reasons: dict[str, str] = {}
     measured: dict[str, dict[str, float]] = {}
     producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = tensor_readers(model.graph)
     limit = OVERFLOW_FRACTION * FP16_MAX
     for name, r in ranges.tensors.items():
         why = None
@@ -135,7 +133,7 @@ def load_typed(path: Path, opset: int | None = None) -> onnx.ModelProto:
     from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(path), load_external_data=False)
-    if opset is not None and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < opset:
+    if opset is not None and graph_opset(model) < opset:
         model = version_converter.convert_version(model, opset)
     model = onnx.shape_inference.infer_shapes(model)
     load_external_data_for_model(model, str(Path(path).parent))

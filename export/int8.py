@@ -36,6 +36,8 @@ import onnx
 from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni, tensor_ranges
 from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
+from .onnx_graph import graph_opset, tensor_readers
+
 INT8_PRECISIONS = ("int8", "int8-cpu")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 NOT_QUANTIZED = {
@@ -241,14 +243,10 @@ def fp16_float_parts(model: onnx.ModelProto, islands: dict[str, str]) -> tuple[o
 
     from .fp16 import drop_fp16_round_trips
 
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if opset < FP16_QDQ_OPSET or not model.graph.value_info:
+    if graph_opset(model) < FP16_QDQ_OPSET or not model.graph.value_info:
         raise ValueError(f"fp16_float_parts takes a model from fp16.load_typed(path, {FP16_QDQ_OPSET})")
     g = model.graph
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = tensor_readers(g)
     block = set(islands)
     dqs = [n for n in g.node if n.op_type == "DequantizeLinear"]
     for dq in dqs:

@@ -26,6 +26,7 @@ from janusflow_trt.janusflow_ref.owned_dirs import check_out_dir, make_tmp, repl
 
 from . import graphs as G
 from .manifest import build_manifest, graph_entry, write_manifest
+from .onnx_graph import graph_opset, tensor_readers
 from .patches import export_patches
 from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
 from .trt_ops import OPERATORS_MD, graph_ops, unsupported_ops
@@ -215,10 +216,6 @@ def _export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force
     return info
 
 
-def graph_opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def gelu_ort_form(model: onnx.ModelProto) -> int:
     """Exact GELU as exported, x * (0.5 * (1 + erf(x / sqrt2))), reordered to (x * (1 + erf(x / sqrt2))) * 0.5:
     the form ONNX Runtime's GeluFusion matches (its "pattern 2"), so the five element-wise passes become one
@@ -227,10 +224,7 @@ def gelu_ort_form(model: onnx.ModelProto) -> int:
     does not change a single rounding. -> the number of GELUs rewritten."""
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
-    readers: dict[str, list] = {}
-    for n in nodes:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = tensor_readers(model.graph)
     consts = {t.name: t for t in model.graph.initializer}
     consts.update({n.output[0]: next(a.t for a in n.attribute if a.name == "value") for n in nodes
                    if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)})
