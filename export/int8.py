@@ -37,6 +37,9 @@ from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_
 from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 from .onnx_graph import graph_opset, tensor_readers
+from .smoothquant import ALPHA as SMOOTH_ALPHA
+from .smoothquant import GRAPHS as SMOOTH_GRAPHS
+from .smoothquant import smooth_graph
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
@@ -103,13 +106,15 @@ def cpu_plan(model: onnx.ModelProto) -> dict[str, str]:
 
 def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
                 exclude: dict[str, str] | None = None, big: bool = False,
-                islands: dict[str, str] | None = None, limit: int | None = None) -> dict[str, Any]:
+                islands: dict[str, str] | None = None, limit: int | None = None,
+                smooth_alpha: float | None = SMOOTH_ALPHA) -> dict[str, Any]:
     """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
     limit: calibrate on at most this many of the graph's recorded samples (the plan's measure_samples;
     CalibrationData.select spreads them over the kinds of call); None: all.
     exclude: node name -> why it stays float (measured sensitivity). islands (int8 with ORT's quantizer):
     the FP16 variant's node -> why it stays FP32; given, every other float part becomes FP16; None keeps
-    the float parts FP32 (the sensitivity probes, which measure INT8 error alone)."""
+    the float parts FP32 (the sensitivity probes, which measure INT8 error alone). smooth_alpha: the
+    SmoothQuant migration strength for the graphs it applies to (export/smoothquant.py); None: off."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -124,6 +129,10 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         raise CheckpointError(f"calibration data {calib.path}: no samples recorded for graph {spec.name}")
     model = onnx.load(str(fp32_path))
     name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
+    smoothing: Any = "off"
+    if smooth_alpha is not None and spec.name in SMOOTH_GRAPHS:  # ranges measured on the FP32 file, as loaded
+        smoothing = {**smooth_graph(model, fp32_path, RecordedReader(calib, spec, limit).feeds, smooth_alpha),
+                     "samples": n, "limit": limit}
     nodes = quantizable_nodes(model)
     named = out_path.with_name(f".named-{out_path.name}")
     onnx.save_model(model, str(named), save_as_external_data=big, all_tensors_to_one_file=True,
@@ -132,7 +141,9 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     exclude = dict(exclude or {})
     if mo is not None:
         try:
-            return _modelopt(mo, named, spec, calib, out_path, method, exclude, len(nodes), limit)
+            r = _modelopt(mo, named, spec, calib, out_path, method, exclude, len(nodes), limit)
+            r["recipe"]["smoothquant"] = smoothing
+            return r
         finally:
             named.unlink(missing_ok=True)
             Path(f"{named}.data").unlink(missing_ok=True)
@@ -181,7 +192,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "quantized_op_types": list(QUANT_OPS), "quantized_nodes": len(nodes) - len(exclude),
         "excluded": exclude, "float_consumers_rewired": rewired,
         "bias": "float" if precision == "int8" else "int32 (ORT default)",
-        "float_parts": float_parts, "calibration_samples": n,
+        "float_parts": float_parts, "smoothquant": smoothing, "calibration_samples": n,
         "calibration_samples_recorded": calib.count(spec.name),
         "calibration_samples_by_kind": calib.kinds(spec.name, limit),
     }

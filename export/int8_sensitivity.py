@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .int8 import QUANT_OPS, derive_int8
 
@@ -98,11 +99,76 @@ def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) 
     return m
 
 
-def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int = 8) -> list[dict[str, Any]]:
+def one_sided(qdq: onnx.ModelProto, weights32: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The calibrated Q/DQ graph with one side of its INT8 taken out. weights32 None: every quantized
+    activation is read in float again (weight-only INT8: the products read Q's float input, not DQ(Q(x)));
+    given (the FP32 graph, smoothed as the Q/DQ graph is: float_weights): every quantized product reads its
+    FP32 weight from it again (activation-only INT8). Which of the two costs the logits more says whether
+    calibration (activations) or the INT8 weights themselves cause an error."""
+    import copy
+
+    m = copy.deepcopy(qdq)
+    inits = {t.name for t in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    dq_src = {n.output[0]: n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    if weights32 is None:
+        back = {o: prod[src].input[0] for o, src in dq_src.items()
+                if src not in inits and src in prod and prod[src].op_type == "QuantizeLinear"}
+        # the INT8 weights dequantized here, as FP32 initializers: left as DQ -> MatMul with a float input,
+        # ORT's CPU provider fuses the pair into a kernel of its own (measured: not DQ(W) @ x)
+        vals = {t.name: t for t in m.graph.initializer}
+        for n in [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]:
+            w, sc = (numpy_helper.to_array(vals[i]).astype(np.float64) for i in n.input[:2])
+            zp = numpy_helper.to_array(vals[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else 0
+            if sc.ndim:  # per channel along `axis`
+                shape = [1] * w.ndim
+                shape[{a.name: a.i for a in n.attribute}.get("axis", 1)] = -1
+                sc, zp = sc.reshape(shape), np.reshape(zp, shape) if np.ndim(zp) else zp
+            back[n.output[0]] = f"{n.output[0]}_float"
+            m.graph.initializer.append(numpy_helper.from_array(((w - zp) * sc).astype(np.float32), back[n.output[0]]))
+        for n in m.graph.node:
+            if n.op_type in QUANT_OPS:
+                n.input[:] = [back.get(i, i) for i in n.input]
+        return m
+    inputs32 = {n.name: list(n.input) for n in weights32.graph.node if n.op_type in QUANT_OPS}
+    inits32 = {t.name: t for t in weights32.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type in QUANT_OPS and n.name in inputs32:
+            for k, i in enumerate(n.input):
+                if i in dq_src and dq_src[i] in inits:  # a dequantized weight
+                    w = inputs32[n.name][k]
+                    n.input[k] = w
+                    if w not in inits:
+                        m.graph.initializer.append(inits32[w])
+                        inits.add(w)
+    return m
+
+
+def float_weights(fp32_path: Path, spec, calib, smoothing: dict) -> onnx.ModelProto:
+    """The FP32 graph smoothed as a Q/DQ graph's recipe['smoothquant'] says (the same ranges, from the same
+    samples): the FP32 weights that go with that graph's smoothed norms."""
+    from janusflow_trt.calibration.int8_calib import RecordedReader
+
+    from .fp16 import name_nodes
+    from .smoothquant import smooth_graph
+
+    m = onnx.load(str(fp32_path))
+    name_nodes(m)
+    again = smooth_graph(m, fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds, smoothing["alpha"])
+    if again["products"] != smoothing["products"]:
+        raise ValueError(f"{fp32_path}: smoothed, it gives other products than the Q/DQ graph's record")
+    return m
+
+
+def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int = 8,
+                     smoothing: dict | str | None = None) -> list[dict[str, Any]]:
     """LLM nodes by what their INT8 costs chat: on the recorded chat calls (prefill and decode), each
     quantized node alone ('alone') and every quantized node but it ('without'), vs FP32: worst logits
     cosine and the share of calls whose argmax (the greedy token) differs; each node's activation
-    outlier ratio. -> rows: all quantized first, then the most costly alone."""
+    outlier ratio. -> rows: all quantized first, then the most costly alone.
+    smoothing: the Q/DQ graph's recipe['smoothquant'] record; a smoothed graph's un-quantized nodes then
+    take their FP32 weights from the FP32 graph smoothed the same way (its norms are the smoothed ones)."""
+
     import onnxruntime as ort
 
     from .fp16 import name_nodes
@@ -117,6 +183,7 @@ def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int 
             feeds.append(x)
     f32 = onnx.load(str(fp32_path))
     name_nodes(f32)
+    weights32 = float_weights(fp32_path, spec, calib, smoothing) if isinstance(smoothing, dict) else f32
     q = onnx.load(str(qdq_path))
     dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sorted(n.name for n in q.graph.node if n.op_type in QUANT_OPS and set(n.input) & dq_out)
@@ -138,8 +205,8 @@ def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int 
     ratios = outlier_ratios(fp32_path, feeds)
     rows = [{"node": "(all quantized)", "op": "", **{f"without_{k}": v for k, v in score(q).items()}}]
     for node in quantized:
-        alone = score(only_quantized(q, f32, {node}))
-        without = score(only_quantized(q, f32, set(quantized) - {node}))
+        alone = score(only_quantized(q, weights32, {node}))
+        without = score(only_quantized(q, weights32, set(quantized) - {node}))
         rows.append({"node": node, "op": ops[node], "outlier_ratio": ratios.get(node),
                      **{f"alone_{k}": v for k, v in alone.items()}, **{f"without_{k}": v for k, v in without.items()}})
     return [rows[0], *sorted(rows[1:], key=lambda r: r["alone_top1_flip"], reverse=True)]

@@ -445,13 +445,15 @@ def test_int8_not_exported_refused(tiny_onnx, tiny_dir, test_image):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_sensitivity_probes(int8_onnx):
+def test_sensitivity_probes(int8_onnx, tiny_dir):
     """chat_sensitivity's probe graphs: none quantized runs as FP32, all quantized as the product, one node
     quantized differs from both (the same calibrated scales, one calibration)."""
     import onnxruntime as ort
 
     from janusflow_trt.export.fp16 import name_nodes
-    from janusflow_trt.export.int8_sensitivity import only_quantized
+    from janusflow_trt.export.int8_sensitivity import float_weights, only_quantized
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
 
     e = _manifest(int8_onnx)["graphs"]["llm"]
     f32 = onnx.load(str(int8_onnx / e["file"]))
@@ -467,9 +469,14 @@ def test_sensitivity_probes(int8_onnx):
 
     ref, prod = logits(f32), logits(q)
     assert not np.allclose(ref, prod, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(logits(only_quantized(q, f32, set())), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(logits(only_quantized(q, f32, quantized)), prod)
-    one = logits(only_quantized(q, f32, {sorted(quantized)[0]}))
+    # the product's LLM is smoothed: its norms go with the smoothed FP32 weights, not the exported ones
+    smoothing = e["precisions"]["int8-cpu"]["recipe"]["smoothquant"]
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    w32 = float_weights(int8_onnx / e["file"], spec, CalibrationData(int8_onnx / "calib"), smoothing)
+    assert not np.allclose(logits(only_quantized(q, f32, set())), ref, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(logits(only_quantized(q, w32, set())), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits(only_quantized(q, w32, quantized)), prod)
+    one = logits(only_quantized(q, w32, {sorted(quantized)[0]}))
     assert not np.allclose(one, ref, rtol=0, atol=1e-7) and not np.allclose(one, prod, rtol=0, atol=1e-7)
 
 
@@ -606,3 +613,142 @@ def test_sensitivity_is_the_worst_over_samples(int8_onnx, tiny_dir, monkeypatch)
     tol = 1e-12  # float64 cosine of the same float32 outputs; a threaded GEMM may round differently
     assert all(three[n] <= one[n] + tol for n in one), {n: (one[n], three[n]) for n in one if three[n] > one[n] + tol}
     assert any(three[n] < one[n] - tol for n in one)
+
+
+def _exposed(model: onnx.ModelProto, names: list[str], feeds_list) -> list[list[np.ndarray]]:
+    """Plain ORT runs of `model` with `names` added as outputs, one list of values per feeds."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [s.run(names, f) for f in feeds_list]
+
+
+def test_smoothquant_llm(int8_onnx, tiny_dir):
+    """The LLM's INT8 graphs are smoothed (export/smoothquant.py): q/k/v and gate/up divide their norm's
+    weight, down_proj divides up's output columns, by s_j = max|x_j|^a / max|W_j|^(1-a) (geometric mean 1),
+    with max|x_j| over the very samples the LLM was calibrated on; the smoothed FP32 graph computes what the
+    exported one does; the other graphs are not smoothed."""
+    from janusflow_trt.export.fp16 import name_nodes
+    from janusflow_trt.export.int8_sensitivity import float_weights
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    cfg = load_config(tiny_dir)
+    layers = cfg.llm.num_hidden_layers
+    man = _manifest(int8_onnx)["graphs"]
+    for g in ("siglip", "gen_enc", "gen_dec"):
+        for p in ("int8", "int8-cpu"):
+            assert man[g]["precisions"][p]["recipe"]["smoothquant"] == "off"
+    rec = man["llm"]["precisions"]["int8-cpu"]["recipe"]["smoothquant"]
+    assert man["llm"]["precisions"]["int8"]["recipe"]["smoothquant"] == rec
+    assert rec["alpha"] == 0.8 and len(rec["products"]) == 6 * layers
+    assert sorted(rec["products"].values()).count("up_columns") == layers
+
+    f32 = onnx.load(str(int8_onnx / "llm.onnx"))
+    name_nodes(f32)
+    inits = {t.name: numpy_helper.to_array(t) for t in f32.graph.initializer}
+    prod = {o: n for n in f32.graph.node for o in n.output}
+    nodes = {n.name: n for n in f32.graph.node}
+    calib = CalibrationData(int8_onnx / "calib")
+    feeds = list(calib.samples("llm", rec["limit"]))
+    assert len(feeds) == rec["samples"]
+    acts = sorted({nodes[k].input[0] for k in rec["products"]})
+    assert len(acts) == 3 * layers
+    amax = {a: np.zeros(0) for a in acts}
+    for values in _exposed(f32, acts, feeds):
+        for a, x in zip(acts, values, strict=True):
+            c = np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float64)
+            amax[a] = c if amax[a].size == 0 else np.maximum(amax[a], c)
+    w32 = float_weights(int8_onnx / "llm.onnx", build_specs(cfg)["llm"], calib, rec)
+    new = {t.name: numpy_helper.to_array(t) for t in w32.graph.initializer}
+    a = rec["alpha"]
+    want = {k: v.astype(np.float64) for k, v in inits.items()}
+    touched = set()
+    for act in acts:
+        readers = [k for k in rec["products"] if nodes[k].input[0] == act]
+        w_max = np.max([np.abs(inits[nodes[k].input[1]]).max(1) for k in readers], 0)  # unmodified weights
+        s = amax[act] ** a / w_max ** (1 - a)
+        s = s / np.exp(np.log(s).mean())
+        assert s.max() / s.min() > 1.5  # a real migration, not ones
+        for k in readers:
+            want[nodes[k].input[1]] *= s[:, None]
+            touched.add(nodes[k].input[1])
+        mul = prod[act]
+        if rec["products"][readers[0]] == "norm_weight":
+            (nw,) = [i for i in mul.input if i in inits]
+            want[nw] /= s
+            touched.add(nw)
+        else:  # down_proj: up's output columns (up's weight is also scaled by rows as a gate/up product)
+            (up,) = [prod[i].input[1] for i in mul.input if i in prod and prod[i].op_type == "MatMul"]
+            want[up] /= s[None, :]
+    assert len(touched) == 6 * layers + 2 * layers
+    for k, v in want.items():
+        np.testing.assert_allclose(new[k], v, rtol=2e-5, err_msg=k)
+    # the exported int8-cpu graph carries the smoothed norms; the smoothed FP32 graph computes the same outputs
+    q = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(int8_onnx / "llm.int8-cpu.onnx")).graph.initializer}
+    norms = [i for act in acts for i in prod[act].input if i in inits and inits[i].ndim == 1]
+    assert norms and all(np.array_equal(q[n], new[n]) for n in norms)
+    outs = [o.name for o in f32.graph.output]
+    import onnxruntime as ort
+
+    s32 = ort.InferenceSession(f32.SerializeToString(), providers=["CPUExecutionProvider"])
+    ssm = ort.InferenceSession(w32.SerializeToString(), providers=["CPUExecutionProvider"])
+    for f in feeds[:3]:
+        for name, r, g in zip(outs, s32.run(outs, f), ssm.run(outs, f), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-3, atol=2e-4 * float(np.abs(r).max()), err_msg=name)
+
+
+def test_one_sided_int8(int8_onnx, tiny_dir):
+    """one_sided: weight-only INT8 computes the FP32 graph with numpy-dequantized INT8 weights; taking the
+    other side out as well gives FP32 back; activation-only INT8 is neither FP32 nor the product."""
+    import onnxruntime as ort
+
+    from janusflow_trt.export.int8_sensitivity import float_weights, one_sided
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    e = _manifest(int8_onnx)["graphs"]["llm"]
+    calib = CalibrationData(int8_onnx / "calib")
+    q = onnx.load(str(int8_onnx / e["precisions"]["int8-cpu"]["file"]))
+    w32 = float_weights(int8_onnx / e["file"], build_specs(load_config(tiny_dir))["llm"], calib,
+                        e["precisions"]["int8-cpu"]["recipe"]["smoothquant"])
+    feeds = list(calib.samples("llm", 3))
+
+    def logits(model):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.concatenate([s.run(["logits"], f)[0] for f in feeds])
+
+    # the expected weight-only graph, built here: each quantized product's weight dequantized by numpy
+    qi = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in qi}
+    qnodes = {n.name: n for n in q.graph.node}
+    expect = onnx.ModelProto()
+    expect.CopyFrom(w32)
+    inits = {t.name: t for t in expect.graph.initializer}
+    n_deq = 0
+    for n in expect.graph.node:
+        if n.name not in qnodes:
+            continue
+        for k, i in enumerate(qnodes[n.name].input):
+            if i in dq:
+                d = dq[i]
+                w = qi[d.input[0]].astype(np.float64)
+                axis = {a.name: a.i for a in d.attribute}.get("axis", 1)
+                shape = [1] * w.ndim
+                shape[axis] = -1
+                sc = qi[d.input[1]].astype(np.float64).reshape(shape if qi[d.input[1]].ndim else [])
+                zp = qi[d.input[2]].astype(np.float64).reshape(sc.shape) if len(d.input) > 2 else 0.0
+                name = n.input[k]
+                inits[name].CopyFrom(numpy_helper.from_array(((w - zp) * sc).astype(np.float32), name))
+                n_deq += 1
+    assert n_deq >= 6 * load_config(tiny_dir).llm.num_hidden_layers
+    ref, prod, wo = logits(onnx.load(str(int8_onnx / e["file"]))), logits(q), logits(one_sided(q))
+    tol = 1e-4 * float(np.abs(ref).max())
+    np.testing.assert_allclose(wo, logits(expect), rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(logits(one_sided(one_sided(q, w32))), ref, rtol=1e-4, atol=tol)
+    ao = logits(one_sided(q, w32))
+    for other in (ref, prod, wo):
+        assert not np.allclose(ao, other, rtol=0, atol=1e-3 * float(np.abs(ref).max()))
