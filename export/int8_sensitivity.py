@@ -150,11 +150,12 @@ def float_weights(fp32_path: Path, spec, calib, smoothing: dict) -> onnx.ModelPr
     from janusflow_trt.calibration.int8_calib import RecordedReader
 
     from .fp16 import name_nodes
-    from .smoothquant import smooth_graph
+    from .smoothquant import channel_ranges, smooth_graph
 
+    amax = channel_ranges(fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds)
     m = onnx.load(str(fp32_path))
     name_nodes(m)
-    again = smooth_graph(m, fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds, smoothing["alpha"])
+    again = smooth_graph(m, amax, smoothing["alpha"])
     if again["products"] != smoothing["products"]:
         raise ValueError(f"{fp32_path}: smoothed, it gives other products than the Q/DQ graph's record")
     return m

@@ -123,9 +123,17 @@ def smooth(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float) ->
     return done
 
 
-def smooth_graph(model: onnx.ModelProto, fp32_path: str | Path, samples, alpha: float = ALPHA) -> dict[str, Any]:
-    """Measure the channel ranges on the FP32 file and migrate `model` (that file, loaded) in place;
-    -> the recipe's record."""
-    names = list(smoothing_groups(model))
-    done = smooth(model, channel_absmax(fp32_path, samples, names), alpha)
-    return {"alpha": alpha, "products": done}
+def channel_ranges(fp32_path: str | Path, samples) -> dict[str, np.ndarray]:
+    """max |x_j| of every activation smoothing_groups finds in the graph file, over `samples()`. Reads the
+    graph without its weights, so the caller loads the weights only after this walk's session is gone
+    (full size: the two would otherwise be in memory together)."""
+    from .fp16 import name_nodes
+
+    skeleton = onnx.load(str(fp32_path), load_external_data=False)
+    name_nodes(skeleton)
+    return channel_absmax(fp32_path, samples, list(smoothing_groups(skeleton)))
+
+
+def smooth_graph(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float = ALPHA) -> dict[str, Any]:
+    """Migrate `model` (the graph file channel_ranges read, loaded) in place; -> the recipe's record."""
+    return {"alpha": alpha, "products": smooth(model, amax, alpha)}
