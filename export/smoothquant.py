@@ -54,7 +54,7 @@ def _weight(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None
 
 def smoothing_groups(model: onnx.ModelProto) -> dict[str, Group]:
     """activation tensor -> Group, for every activation whose producer can absorb a per-channel divisor
-    and whose every reader is a weight MatMul; each absorber initializer used by that producer only."""
+    and whose every reader is a weight MatMul; each weight and absorber initializer read by one node only."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     prod = {o: n for n in g.node for o in n.output}
@@ -66,7 +66,7 @@ def smoothing_groups(model: onnx.ModelProto) -> dict[str, Group]:
         p = prod.get(act)
         if p is None or p.op_type != "Mul" or act in outputs or not rs:
             continue
-        if not all(_weight(r, inits) for r in rs):
+        if not all((w := _weight(r, inits)) and uses.get(w) == 1 for r in rs):  # a shared weight: scaled twice
             continue
         vec = [i for i in p.input if i in inits and len(inits[i].dims) == 1]
         if vec and uses.get(vec[0]) == 1:

@@ -752,3 +752,30 @@ def test_one_sided_int8(int8_onnx, tiny_dir):
     ao = logits(one_sided(q, w32))
     for other in (ref, prod, wo):
         assert not np.allclose(ao, other, rtol=0, atol=1e-3 * float(np.abs(ref).max()))
+
+
+def test_smoothing_groups_hand_graphs():
+    """smoothing_groups on hand-made graphs: an RMSNorm-style Mul by a 1-D weight feeding two weight
+    MatMuls is one group; the same with the two MatMuls sharing one weight, or with the Mul's output also
+    a graph output, is none (the weight would be scaled twice / the output would change)."""
+    from onnx import TensorProto, helper
+
+    from janusflow_trt.export.smoothquant import smoothing_groups
+
+    def graph(shared: bool, out_too: bool = False):
+        rng = np.random.default_rng(0)
+        inits = [numpy_helper.from_array(np.ones(4, np.float32), "g"),
+                 numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w1"),
+                 numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w2")]
+        nodes = [helper.make_node("Mul", ["x", "g"], ["h"], name="norm"),
+                 helper.make_node("MatMul", ["h", "w1"], ["a"], name="p1"),
+                 helper.make_node("MatMul", ["h", "w1" if shared else "w2"], ["b"], name="p2")]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ["a", "b"] + ["h"] * out_too]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], outs, inits))
+
+    g = smoothing_groups(graph(shared=False))
+    assert list(g) == ["h"] and g["h"].absorber == "norm_weight" and g["h"].absorber_init == "g"
+    assert [n.name for n in g["h"].products] == ["p1", "p2"]
+    assert smoothing_groups(graph(shared=True)) == {}
+    assert smoothing_groups(graph(shared=False, out_too=True)) == {}
