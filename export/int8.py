@@ -39,7 +39,7 @@ from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 from .onnx_graph import graph_opset, tensor_readers
 from .smoothquant import ALPHA as SMOOTH_ALPHA
 from .smoothquant import GRAPHS as SMOOTH_GRAPHS
-from .smoothquant import channel_ranges, smooth_graph
+from .smoothquant import load_smoothed
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
@@ -127,13 +127,13 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     n = len(calib.select(spec.name, limit))
     if n == 0:
         raise CheckpointError(f"calibration data {calib.path}: no samples recorded for graph {spec.name}")
-    smooth = smooth_alpha is not None and spec.name in SMOOTH_GRAPHS
-    amax = channel_ranges(fp32_path, RecordedReader(calib, spec, limit).feeds) if smooth else {}
-    model = onnx.load(str(fp32_path))
-    name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
     smoothing: Any = "off"
-    if smooth:
-        smoothing = {**smooth_graph(model, amax, smooth_alpha), "samples": n, "limit": limit}
+    if smooth_alpha is not None and spec.name in SMOOTH_GRAPHS:
+        model, smoothing = load_smoothed(fp32_path, RecordedReader(calib, spec, limit).feeds, smooth_alpha)
+        smoothing.update(samples=n, limit=limit)
+    else:
+        model = onnx.load(str(fp32_path))
+    name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
     nodes = quantizable_nodes(model)
     named = out_path.with_name(f".named-{out_path.name}")
     onnx.save_model(model, str(named), save_as_external_data=big, all_tensors_to_one_file=True,

@@ -150,13 +150,9 @@ def float_weights(fp32_path: Path, spec, calib, smoothing: dict) -> onnx.ModelPr
     samples): the FP32 weights that go with that graph's smoothed norms."""
     from janusflow_trt.calibration.int8_calib import RecordedReader
 
-    from .fp16 import name_nodes
-    from .smoothquant import channel_ranges, smooth_graph
+    from .smoothquant import load_smoothed
 
-    amax = channel_ranges(fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds)
-    m = onnx.load(str(fp32_path))
-    name_nodes(m)
-    again = smooth_graph(m, amax, smoothing["alpha"])
+    m, again = load_smoothed(fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds, smoothing["alpha"])
     if again["products"] != smoothing["products"]:
         raise ValueError(f"{fp32_path}: smoothed, it gives other products than the Q/DQ graph's record")
     return m

@@ -123,17 +123,16 @@ def smooth(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float) ->
     return done
 
 
-def channel_ranges(fp32_path: str | Path, samples) -> dict[str, np.ndarray]:
-    """max |x_j| of every activation smoothing_groups finds in the graph file, over `samples()`. Reads the
-    graph without its weights, so the caller loads the weights only after this walk's session is gone
-    (full size: the two would otherwise be in memory together)."""
+def load_smoothed(fp32_path: str | Path, samples, alpha: float = ALPHA) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The graph file loaded, its nodes named and migrated; -> (model, the recipe's record: alpha and each
+    product's absorber). max |x_j| of every activation smoothing_groups finds is measured over `samples()`
+    on the graph read without its weights, which are loaded only after that walk's session is gone (full
+    size: the two would otherwise be in memory together)."""
     from .fp16 import name_nodes
 
     skeleton = onnx.load(str(fp32_path), load_external_data=False)
-    name_nodes(skeleton)
-    return channel_absmax(fp32_path, samples, list(smoothing_groups(skeleton)))
-
-
-def smooth_graph(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float = ALPHA) -> dict[str, Any]:
-    """Migrate `model` (the graph file channel_ranges read, loaded) in place; -> the recipe's record."""
-    return {"alpha": alpha, "products": smooth(model, amax, alpha)}
+    amax = channel_absmax(fp32_path, samples, list(smoothing_groups(skeleton)))
+    del skeleton
+    model = onnx.load(str(fp32_path))
+    name_nodes(model)  # the record names the products
+    return model, {"alpha": alpha, "products": smooth(model, amax, alpha)}
