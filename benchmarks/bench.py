@@ -19,9 +19,9 @@ from PIL import Image
 
 from janusflow_trt import Pipeline
 from janusflow_trt.engines import ReferenceEngine, RuntimeEngine
+from janusflow_trt.files import write_all
 from janusflow_trt.janusflow_ref import generation as ref_gen
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
-from janusflow_trt.janusflow_ref.outputs import write_all
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.chat import decode_one_token, kv_dtype, llm_step, new_cache, prefill

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.errors import InputError
 from janusflow_trt.runtime.argtypes import int_range, threads
 
 
@@ -27,7 +27,7 @@ DECODE_MARGIN = 32  # decode tokens (<= 16) after a context, plus warm-up, must 
 
 def check_out(out: Path, force: bool) -> None:
     """Before the run: OUT is a directory we may create or write bench.* into."""
-    from janusflow_trt.janusflow_ref.outputs import check_output_dir
+    from janusflow_trt.files import check_output_dir
 
     check_output_dir(out, "--out", force, OUTPUTS)
 
@@ -37,7 +37,7 @@ def max_context(args) -> int:
 
     if args.model:
         return load_config(args.model).max_context
-    from janusflow_trt.janusflow_ref.tiny import model_config
+    from janusflow_trt.tiny import model_config
 
     return int(model_config(args.size, 0)["language_config"]["max_position_embeddings"])
 
@@ -78,7 +78,7 @@ def cmd_bench(args) -> int:
 def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:
     model = Path(args.model) if args.model else None
     if model is None:
-        from janusflow_trt.janusflow_ref.tiny import make_tiny
+        from janusflow_trt.tiny import make_tiny
 
         print(f"making a {args.size} checkpoint ...")
         model = make_tiny(work / args.size, size=args.size, seed=0)

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from janusflow_trt.export.onnx_export import export_graphs
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.tiny import make_tiny
 
     work = Path(args.work)
     ckpt, out = work / "ckpt", work / "onnx"

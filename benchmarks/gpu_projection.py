@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, parse_config
-from janusflow_trt.janusflow_ref.tiny import model_config
+from janusflow_trt.tiny import model_config
 
 from . import floors
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.errors import InputError
 from janusflow_trt.janusflow_ref.processor import load_image
 
 # 64 prompts across subjects, styles, lighting, composition and length

@@ -10,7 +10,7 @@ from functools import lru_cache
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from janusflow_trt.janusflow_ref.errors import CheckpointError, InputError
+from janusflow_trt.errors import CheckpointError, InputError
 
 METHODS = ("minmax", "percentile", "entropy")
 MIN_PROMPTS = 2  # one prompt would set every gen_enc/gen_dec activation range from one image's trajectory

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from janusflow_trt.errors import CheckpointError
 from janusflow_trt.export.specs import VIEWS
-from janusflow_trt.janusflow_ref.errors import CheckpointError
-from janusflow_trt.janusflow_ref.fingerprint import sha256_file
+from janusflow_trt.fingerprint import sha256_file
 
 if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
     from .data import InputSet

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from janusflow_trt.janusflow_ref.errors import JanusFlowError
+from janusflow_trt.errors import JanusFlowError
 
 
 def _default_vae(model: str, vae: str | None) -> str | None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from janusflow_trt.janusflow_ref.errors import CheckpointError
-from janusflow_trt.janusflow_ref.images import write_atomic
+from janusflow_trt.errors import CheckpointError
+from janusflow_trt.images import write_atomic
 
 from .manifest import VERSION, lookup_entry, read_json_manifest, sha256_file
 from .trt_plan import Profile

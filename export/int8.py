@@ -34,7 +34,7 @@ from typing import Any
 import onnx
 
 from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni, tensor_ranges
-from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
+from janusflow_trt.errors import CheckpointError, JanusFlowError
 
 from .onnx_graph import graph_opset, tensor_readers
 from .smoothquant import ALPHA as SMOOTH_ALPHA
@@ -348,7 +348,7 @@ def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, sp
     import time
 
     from janusflow_trt.calibration.record import CalibrationData, Plan
-    from janusflow_trt.janusflow_ref.errors import JanusFlowError
+    from janusflow_trt.errors import JanusFlowError
 
     from .manifest import precision_entry
     from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory

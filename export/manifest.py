@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from janusflow_trt import __version__
+from janusflow_trt.errors import CheckpointError
+from janusflow_trt.fingerprint import quick_digest, sha256_file, weights_fingerprint
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
-from janusflow_trt.janusflow_ref.errors import CheckpointError
-from janusflow_trt.janusflow_ref.fingerprint import quick_digest, sha256_file, weights_fingerprint
 
 from .specs import GRAPH_NAMES, VIEWS, GraphSpec
 

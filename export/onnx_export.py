@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import torch
 
+from janusflow_trt.errors import CheckpointError, JanusFlowError
+from janusflow_trt.files import check_out_dir, make_tmp, replace_dir
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
-from janusflow_trt.janusflow_ref.owned_dirs import check_out_dir, make_tmp, replace_dir
 
 from . import graphs as G
 from .manifest import build_manifest, graph_entry, write_manifest

@@ -80,13 +80,13 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
                 heldout: InputSet | None = None, tokens: int = 32, steps: int = 30,
                 progress: bool = True, force: bool = False) -> dict[str, Any]:
     """-> the report; OUT/quality.{json,md,png} are checked before the work (an existing one is replaced
-    only with force) and renamed into place together at the end (janusflow_ref/outputs.py)."""
+    only with force) and renamed into place together at the end (janusflow_trt/files.py)."""
     from tqdm import tqdm
 
+    from janusflow_trt.files import check_output_dir, write_into
+    from janusflow_trt.images import to_uint8
     from janusflow_trt.janusflow_ref.config import load_config
     from janusflow_trt.janusflow_ref.generation import initial_latents
-    from janusflow_trt.janusflow_ref.images import to_uint8
-    from janusflow_trt.janusflow_ref.outputs import check_output_dir, write_into
     from janusflow_trt.janusflow_ref.processor import Processor
     from janusflow_trt.janusflow_ref.sampling import SamplingParams
     from janusflow_trt.runtime.backends import OrtBackend

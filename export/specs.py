@@ -8,10 +8,11 @@ The runtime imports these to allocate buffers; the exporter turns the symbols in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
-from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, LATENT_SIZE, JanusFlowConfig
+from janusflow_trt.janusflow_ref.config import LATENT_SIZE, JanusFlowConfig
 
 GRAPH_NAMES = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
 # Views: a graph's output subset, for callers that read only those ("drop graph outputs nobody reads").
@@ -100,12 +101,11 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 def build_specs(cfg: JanusFlowConfig, vae_upscale: int = 8) -> dict[str, GraphSpec]:
     """vae_upscale: SDXL-VAE decoder upsampling (48x48 latent -> 384x384 image)."""
     h, llm = cfg.hidden, cfg.llm
-    n_kv = int(getattr(llm, "num_key_value_heads", None) or llm.num_attention_heads)
-    hd = int(getattr(llm, "head_dim", None) or h // llm.num_attention_heads)
+    n_kv, hd = cfg.kv_heads, cfg.head_dim
     L, V, ctx = int(llm.num_hidden_layers), int(llm.vocab_size), cfg.max_context
     S_img, N = cfg.siglip.image_size, cfg.siglip.num_patches
     G, g, Cg = cfg.num_gen_tokens, cfg.latent_grid, cfg.gen_enc.channels
-    lat = (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+    lat = cfg.latent_shape
     f32 = "float32"
     default, loose = Tol(), Tol(atol=1e-4)  # loose: outputs that sum many terms (logits, VAE pixels)
 
@@ -219,7 +219,16 @@ def compare(out: np.ndarray, ref: np.ndarray, tol: Tol) -> dict[str, float | boo
 
 
 # -- precision variants of a spec ------------------------------------------------------------------
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+class Precision(StrEnum):
+    """The exported variants of a graph (one enum: the CLI, the API, the manifest and the runtime read it)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"  # Q/DQ for TensorRT: FP16 float parts, per-tensor activations
+    INT8_CPU = "int8-cpu"  # Q/DQ for ONNX Runtime's CPU kernels: FP32 float parts
+
+
+PRECISIONS = tuple(p.value for p in Precision)
 # verify's bar for FP16 graphs vs the torch modules: ~1e-3 relative per op, accumulated over the graph
 FP16_TOL = Tol(cos_min=0.9995, rtol=0.1, atol=0.5)
 INT8_TOL = Tol(cos_min=0.99, rtol=0.5, atol=2.0)  # verify's bar for Q/DQ graphs: per-tensor 8-bit activations

@@ -21,9 +21,9 @@ from typing import Any
 
 import onnx
 
+from janusflow_trt.errors import CheckpointError, JanusFlowError
+from janusflow_trt.images import write_atomic
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, parse_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
-from janusflow_trt.janusflow_ref.images import write_atomic
 
 from .engine_manifest import (
     FILE,

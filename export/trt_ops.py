@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from janusflow_trt.janusflow_ref.errors import JanusFlowError
+from janusflow_trt.errors import JanusFlowError
 
 OPERATORS_MD = Path(__file__).parent / "data" / "onnx_tensorrt_operators.md"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from janusflow_trt.calibration.data import InputSet
 from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, record, recording_key
-from janusflow_trt.janusflow_ref.errors import JanusFlowError
+from janusflow_trt.errors import JanusFlowError
 
 from .manifest import precision_entry
 from .specs import PRECISIONS, GraphSpec

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from janusflow_trt.errors import CheckpointError
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError
 
 from .int8 import INT8_PRECISIONS
 from .manifest import load_checked, resolve_graph

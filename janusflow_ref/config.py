@@ -22,8 +22,9 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+from janusflow_trt.errors import CheckpointError
+
 from .config_schema import schema_problems
-from .errors import CheckpointError
 
 # Official SigLIP presets (janus/janusflow/models/siglip_vit.py: SigLIP_MODEL_CONFIG).
 SIGLIP_PRESETS: dict[str, dict[str, Any]] = {
@@ -140,6 +141,24 @@ class JanusFlowConfig:
     @property
     def max_context(self) -> int:
         return int(self.llm.max_position_embeddings)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.llm.num_hidden_layers)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (fewer than the attention heads under grouped-query attention)."""
+        return int(getattr(self.llm, "num_key_value_heads", None) or self.llm.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.llm, "head_dim", None) or self.hidden // self.llm.num_attention_heads)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """One image's SDXL-VAE latent [C, H, W]."""
+        return (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
 
 
 def _int_tuple(v: Any) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .errors import InputError
+from janusflow_trt.errors import InputError
+
 from .processor import Processor
 
 if TYPE_CHECKING:  # the runtime imports the helpers here without transformers' model code

@@ -27,8 +27,8 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 from transformers.image_transforms import normalize, rescale
 
-from .errors import CheckpointError, InputError
-from .images import load_image  # noqa: F401  (callers import it from here)
+from janusflow_trt.errors import CheckpointError, InputError
+from janusflow_trt.images import load_image  # noqa: F401  (callers import it from here)
 
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .errors import InputError
+from janusflow_trt.errors import InputError
 
 DEFAULT_TOP_K = 50  # transformers 4.x GenerationConfig default, in force for the official demo
 # logits / T must stay finite in float32: with |logits| up to ~1e4, T >= 1e-3 keeps them below 1e7

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .errors import InputError
+from janusflow_trt.errors import InputError
+
 from .processor import SYSTEM_PROMPT, Processor
 from .sampling import SamplingParams, next_token
 

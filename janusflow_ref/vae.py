@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from janusflow_trt.errors import CheckpointError
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors header names
 

@@ -9,9 +9,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from janusflow_trt.errors import CheckpointError
+from janusflow_trt.fingerprint import INDEX, SINGLE, checkpoint_files, weights_fingerprint  # noqa: F401  (re-exported)
+
 from .config import JanusFlowConfig, load_config
-from .errors import CheckpointError
-from .fingerprint import INDEX, SINGLE, checkpoint_files, weights_fingerprint  # noqa: F401  (re-exported)
 from .model import JanusFlow
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -10,7 +10,7 @@ wheel.
 __version__ = "0.1.0"
 __all__ = ["GenerateResult", "JanusFlowError", "Pipeline", "__version__"]
 
-from .janusflow_ref.errors import JanusFlowError  # noqa: E402  (one line, exit 2 in the CLI)
+from .errors import JanusFlowError  # noqa: E402  (one line, exit 2 in the CLI)
 
 
 def __getattr__(name: str):

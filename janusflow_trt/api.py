@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from janusflow_trt.errors import InputError
+from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
-from janusflow_trt.janusflow_ref.errors import InputError
 from janusflow_trt.janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
-from janusflow_trt.janusflow_ref.images import to_uint8
-from janusflow_trt.janusflow_ref.latents_io import check_finite_latents
 from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, Processor, load_image
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
+from janusflow_trt.latents_io import check_finite_latents
 from janusflow_trt.runtime.detok import IncrementalDecoder
 
 from .engines import build_engine

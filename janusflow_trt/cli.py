@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from janusflow_trt.janusflow_ref.errors import InputError, JanusFlowError
+from janusflow_trt.errors import InputError, JanusFlowError
 from janusflow_trt.runtime.argtypes import finite, seed, threads
 
 BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
@@ -42,7 +42,7 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
 
 
 def cmd_make_tiny(args) -> int:
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.tiny import make_tiny
 
     out = make_tiny(args.dir, size=args.size, seed=args.seed, force=args.force)
     print(f"wrote {args.size} checkpoint to {out}")
@@ -85,8 +85,8 @@ def cmd_chat(args) -> int:
 
 def check_generate_outputs(out: str, num_images: int, save_latents: str | None, force: bool) -> None:
     """Every output location is checked before the run (the run writes them all at the end)."""
-    from janusflow_trt.janusflow_ref.images import IMAGE_FORMATS, output_paths
-    from janusflow_trt.janusflow_ref.outputs import check_output_file
+    from janusflow_trt.files import check_output_file
+    from janusflow_trt.images import IMAGE_FORMATS, output_paths
 
     paths = [check_output_file(p, "--out", force, tuple(IMAGE_FORMATS)) for p in output_paths(out, num_images)]
     if save_latents:
@@ -100,8 +100,8 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from janusflow_trt import Pipeline
-    from janusflow_trt.janusflow_ref.images import output_paths, save_images
-    from janusflow_trt.janusflow_ref.latents_io import load_latents, npy_writer
+    from janusflow_trt.images import output_paths, save_images
+    from janusflow_trt.latents_io import load_latents, npy_writer
 
     _check_precision(args)
     check_generate_outputs(args.out, args.num_images, args.save_latents, args.force)

@@ -106,7 +106,7 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
                  artifacts: Path | None, vae_dir: Path | None, threads: int | None, precision: str = "fp32"):
     """Loads the weights (torch, torch-fast) or opens the artifacts (ort, trt): the one load of a Pipeline.
     The ort / trt path imports no model code (janusflow_ref.model, transformers' modeling, diffusers)."""
-    from janusflow_trt.janusflow_ref.errors import InputError
+    from janusflow_trt.errors import InputError
     from janusflow_trt.runtime.backends import make_backend, physical_cores
 
     if backend in ("ort", "trt"):

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from janusflow_trt.errors import CheckpointError, JanusFlowError
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
-from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 
 
 class Backend(Protocol):

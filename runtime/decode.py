@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.errors import InputError
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 
 from .device_sampling import NONFINITE, OVERFLOW, sample_on_device

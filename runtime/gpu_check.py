@@ -12,7 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from janusflow_trt.janusflow_ref.errors import JanusFlowError
+from janusflow_trt.errors import JanusFlowError
 
 TESTS = Path(__file__).resolve().parent.parent / "tests" / "test_gpu.py"
 

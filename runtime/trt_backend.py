@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from janusflow_trt.errors import InputError
 from janusflow_trt.export.engine_manifest import (
     check_engine_files,
     check_engine_manifest,
@@ -25,7 +26,6 @@ from janusflow_trt.export.specs import VIEWS, build_specs
 from janusflow_trt.export.trt_build import require_cuda, require_tensorrt, target_here
 from janusflow_trt.export.trt_plan import engine_profiles
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
-from janusflow_trt.janusflow_ref.errors import InputError
 
 
 def export_sources(m: dict[str, Any]) -> dict[str, str] | None:

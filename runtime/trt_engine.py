@@ -14,7 +14,7 @@ from pathlib import Path
 import tensorrt as trt
 import torch
 
-from janusflow_trt.janusflow_ref.errors import CheckpointError
+from janusflow_trt.errors import CheckpointError
 
 from .cuda_graph import CapturedStep
 

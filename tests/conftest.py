@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", size="tiny", seed=0)
 

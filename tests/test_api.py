@@ -174,7 +174,7 @@ print(sorted(bad))
 
 
 def test_api_refusals(pipe, tiny_dir, test_image):
-    from janusflow_trt.janusflow_ref.errors import InputError
+    from janusflow_trt.errors import InputError
 
     with pytest.raises(InputError, match="precision"):
         Pipeline.from_pretrained(tiny_dir, backend="ort", precision="int4")

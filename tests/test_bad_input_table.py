@@ -203,7 +203,7 @@ def test_bad_manifest(case, tiny_dir, tiny_onnx, tmp_path, test_image, capfd):
 
 
 def test_artifacts_from_other_weights_same_config(tiny_dir, tiny_onnx, tmp_path, test_image, capfd):
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.tiny import make_tiny
 
     other = make_tiny(tmp_path / "seed1", seed=1)
     assert (other / "config.json").read_bytes() == (tiny_dir / "config.json").read_bytes()
@@ -225,7 +225,7 @@ def test_verify_graph_truncated_and_rehashed(tiny_dir, tiny_onnx, tmp_path, capf
 
 def test_verify_catches_a_same_size_edit_the_quick_check_misses(tiny_dir, tiny_onnx, tmp_path, capfd):
     """The start-up check reads size + first/last MiB; verify hashes every byte."""
-    from janusflow_trt.janusflow_ref.fingerprint import EDGE
+    from janusflow_trt.fingerprint import EDGE
 
     art = Ctx(tiny_dir, tmp_path, Path(), tiny_onnx).art()
     m = json.loads((art / "manifest.json").read_text())
@@ -238,7 +238,7 @@ def test_verify_catches_a_same_size_edit_the_quick_check_misses(tiny_dir, tiny_o
     mid = len(data) // 2
     data[mid] ^= 0xFF
     f.write_bytes(bytes(data))
-    from janusflow_trt.janusflow_ref.fingerprint import quick_digest
+    from janusflow_trt.fingerprint import quick_digest
 
     m["graphs"][big]["quick"] = quick_digest(f)  # as if only the middle had changed
     (art / "manifest.json").write_text(json.dumps(m))

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from janusflow_trt.janusflow_ref.config import GenDecoderConfig, GenEncoderConfig
-from janusflow_trt.janusflow_ref.tiny import randomize
 from janusflow_trt.janusflow_ref.uvit import (
     ConvNextBlock,
     GlobalResponseNorm,
@@ -16,6 +15,7 @@ from janusflow_trt.janusflow_ref.uvit import (
     ShallowUViTEncoder,
     Unpatchify,
 )
+from janusflow_trt.tiny import randomize
 
 G = torch.Generator().manual_seed(1)
 

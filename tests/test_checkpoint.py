@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from janusflow_trt.errors import CheckpointError
 from janusflow_trt.janusflow_ref.config import parse_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError
-from janusflow_trt.janusflow_ref.tiny import model_config
 from janusflow_trt.janusflow_ref.weights import expected_shapes, load_model
+from janusflow_trt.tiny import model_config
 
 OFFICIAL = Path(__file__).parent / "data" / "official_janusflow_1.3b_keys.txt"
 
@@ -101,7 +101,7 @@ def test_sharded_checkpoint_loads_the_same(tiny_dir, tiny_model, tmp_path):
 @pytest.mark.slow
 def test_full_size_checkpoint_loads(tmp_path):
     """Writes ~4 GB: real JanusFlow-1.3B shapes. Run with -m slow."""
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.tiny import make_tiny
 
     d = make_tiny(tmp_path / "full", size="full")
     m = load_model(d, dtype=torch.bfloat16)

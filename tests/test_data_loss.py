@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from contract import assert_refused, run_cli, snapshot
 
-from janusflow_trt.janusflow_ref.owned_dirs import _host, clean_stale
+from janusflow_trt.files import _host, clean_stale
 
 
 @pytest.fixture()

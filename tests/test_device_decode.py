@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from janusflow_trt.janusflow_ref.errors import InputError
+from janusflow_trt.errors import InputError
 from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
 from janusflow_trt.runtime.device_sampling import NONFINITE, OVERFLOW, sample_on_device
 

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from janusflow_trt.errors import CheckpointError, JanusFlowError
 from janusflow_trt.export import onnx_export
 from janusflow_trt.export.commands import register
 from janusflow_trt.export.manifest import file_record, sha256_file
@@ -19,7 +20,6 @@ from janusflow_trt.export.onnx_export import ExportError, check_ops, export_grap
 from janusflow_trt.export.specs import GRAPH_NAMES, build_specs, compare, dummy_inputs, trt_profiles
 from janusflow_trt.export.verify import grow_cache, llm_feeds, verify
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError, JanusFlowError
 from janusflow_trt.janusflow_ref.weights import load_model
 
 

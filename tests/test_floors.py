@@ -66,7 +66,7 @@ def test_graph_weight_bytes_counts_stored_dtypes(tmp_path):
 
 def test_decode_bytes_uses_the_run_graphs_bytes():
     from janusflow_trt.janusflow_ref.config import parse_config
-    from janusflow_trt.janusflow_ref.tiny import model_config
+    from janusflow_trt.tiny import model_config
 
     cfg = parse_config(model_config("golden", 0))  # h 2048, 2 layers, 16/16 heads, inter 256, vocab 512
     # by hand: 2 x (4 x 2048^2 + 3 x 2048 x 256) + 2048 x 512 = 37,748,736 weights; K+V of 10 tokens

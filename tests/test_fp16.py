@@ -153,7 +153,7 @@ def test_verify_fp16(fp16_onnx, tiny_dir):
 
 
 def test_refuses_precision_not_exported(tiny_onnx, tiny_model):
-    from janusflow_trt.janusflow_ref.errors import CheckpointError
+    from janusflow_trt.errors import CheckpointError
     from janusflow_trt.runtime.backends import OrtBackend
 
     with pytest.raises(CheckpointError, match="not exported at precision fp16"):
@@ -277,7 +277,7 @@ def test_vae_overflow(hot_vae_dir, tmp_path):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from janusflow_trt.export.onnx_export import export_graphs, ort_session
-    from janusflow_trt.janusflow_ref.images import to_uint8
+    from janusflow_trt.images import to_uint8
 
     out = tmp_path / "onnx"
     m = export_graphs(hot_vae_dir, None, out, graphs="vae_dec", progress=False, precisions="fp32,fp16",

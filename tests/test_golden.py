@@ -45,7 +45,7 @@ def ggen():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, meta):
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
+    from janusflow_trt.tiny import make_tiny
 
     out = make_tiny(tmp_path_factory.mktemp("golden") / "ck", size="golden", seed=0)
     digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
@@ -281,7 +281,7 @@ def test_first_euler_steps(backend, model, request, processor, meta, ggen, specs
 
 
 def test_full_run_and_image_torch_fast(model, backends, request, processor, meta, ggen, specs):
-    from janusflow_trt.janusflow_ref.images import to_uint8
+    from janusflow_trt.images import to_uint8
     from janusflow_trt.runtime import text2img
 
     b = backends["torch-fast"]

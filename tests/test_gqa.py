@@ -21,8 +21,8 @@ from janusflow_trt.runtime.chat import chat as rt_chat
 def gqa(tmp_path_factory):
     from janusflow_trt.export.onnx_export import export_graphs
     from janusflow_trt.janusflow_ref.processor import Processor
-    from janusflow_trt.janusflow_ref.tiny import make_tiny
     from janusflow_trt.janusflow_ref.weights import load_model
+    from janusflow_trt.tiny import make_tiny
 
     ck = make_tiny(tmp_path_factory.mktemp("gqa") / "ck", size="tiny-gqa", seed=3)
     onnx = tmp_path_factory.mktemp("gqa_onnx") / "onnx"

@@ -385,9 +385,9 @@ def test_calibration_deterministic(int8_onnx, tiny_dir, tmp_path, method, monkey
 
 def test_wrong_shape_calibration_data(int8_onnx, tiny_dir, tmp_path):
     from janusflow_trt.calibration.int8_calib import RecordedReader
+    from janusflow_trt.errors import CheckpointError
     from janusflow_trt.export.specs import build_specs
     from janusflow_trt.janusflow_ref.config import load_config
-    from janusflow_trt.janusflow_ref.errors import CheckpointError
 
     d = tmp_path / "calib"
     shutil.copytree(int8_onnx / "calib", d)
@@ -397,7 +397,7 @@ def test_wrong_shape_calibration_data(int8_onnx, tiny_dir, tmp_path):
         feeds = {k: z[k] for k in z.files}
     feeds["z"] = feeds["z"][..., :-1]  # one latent column short
     np.savez(d / f["file"], **feeds)
-    from janusflow_trt.janusflow_ref.fingerprint import sha256_file as _sha256
+    from janusflow_trt.fingerprint import sha256_file as _sha256
 
     f["sha256"] = _sha256(d / f["file"])
     (d / "index.json").write_text(json.dumps(idx))
@@ -409,10 +409,10 @@ def test_wrong_shape_calibration_data(int8_onnx, tiny_dir, tmp_path):
 
 
 def test_empty_calibration_set(int8_onnx, tiny_dir, tmp_path):
+    from janusflow_trt.errors import JanusFlowError
     from janusflow_trt.export.int8 import derive_int8
     from janusflow_trt.export.specs import build_specs
     from janusflow_trt.janusflow_ref.config import load_config
-    from janusflow_trt.janusflow_ref.errors import JanusFlowError
 
     d = tmp_path / "calib"
     d.mkdir()

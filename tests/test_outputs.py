@@ -11,9 +11,9 @@ import torch
 from contract import run_cli
 from PIL import Image
 
-from janusflow_trt.janusflow_ref.errors import InputError
-from janusflow_trt.janusflow_ref.images import load_image
-from janusflow_trt.janusflow_ref.outputs import write_all
+from janusflow_trt.errors import InputError
+from janusflow_trt.files import write_all
+from janusflow_trt.images import load_image
 from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
 
 

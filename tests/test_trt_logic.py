@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from janusflow_trt.cli import main
+from janusflow_trt.errors import CheckpointError
 from janusflow_trt.export.engine_manifest import (
     EngineMismatchError,
     Target,
@@ -27,7 +28,6 @@ from janusflow_trt.export.specs import build_specs, dummy_inputs
 from janusflow_trt.export.trt_ops import operator_doc, parse_operators_md, unsupported_ops
 from janusflow_trt.export.trt_plan import Profile, budget, engine_profiles, plan_buffers
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError
 from janusflow_trt.runtime.trt_backend import pick_profile
 
 

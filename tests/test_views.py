@@ -12,11 +12,11 @@ import pytest
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
 from janusflow_trt.calibration.record import Plan
+from janusflow_trt.errors import CheckpointError
 from janusflow_trt.export import onnx_export
 from janusflow_trt.export.manifest import has_view, listed_files, load_checked, resolve_graph
 from janusflow_trt.export.specs import build_specs, dummy_inputs
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.janusflow_ref.errors import CheckpointError
 
 PLAN = Plan(steps=2, full_runs=1, full_stride=2, early_steps=1)  # calibration for the fp16 variant, kept small
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
-from .outputs import write_all, write_atomic
+from .files import write_all, write_atomic
 
 MAX_IMAGE_PIXELS = 64_000_000  # input limit (e.g. 8000x8000); above it PIL's bomb guard would decide
 # what --out's suffix writes; anything else is refused before the run

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import parse_config
 from .errors import JanusFlowError
-from .owned_dirs import check_out_dir, make_tmp, replace_dir
+from .files import check_out_dir, make_tmp, replace_dir
+from .janusflow_ref.config import parse_config
+from .janusflow_ref.weights import expected_shapes
 from .tokenizer_factory import build_tokenizer
-from .weights import expected_shapes
 
 SYSTEM = "siglip_large_patch16_384"
 
