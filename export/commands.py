@@ -102,7 +102,7 @@ def _gb(s: str) -> float:
 
 
 def cmd_quality(args) -> int:
-    from .quality import run_quality, summary_lines
+    from janusflow_trt.quality import run_quality, summary_lines
     from .variants import parse_precisions
 
     precisions = [p for p in parse_precisions(args.precision) if p != "fp32"]

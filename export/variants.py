@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from janusflow_trt.calibration.data import InputSet
-from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, record, recording_key
+from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, recording_key
+from janusflow_trt.recording import record
 from janusflow_trt.errors import JanusFlowError
 
 from .manifest import precision_entry

@@ -22,9 +22,8 @@ import numpy as np
 
 from janusflow_trt.calibration.data import InputSet, builtin_heldout
 from janusflow_trt.calibration.record import CalibrationData, Recorder
-
-from .quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
-from .specs import precision_variant
+from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
+from janusflow_trt.export.specs import precision_variant
 
 TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99},
            **{p: {"latent_cosine": 0.995, "psnr_db": 35.0, "chat_top1_teacher_forced": 0.90, "graph_cosine": 0.995}
@@ -83,6 +82,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
     only with force) and renamed into place together at the end (janusflow_trt/files.py)."""
     from tqdm import tqdm
 
+    from janusflow_trt.export.onnx_export import ort_session
     from janusflow_trt.files import check_output_dir, write_into
     from janusflow_trt.images import to_uint8
     from janusflow_trt.janusflow_ref.config import load_config
@@ -91,8 +91,6 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
     from janusflow_trt.janusflow_ref.sampling import SamplingParams
     from janusflow_trt.runtime.backends import OrtBackend
     from janusflow_trt.runtime.chat import chat
-
-    from .onnx_export import ort_session
 
     out = check_output_dir(out, "--out", force, OUTPUTS)
     cfg, processor = load_config(model_dir), Processor(model_dir)
@@ -150,9 +148,8 @@ def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
 
 def _per_graph(artifacts, cfg, data: CalibrationData, precision: str, ort_session) -> dict[str, Any]:
     from janusflow_trt.export.manifest import resolve_graph
+    from janusflow_trt.export.specs import build_specs
     from janusflow_trt.runtime.backends import read_manifest
-
-    from .specs import build_specs
 
     m, art = read_manifest(artifacts, cfg), Path(artifacts)
     res = {}

@@ -510,7 +510,7 @@ def test_verify_int8(int8_onnx, tiny_dir, precision, monkeypatch, tmp_path):
 def test_quality_targets_read_every_graph_output():
     """The int8 targets fail when one graph output misses the per-graph cosine while every end-to-end
     figure passes, and pass when all of them hold (a hand-made report, thresholds from the issue)."""
-    from janusflow_trt.export.quality import _targets
+    from janusflow_trt.quality import _targets
 
     def report(second_cosine: float) -> dict:
         return {"chat": {"int8-cpu": {"teacher_forced_top1_min": 0.95}},
@@ -529,7 +529,7 @@ def test_teacher_forcing_feeds_the_reference_prefix(monkeypatch):
     prediction, then each reference token but the last is fed. The model is replaced by a stub whose next
     token is the fed token + 1, so the loop's offsets are what this checks (the model runs in the quality
     tests above)."""
-    from janusflow_trt.export import quality
+    from janusflow_trt import quality
     from janusflow_trt.runtime import chat
 
     def onehot(i: int) -> np.ndarray:
