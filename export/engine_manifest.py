@@ -86,7 +86,7 @@ def _covers(have: Profile, want: Profile) -> str | None:
     return None
 
 
-def check_engine_manifest(m: dict[str, Any], here: Target, config_sha256: str, precision: str | None,
+def check_engine_manifest(m: dict[str, Any], here: Target, config_sha256: str, precision: str,
                           wanted: dict[str, list[Profile]], sources: dict[str, str] | None) -> None:
     """Refuse (one line) an engine set built for another TensorRT, GPU, config, precision, source graph or
     profile range. wanted: graph -> the profiles this version's specs need; sources: graph -> sha256 of the
@@ -100,7 +100,7 @@ def check_engine_manifest(m: dict[str, Any], here: Target, config_sha256: str, p
                                   f"this GPU is {here.gpu_name} (sm {here.compute_capability}): rebuild here")
     if m.get("config_sha256") != config_sha256:
         raise EngineMismatchError("engines were built from another checkpoint config: rebuild")
-    if precision is not None and m.get("precision") != precision:
+    if m.get("precision") != precision:
         raise EngineMismatchError(f"engines are {m.get('precision')}, {precision} was asked for")
     for graph, profiles in wanted.items():
         e = m["engines"].get(graph)

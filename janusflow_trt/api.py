@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from janusflow_trt.errors import InputError
@@ -30,8 +31,7 @@ from janusflow_trt.latents_io import check_finite_latents
 from janusflow_trt.runtime.detok import IncrementalDecoder
 
 from .engines import build_engine
-
-BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
+from .runtime.registry import check_request
 
 ImageLike = Image.Image | np.ndarray | str | Path
 
@@ -64,17 +64,10 @@ class Pipeline:
     def from_pretrained(cls, model_dir: str | Path, backend: str = "ort", artifacts: str | Path | None = None,
                         vae: str | Path | None = None, precision: str = "fp32", threads: int | None = None) -> Pipeline:
         """model_dir: checkpoint in the official layout (config, tokenizer; weights for torch / torch-fast).
-        backend: torch (official-style eager reference) | torch-fast | ort | trt | torch-cuda (GPU).
-        artifacts: export directory (ort, trt). vae: SDXL-VAE directory (torch backends; default
-        MODEL/vae). threads: intra-op threads (default: physical cores)."""
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r} ({', '.join(BACKENDS)})")
-        from janusflow_trt.export.specs import PRECISIONS
-
-        if precision not in PRECISIONS:
-            raise InputError(f"precision {precision!r} is not available ({', '.join(PRECISIONS)})")
-        if precision != "fp32" and backend not in ("ort", "trt"):
-            raise InputError(f"precision {precision} runs exported graphs: use backend='ort'")
+        backend: a name of runtime/registry.py's BACKENDS: torch (official-style eager reference) |
+        torch-fast | ort | trt | torch-cuda (GPU). artifacts: export directory (ort, trt). vae: SDXL-VAE
+        directory (torch backends; default MODEL/vae). threads: intra-op threads (default: physical cores)."""
+        check_request(backend, precision, artifacts)
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         model_dir = Path(model_dir)
@@ -101,8 +94,6 @@ class Pipeline:
         return self._stream(inputs, params, seed)
 
     def _stream(self, inputs, params, seed) -> Iterator[str]:
-        import torch
-
         tok = self.processor.tokenizer
         detok = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True),
                                    self.processor.clean_up_spaces)
@@ -118,8 +109,6 @@ class Pipeline:
     def chat(self, image: ImageLike, question: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> ChatResult:
         """-> text, token_ids, prompt_tokens, timings (ttft_s, total_s, decode_ms_per_token)."""
-        import torch
-
         t0 = time.perf_counter()
         inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, system_prompt)
         torch.manual_seed(seed)
@@ -149,19 +138,24 @@ class Pipeline:
         if not prompt.strip():
             raise InputError("the prompt is empty")
         prompt_ids(self.processor, prompt, self.cfg)  # refuses a prompt beyond the context before any work
-        z0 = initial_latents(num_images, seed, init_latents).numpy()
+        z0 = initial_latents(num_images, seed, init_latents)
         self.engine.ensure_vae()  # the first generate loads the VAE, before any step
         t0 = time.perf_counter()
         prefix = self.engine.prefix(prompt, num_images)
         t1 = time.perf_counter()
         z = z0
+        # z stays on the backend's device: it is read back only for a callback (which then also checks
+        # it) and once at the end. A NaN or Inf never turns finite again in later steps (z + dt * v), so
+        # the end check catches any step's; the callback's check names the step where it appeared.
         for i, z in enumerate(self.engine.euler(prefix, z0, steps, cfg_weight)):
-            check_finite_latents(z, i, steps)
             if callback is not None:
-                callback(i, z)
-        latents = np.array(z, np.float32)  # a copy: z may be a reused backend buffer
+                host = z.cpu().numpy()
+                check_finite_latents(host, i, steps)
+                callback(i, host)
+        latents = z.to("cpu", torch.float32, copy=True).numpy()  # a copy: z is the loop's carry buffer
+        check_finite_latents(latents, None, steps)
         t2 = time.perf_counter()
-        decoded = np.asarray(self.engine.vae(latents))
+        decoded = self.engine.vae(torch.from_numpy(latents)).float().cpu().numpy()
         if not np.isfinite(decoded).all():
             raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
         images = [Image.fromarray(a) for a in to_uint8(decoded)]

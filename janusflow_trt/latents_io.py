@@ -44,9 +44,10 @@ def npy_writer(arr: np.ndarray):
     return write
 
 
-def check_finite_latents(z: np.ndarray | torch.Tensor, step: int, steps: int) -> None:
-    """Refuse latents that went NaN/Inf (broken weights, overflowing init latents), naming the step."""
+def check_finite_latents(z: np.ndarray | torch.Tensor, step: int | None, steps: int) -> None:
+    """Refuse latents that went NaN/Inf (broken weights, overflowing init latents), naming the step
+    (None: checked after the whole loop only)."""
     ok = bool(torch.isfinite(z).all()) if isinstance(z, torch.Tensor) else bool(np.isfinite(z).all())
     if not ok:
-        raise InputError(f"latents became non-finite (NaN or Inf) at Euler step {step + 1} of {steps}; "
-                         "check the weights and --init-latents")
+        when = f"at Euler step {step + 1} of {steps}" if step is not None else f"during the {steps} Euler steps"
+        raise InputError(f"latents became non-finite (NaN or Inf) {when}; check the weights and --init-latents")

@@ -1,11 +1,14 @@
 """The one backend seam: pipelines call `backend.run(graph, feeds)` and never ask who runs it.
 
-feeds / results are dicts of numpy arrays keyed by the graph spec's input / output names.
-`run_tensors(graph, feeds)` is the device-resident form: torch tensors on `backend.device` in and out,
-nothing converted (the decode and Euler loops: runtime/decode.py, euler_step.euler_loop_tensors).
-- TorchBackend: the graph modules of export/graphs.py, eager (the in-process reference).
+feeds / results are dicts of torch tensors on `backend.device`, keyed by the graph spec's input / output
+names: zero-copy numpy on the CPU, device memory on a GPU, bound by pointer (ONNX Runtime IOBinding,
+TensorRT tensor addresses). `run` enqueues and returns without a host sync where the backend has a
+stream; results are the backend's own buffers, reused by later calls (see OutputBuffers).
+- TorchBackend: the graph modules of export/graphs.py, eager on the CPU (runtime/torch_backend.py).
 - OrtBackend:   ONNX Runtime sessions over an export directory (CPU by default, CUDA if present).
 - TrtBackend:   TensorRT engines (runtime/trt_backend.py); GPU only.
+- TorchCudaBackend: the graph modules in BF16 on the GPU (runtime/torch_cuda.py).
+Which backends exist, what each needs and which precisions it runs: runtime/registry.py.
 """
 
 from __future__ import annotations
@@ -17,77 +20,57 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
+import psutil
 import torch
 
-from janusflow_trt.errors import CheckpointError, JanusFlowError
+from janusflow_trt.errors import CheckpointError
+from janusflow_trt.export.manifest import has_view, load_checked, resolve_graph
+from janusflow_trt.export.specs import VIEWS, GraphSpec, Precision, build_specs, precision_variant
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 
 
 class Backend(Protocol):
+    """Everything a pipeline uses of a backend."""
+
     name: str
-    device: Any  # torch.device of run_tensors' buffers
+    device: torch.device  # where run()'s tensors live
+    kv_dtype: torch.dtype  # the LLM graph's K/V dtype at this backend's precision
+    specs: dict[str, GraphSpec]  # the graphs' I/O at this backend's precision
+    capturable: bool  # run() enqueues on `stream` over fixed buffers: a step can be captured as a CUDA graph
+    stream: Any  # torch.cuda.Stream where capturable, else None
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
-    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def graph_file(self, graph: str) -> Path | None:
+        """The ONNX file this backend runs for `graph` (None: not an ONNX-file backend)."""
+        ...
+
+
+class SeamWrapper:
+    """A backend around a backend (the calibration Recorder, the benchmark's Timer): forwards the whole
+    Protocol; subclasses override run() and call self.inner.run."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name, self.device, self.kv_dtype = inner.name, inner.device, inner.kv_dtype
+        self.specs, self.capturable, self.stream = inner.specs, inner.capturable, inner.stream
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.inner.run(graph, feeds)
+
+    def graph_file(self, graph: str) -> Path | None:
+        return self.inner.graph_file(graph)
 
 
 def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
-
-
-class TorchBackend:
-    """Runs the export graph modules eagerly on the CPU."""
-
-    name = "torch-fast"
-    device = torch.device("cpu")
-
-    def __init__(self, model, vae=None, threads: int | None = None):
-        from janusflow_trt.export.graphs import EmbedGraph, GenDecGraph, GenEncGraph, LLMGraph, SigLIPGraph
-
-        torch.set_num_threads(threads or physical_cores())
-        self.cfg: JanusFlowConfig = model.cfg
-        self.modules: dict[str, Any] = {  # torch modules (mypy sees torch as Any)
-            "siglip": SigLIPGraph(model), "embed": EmbedGraph(model), "llm": LLMGraph(model),
-            "llm_gen": LLMGraph(model, hidden_only=True), "gen_enc": GenEncGraph(model), "gen_dec": GenDecGraph(model)}
-        if vae is not None:
-            self.add_vae(vae)
-        from janusflow_trt.export.specs import build_specs
-
-        self.specs = build_specs(self.cfg)
-
-    def add_vae(self, vae) -> None:
-        from janusflow_trt.export.graphs import VAEDecGraph
-
-        self.modules["vae_dec"] = VAEDecGraph(vae)
-
-    @torch.inference_mode()
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ins, outs = self.specs[graph].input_names, self.specs[graph].output_names
-        args = [torch.from_numpy(np.require(feeds[n], requirements=("C", "W"))) for n in ins]
-        res = self.modules[graph](*args)
-        res = res if isinstance(res, tuple) else (res,)
-        return {n: r.numpy() for n, r in zip(outs, res, strict=True)}
-
-
-    @torch.inference_mode()
-    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The device-resident form of run(): torch tensors in and out, nothing converted."""
-        res = self.modules[graph](*[feeds[n] for n in self.specs[graph].input_names])
-        res = res if isinstance(res, tuple) else (res,)
-        return dict(zip(self.specs[graph].output_names, res, strict=True))
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
     """The export manifest, refused if it is from another config, another janusflow-trt major version,
     or if a graph file is missing or changed."""
-    from janusflow_trt.export.manifest import load_checked
-    from janusflow_trt.runtime import __version__
+    from janusflow_trt import __version__
 
     manifest = load_checked(Path(artifacts), cfg)
     theirs = str(manifest.get("janusflow_trt_version", "?"))
@@ -100,8 +83,6 @@ def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
 def read_manifest_at(artifacts: str | Path, cfg: JanusFlowConfig, precisions: list[str]) -> dict:
     """read_manifest, and every graph of the export present and unchanged at each of `precisions`:
     a precision that was not exported is refused up front, in one line."""
-    from janusflow_trt.export.manifest import resolve_graph
-
     manifest = read_manifest(artifacts, cfg)
     for p in precisions:
         for g in manifest.get("graphs", {}):
@@ -113,22 +94,15 @@ class OrtBackend:
     """ONNX Runtime sessions, one per graph, created lazily; session options set deliberately."""
 
     name = "ort"
+    capturable, stream = False, None  # the CUDA provider runs on a stream of its own
 
     def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, threads: int | None = None,
-                 providers: list[str] | None = None, precision: str = "fp32"):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise JanusFlowError("--backend ort needs ONNX Runtime: pip install 'janusflow-trt[cpu]' "
-                                 "(or '[gpu]' with CUDA)") from None
-
-        from janusflow_trt.export.manifest import has_view
-        from janusflow_trt.export.specs import VIEWS, build_specs, precision_variant
-
+                 providers: list[str] | None = None, precision: str = Precision.FP32):
         self.dir = Path(artifacts)
         self.manifest = read_manifest_at(artifacts, cfg, [precision])
-        self.precision = precision
+        self.precision = Precision(precision)
         self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}  # I/O dtypes
+        self.kv_dtype = getattr(torch, next(t.dtype for t in self.specs["llm"].inputs if t.name.startswith("past_")))
         # a view the export lacks (older export): its parent runs, and only the view's outputs are returned
         self.view_parent = {v: p for v, (p, _) in VIEWS.items() if not has_view(self.manifest, v, precision)}
         self.cfg = cfg
@@ -144,21 +118,18 @@ class OrtBackend:
         self.providers = providers or (["CUDAExecutionProvider", "CPUExecutionProvider"]
                                        if "CUDAExecutionProvider" in avail else ["CPUExecutionProvider"])
         self.sessions: dict = {}
-        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
-        self.buffers = OutputBuffers()
-        # run_tensors(): torch buffers on the device the first provider runs on (ORT binds their pointers)
-        self.device = torch.device("cpu" if self.on_cpu else "cuda")
-        self.tensor_buffers = OutputBuffers(empty=lambda shape, dtype: torch.empty(
+        # torch buffers on the device the first provider runs on (ORT binds their pointers)
+        self.device = torch.device("cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda")
+        self.buffers = OutputBuffers(lambda shape, dtype: torch.empty(
             shape, dtype=getattr(torch, dtype), device=self.device))
+
+    def graph_file(self, graph: str) -> Path:
+        return self.dir / resolve_graph(self.manifest, self.dir, self.view_parent.get(graph, graph),
+                                        self.precision)["file"]
 
     def session(self, graph: str):
         if graph not in self.sessions:
-            import onnxruntime as ort
-
-            from janusflow_trt.export.manifest import resolve_graph
-
-            entry = resolve_graph(self.manifest, self.dir, graph, self.precision)
-            path = self.dir / entry["file"]
+            path = self.graph_file(graph)
             if not path.is_file():
                 raise CheckpointError(f"graph file missing: {path}")
             try:
@@ -172,61 +143,31 @@ class OrtBackend:
             self.sessions[graph] = sess
         return self.sessions[graph]
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """IOBinding: inputs bound in place (no copy), outputs written into preallocated buffers that
-        are reused across calls (see OutputBuffers for how long a result stays valid)."""
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """IOBinding over torch tensors on self.device: inputs and outputs bound by pointer (CPU or CUDA),
+        nothing copied or converted; outputs are reused buffers (OutputBuffers)."""
         if graph in self.view_parent:
             out = self.run(self.view_parent[graph], feeds)
             return {n: out[n] for n in self.specs[graph].output_names}
         sess, spec = self.session(graph), self.specs[graph]
         binding = sess.io_binding()
         sizes: dict[str, int] = {}
-        for t in spec.inputs:
-            a = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
-            sizes.update((d, n) for d, n in zip(t.shape, a.shape, strict=True) if isinstance(d, str))
-            binding.bind_cpu_input(t.name, a)
-        if not self.on_cpu:
-            for t in spec.outputs:
-                binding.bind_output(t.name, "cuda")
-            sess.run_with_iobinding(binding)
-            return dict(zip(spec.output_names, binding.copy_outputs_to_cpu(), strict=True))
-        shapes = {t.name: tuple(sizes[d] if isinstance(d, str) else d for d in t.shape) for t in spec.outputs}
-        out = self.buffers.get(graph, shapes, {t.name: t.dtype for t in spec.outputs})
-        for name, buf in out.items():
-            binding.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
-        sess.run_with_iobinding(binding)
-        return out
-
-    def run_tensors(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """IOBinding over torch tensors on self.device: inputs and outputs bound by pointer (CPU or CUDA),
-        nothing copied or converted; outputs are reused buffers, as run()'s."""
-        if graph in self.view_parent:
-            out = self.run_tensors(self.view_parent[graph], feeds)
-            return {n: out[n] for n in self.specs[graph].output_names}
-        sess, spec = self.session(graph), self.specs[graph]
-        binding = sess.io_binding()
-        sizes: dict[str, int] = {}
+        dev, idx = self.device.type, self.device.index or 0
         for t in spec.inputs:
             x = feeds[t.name]
             assert x.dtype == getattr(torch, t.dtype) and x.is_contiguous() and x.device == self.device, \
                 f"{graph}.{t.name}: {x.dtype} {x.device} tensor, the graph binds {t.dtype} on {self.device}"
             sizes.update((d, n) for d, n in zip(t.shape, x.shape, strict=True) if isinstance(d, str))
-            binding.bind_input(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(x.shape),
-                               x.data_ptr())
+            binding.bind_input(t.name, dev, idx, np.dtype(t.dtype), list(x.shape), x.data_ptr())
         shapes = {t.name: tuple(sizes[d] if isinstance(d, str) else d for d in t.shape) for t in spec.outputs}
-        out = self.tensor_buffers.get(graph, shapes, {t.name: t.dtype for t in spec.outputs})
+        out = self.buffers.get(graph, shapes, {t.name: t.dtype for t in spec.outputs})
         for t in spec.outputs:
             buf = out[t.name]
-            binding.bind_output(t.name, self.device.type, self.device.index or 0, np.dtype(t.dtype), list(buf.shape),
-                                buf.data_ptr())
-        if self.device.type == "cuda":  # ORT's CUDA EP runs on its own stream: torch's writes must be done
+            binding.bind_output(t.name, dev, idx, np.dtype(t.dtype), list(buf.shape), buf.data_ptr())
+        if dev == "cuda":  # ORT's CUDA EP runs on its own stream: torch's writes must be done
             torch.cuda.current_stream().synchronize()  # (a wait, no copy; Run returns after ORT's stream)
         sess.run_with_iobinding(binding)
         return out
-
-    @property
-    def kv_dtype(self) -> np.dtype:
-        return np.dtype(self.specs["llm"].inputs[3].dtype)
 
 
 class OutputBuffers:
@@ -238,8 +179,8 @@ class OutputBuffers:
     length is a new prefill shape, and at full size one prefill's outputs are ~240 MB. An evicted
     buffer still held by a caller stays alive until the caller lets go of it."""
 
-    def __init__(self, max_shapes: int = 4, empty: Callable[[tuple[int, ...], str], Any] = np.empty):
-        """empty(shape, dtype string): the allocator (numpy by default; torch tensors for run_tensors)."""
+    def __init__(self, empty: Callable[[tuple[int, ...], str], Any], max_shapes: int = 4):
+        """empty(shape, dtype string): the allocator (torch tensors on the backend's device)."""
         self.max_shapes, self.empty = max_shapes, empty
         self.pool: dict[str, OrderedDict[tuple, list]] = {}
 
@@ -263,32 +204,26 @@ class OutputBuffers:
 
 
 def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,
-                 threads: int | None = None, need_vae: bool = False, vae_dir: str | Path | None = None,
-                 precision: str = "fp32"):
-    from janusflow_trt.export.specs import PRECISIONS
+                 threads: int | None = None, vae_dir: str | Path | None = None,
+                 precision: str = Precision.FP32) -> Backend:
+    """A runtime backend by its registry name (runtime/registry.py checks the request first). vae_dir:
+    the torch backends load the VAE from it (None: no vae_dec graph; add it later with add_vae)."""
+    from .registry import check_request
 
-    if precision not in PRECISIONS:
-        raise JanusFlowError(f"unknown precision {precision!r}; choose from {','.join(PRECISIONS)}")
-    if precision != "fp32" and name not in ("ort", "trt"):
-        raise JanusFlowError(f"--precision {precision} needs --backend ort (exported variants); {name} runs FP32")
+    check_request(name, precision, artifacts)
+    # lazy, deliberately: the torch backends' modules pull in the model code (transformers' modeling,
+    # diffusers) and the GPU ones CUDA / TensorRT, none of which the ort path loads
     if name == "torch-cuda":
-        from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
-
         from .torch_cuda import TorchCudaBackend
 
-        return TorchCudaBackend(model_dir, resolve_vae_dir(model_dir, vae_dir) if need_vae else None)
+        return TorchCudaBackend(model_dir, vae_dir)
     if name == "torch-fast":
-        from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
-        from janusflow_trt.janusflow_ref.weights import load_model
+        from .torch_backend import load_torch_backend
 
-        vae = load_vae(resolve_vae_dir(model_dir, vae_dir)) if need_vae else None
-        return TorchBackend(load_model(model_dir), vae, threads)
-    if artifacts is None:
-        raise JanusFlowError(f"--backend {name} needs --artifacts DIR (an export directory)")
+        return load_torch_backend(model_dir, vae_dir, threads)
+    assert artifacts is not None  # check_request refused it
     if name == "ort":
         return OrtBackend(artifacts, cfg, threads, precision=precision)
-    if name == "trt":
-        from .trt_backend import TrtBackend
+    from .trt_backend import TrtBackend
 
-        return TrtBackend(artifacts, cfg)
-    raise JanusFlowError(f"unknown backend {name!r}")
+    return TrtBackend(artifacts, cfg, precision)

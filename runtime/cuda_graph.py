@@ -34,3 +34,37 @@ class CapturedStep:
         with torch.cuda.graph(g, stream=self.stream):  # recorded, not executed
             self.work(self.stream)
         self.graph = g
+
+
+class StepRunner:
+    """How a step function runs on a backend: called as it is on the CPU (or any backend that is not
+    `capturable`); on a capturable GPU backend, enqueued on the backend's stream, captured once as a
+    CUDA graph and replayed, the caller's stream then waiting for it. `reset()` when a buffer the step
+    touches is reallocated (a KV bucket change)."""
+
+    def __init__(self, backend, work: Callable[[], None]):
+        self.work = work
+        self.graph = CapturedStep(self._on, backend.stream) if backend.capturable else None
+
+    def _on(self, stream: torch.cuda.Stream) -> None:
+        with torch.cuda.stream(stream):
+            self.work()
+
+    def reset(self) -> None:
+        if self.graph is not None:
+            self.graph.reset()
+
+    def write(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst <- src ordered before the next step (on the step's stream when it is captured)."""
+        if self.graph is None:
+            dst.copy_(src)
+            return
+        with torch.cuda.stream(self.graph.stream):
+            dst.copy_(src)
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self.work()
+            return
+        self.graph()
+        torch.cuda.current_stream().wait_stream(self.graph.stream)

@@ -1,9 +1,9 @@
 """The TensorRT slot of the backend seam: engines from `janusflow build`, refused in one line when they
 were built for another TensorRT, GPU, config, source graph or profile range (export/engine_manifest.py).
 
-`run(graph, feeds)` keeps the seam's numpy contract (host in, host out: one copy each way per call)
-so every pipeline runs on it today; `enqueue(graph)` is the device-resident form (inputs written into
-`buffers(...)` in place, no host sync) that the GPU pipelines and CUDA-graph capture build on.
+`run(graph, feeds)` binds the feeds (device tensors) as the engine's input addresses, enqueues on
+self.stream with no host sync and returns the engine's output buffers: the step functions' fixed
+buffers then stay fixed across steps, which is what CUDA-graph capture of a whole step needs.
 GPU-only modules (tensorrt, runtime/trt_engine.py) are imported after the requirements are checked.
 """
 
@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from janusflow_trt.errors import InputError
 from janusflow_trt.export.engine_manifest import (
     check_engine_files,
@@ -22,7 +20,7 @@ from janusflow_trt.export.engine_manifest import (
     read_engine_manifest,
     source_graph,
 )
-from janusflow_trt.export.specs import VIEWS, build_specs
+from janusflow_trt.export.specs import VIEWS, Precision, build_specs, precision_variant
 from janusflow_trt.export.trt_build import require_cuda, require_tensorrt, target_here
 from janusflow_trt.export.trt_plan import engine_profiles
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
@@ -54,7 +52,9 @@ def pick_profile(graph: str, shapes: dict[str, tuple[int, ...]]) -> str:
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, precision: str | None = None):
+    capturable = True  # engines enqueue on self.stream over bound buffers (runtime/cuda_graph.StepRunner)
+
+    def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, precision: str):
         trt = require_tensorrt("--backend trt")
         require_cuda("--backend trt")
         import torch
@@ -63,7 +63,9 @@ class TrtBackend:
 
         self.dir = Path(artifacts)
         m = read_engine_manifest(self.dir)
-        self.specs = build_specs(cfg)
+        self.precision = Precision(precision)
+        self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}
+        self.kv_dtype = getattr(torch, next(t.dtype for t in self.specs["llm"].inputs if t.name.startswith("past_")))
         graphs = list(m["engines"])
         wanted = {g: engine_profiles(self.specs, g) for g in graphs}
         check_engine_manifest(m, target_here(str(trt.__version__)), cfg.sha256, precision, wanted,
@@ -96,15 +98,16 @@ class TrtBackend:
         e = self.engines[graph]
         (e.replay if capture else e.enqueue)(self.stream)
 
-    capturable = True  # engines enqueue on self.stream over bound buffers (runtime/decode.py captures)
-
     @property
     def device(self) -> Any:
         import torch
 
         return torch.device("cuda")
 
-    def run_tensors(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    def graph_file(self, graph: str) -> Path | None:
+        return None  # engines, not ONNX files
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         """The feeds (device tensors) bound as the engine's inputs, enqueued on self.stream, no sync;
         -> the engine's output buffers (rewritten by the next call of this graph)."""
         spec = self.specs[graph]
@@ -112,16 +115,3 @@ class TrtBackend:
                             {n: feeds[n] for n in spec.input_names})
         self.enqueue(graph)
         return {n: bufs[n] for n in spec.output_names}
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        spec = self.specs[graph]
-        bufs = self.buffers(graph, {t.name: tuple(feeds[t.name].shape) for t in spec.inputs})
-        with torch.cuda.stream(self.stream):
-            for t in spec.inputs:
-                bufs[t.name].copy_(torch.from_numpy(np.ascontiguousarray(feeds[t.name])), non_blocking=False)
-            self.enqueue(graph)
-            out = {t.name: bufs[t.name].float().cpu().numpy() if bufs[t.name].dtype == torch.bfloat16
-                   else bufs[t.name].cpu().numpy() for t in spec.outputs}
-        return out
