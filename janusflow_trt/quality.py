@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from janusflow_trt.calibration.data import InputSet, builtin_heldout
-from janusflow_trt.calibration.record import CalibrationData, Recorder
+from janusflow_trt.calibration.record import CalibrationData
 from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
 from janusflow_trt.export.specs import precision_variant
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.runtime import text2img
+from janusflow_trt.runtime.backends import Backend, OrtBackend
+from janusflow_trt.runtime.chat import chat_prefill, chat_tokens
+from janusflow_trt.runtime.decode import Decoder
+
+from .recording import Recorder, record_chat, record_t2i
 
 TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99},
            **{p: {"latent_cosine": 0.995, "psnr_db": 35.0, "chat_top1_teacher_forced": 0.90, "graph_cosine": 0.995}
@@ -31,45 +39,28 @@ TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher
 GRAPH_STEPS = (0, 10, 20, 29)  # Euler steps whose graph inputs the per-graph comparison uses
 
 
-def _prompt_embeds(backend, processor, image, question: str) -> np.ndarray:
-    """The chat prefill input [1, T, H] (token embeddings with the image embeddings spliced in)."""
-    inputs = processor.chat_inputs(image, question)
-    img = backend.run("siglip", {"pixel_values": inputs.pixel_values.numpy()})["image_embeds"]
-    emb = backend.run("embed", {"input_ids": inputs.input_ids.numpy()})["inputs_embeds"].copy()
-    emb[0, inputs.image_positions.numpy()] = img[0]
-    return emb
-
-
-def teacher_forced_top1(backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
-    """argmax of `backend`'s logits at every position of the reference answer, given the reference prefix."""
-    from janusflow_trt.runtime.chat import decode_one_token, kv_dtype, new_cache, prefill
-
-    emb = _prompt_embeds(backend, processor, image, question)
-    cache = new_cache(cfg, 1, emb.shape[1] + len(ref), dtype=kv_dtype(backend))
-    preds = [int(np.argmax(prefill(backend, cache, emb)[0]))]
+def teacher_forced_top1(backend: Backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
+    """The greedy pick of `backend` at every position of the reference answer, given the reference
+    prefix: the runtime's decode step with the reference token written as its input each time."""
+    cache, logits = chat_prefill(backend, cfg, processor.chat_inputs(image, question), capacity=len(ref))
+    dec = Decoder(backend, cache, logits, SamplingParams())
+    preds = [int(dec.ids)]  # a sampler sentinel (non-finite logits) counts as a disagreement
     for tok in ref[:-1]:
-        preds.append(int(np.argmax(decode_one_token(backend, cache, tok)[0])))
+        dec.ids.fill_(tok)
+        dec.step()
+        preds.append(int(dec.ids))
     return preds
 
 
-def _t2i(backend, cfg, processor, prompt: str, z0: np.ndarray, steps: int, rec: Recorder | None = None):
-    from janusflow_trt.runtime import text2img
-
-    if rec is not None:
-        rec.active = {"embed", "llm"}
-    cache = text2img.prefill_prefix(rec or backend, cfg, processor, prompt, 1)
-    if rec is not None:
-        rec.active = {"gen_enc", "llm", "gen_dec"} if 0 in GRAPH_STEPS else set()
-    z = z0
-    for step, z in enumerate(text2img.euler_loop(rec or backend, cache, z0, steps, 2.0)):
-        if rec is not None:  # the step after this one is recorded when it is in GRAPH_STEPS
-            rec.active = {"gen_enc", "llm", "gen_dec"} if step + 1 in GRAPH_STEPS else set()
-    if rec is not None:
-        rec.active = {"vae_dec"}
-    img = text2img.vae_decode(rec or backend, z).copy()
-    if rec is not None:
-        rec.active = set()
-    return z, img
+def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: int, keep: set[int]):
+    """The runtime's text-to-image from z0 (CFG 2), the prefix, the steps in `keep` and the VAE call
+    recorded when `keep` is not empty. -> (final latents, pixels) as numpy."""
+    rec.active = {"embed", "llm"} if keep else set()
+    z = record_t2i(rec, cfg, processor, prompt, z0, steps, 2.0, keep, steps, "quality")
+    rec.active = {"vae_dec"} if keep else set()
+    img = text2img.vae_decode(rec, z).cpu().numpy().copy()
+    rec.active = set()
+    return z.cpu().numpy(), img
 
 
 OUTPUTS = ("quality.json", "quality.md", "quality.png")
@@ -88,10 +79,6 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
     from janusflow_trt.janusflow_ref.config import load_config
     from janusflow_trt.janusflow_ref.generation import initial_latents
     from janusflow_trt.janusflow_ref.processor import Processor
-    from janusflow_trt.janusflow_ref.sampling import SamplingParams
-    from janusflow_trt.runtime.backends import OrtBackend
-    from janusflow_trt.runtime.chat import chat
-
     out = check_output_dir(out, "--out", force, OUTPUTS)
     cfg, processor = load_config(model_dir), Processor(model_dir)
     held = heldout or builtin_heldout()
@@ -104,23 +91,22 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
         rec = Recorder(b32, Path(tmp))
         chats: dict[str, list] = {p: [] for p in precisions}
         for name, image, q in tqdm(held.pairs, desc="quality chat", disable=not progress):
-            rec.active = {"siglip", "embed", "llm"}
-            ref = chat(rec, cfg, processor, image, q, params,
-                       on_token=lambda _t: setattr(rec, "active", set())).token_ids
+            rec.active = {"siglip", "embed", "llm"}  # the prefill calls; decode calls are not kept
+            ref = record_chat(rec, cfg, processor, image, q, tokens, None)
             for p, b in others.items():
                 tf = teacher_forced_top1(b, cfg, processor, image, q, ref)
-                free = chat(b, cfg, processor, image, q, params).token_ids
+                free = list(chat_tokens(b, cfg, processor.chat_inputs(image, q), params, processor.eos_id))
                 chats[p].append({"pair": name, "question": q, "fp32_tokens": ref,
                                  "teacher_forced_top1": agreement(tf, ref), "free_agreement": agreement(free, ref),
                                  "first_divergence": first_divergence(free, ref)})
         rows: dict[str, list] = {p: [] for p in precisions}
         images: list[list[np.ndarray]] = []
         for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i", disable=not progress)):
-            z0 = initial_latents(1, seed=2000 + i).numpy()
-            z32, img32 = _t2i(b32, cfg, processor, prompt, z0, steps, rec)
+            z0 = initial_latents(1, seed=2000 + i)
+            z32, img32 = _t2i(rec, cfg, processor, prompt, z0, steps, set(GRAPH_STEPS))
             row = [to_uint8(img32)[0]]
             for p, b in others.items():
-                zp, imgp = _t2i(b, cfg, processor, prompt, z0, steps)
+                zp, imgp = _t2i(Recorder(b, Path(tmp)), cfg, processor, prompt, z0, steps, set())
                 u32, up = to_uint8(img32)[0], to_uint8(imgp)[0]
                 rows[p].append({"prompt": prompt, "latent_cosine": cosine(zp, z32), "psnr_db": psnr(up, u32),
                                 "finite": bool(np.isfinite(zp).all() and np.isfinite(imgp).all())})

@@ -1,6 +1,8 @@
-"""Calibration recording: the runtime's own chat and text-to-image loops on the FP32 torch-fast backend,
-with a Recorder (calibration/record.py) wrapped around the seam; what is kept is the Plan's choice.
-It runs pipelines, so it lives above the runtime; calibration/ only reads what it writes."""
+"""Calibration recording: the runtime's own chat and text-to-image loops (runtime/chat.py,
+runtime/euler_step.py) on the FP32 torch-fast backend, with a Recorder wrapped around the seam; which
+calls are kept is the Plan's choice (calibration/record.py). It runs pipelines, so it lives above the
+runtime; calibration/ only reads what it writes (CalibrationData).
+"""
 
 from __future__ import annotations
 
@@ -12,58 +14,101 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
 from janusflow_trt.calibration.data import InputSet
-from janusflow_trt.calibration.record import CHAT_TOKENS, RECORDER_VERSION, Plan, Recorder, recording_key, subset
+from janusflow_trt.calibration.record import CHAT_TOKENS, RECORDER_VERSION, Plan, recording_key, subset
+from janusflow_trt.export.specs import VIEWS
+from janusflow_trt.fingerprint import sha256_file
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.generation import initial_latents
+from janusflow_trt.janusflow_ref.processor import Processor
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.runtime import text2img
+from janusflow_trt.runtime.backends import Backend, SeamWrapper, make_backend
+from janusflow_trt.runtime.chat import chat_tokens
+from janusflow_trt.runtime.euler_step import euler_loop
+
+EULER_GRAPHS = frozenset({"gen_enc", "llm", "gen_dec"})  # what one Euler step calls (llm_gen records as llm)
+
+
+class Recorder(SeamWrapper):
+    """Saves the feeds of calls to the graphs in `active` as OUT/<graph>/<n>.npz, tagged with `source`."""
+
+    def __init__(self, inner: Backend, out: Path):
+        super().__init__(inner)
+        self.name, self.out = f"record({inner.name})", out
+        self.active: set[str] = set()
+        self.source = ""
+        self.files: list[dict[str, Any]] = []
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # a view (the Euler step's llm_gen) takes its parent's inputs: its calls calibrate the parent
+        name = VIEWS[graph][0] if graph in VIEWS else graph
+        if name in self.active:
+            d = self.out / name
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / f"{sum(f['graph'] == name for f in self.files):05d}.npz"
+            np.savez(path, **{k: v.cpu().numpy() for k, v in feeds.items()})
+            self.files.append({"graph": name, "source": self.source, "file": f"{name}/{path.name}",
+                               "sha256": sha256_file(path)})
+        return self.inner.run(graph, feeds)
+
+
+def record_chat(rec: Recorder, cfg, processor: Processor, image, question: str, tokens: int,
+                decode_stride: int | None) -> list[int]:
+    """Greedy chat through the runtime's loop: prefill calls recorded as `rec.active` says, then the
+    decode call of every decode_stride-th new token (None: none). -> the answer's token ids."""
+    out = []
+    for tok in chat_tokens(rec, cfg, processor.chat_inputs(image, question), SamplingParams(max_new_tokens=tokens),
+                           processor.eos_id):
+        out.append(tok)  # the next call (after this yield) computes token len(out) + 1
+        rec.active = {"llm"} if decode_stride and len(out) % decode_stride == 0 else set()
+    return out
+
+
+def record_t2i(rec: Recorder, cfg, processor: Processor, prompt: str, z0: torch.Tensor, steps: int, cfg_weight: float,
+               keep: set[int], run_steps: int, source: str) -> torch.Tensor:
+    """The runtime's prefix prefill and Euler loop, the steps in `keep` recorded (the prefix as
+    rec.active says on entry); stops after run_steps. -> z after the last step run (a copy)."""
+    cache = text2img.prefill_prefix(rec, cfg, processor, prompt, z0.shape[0])
+    loop = euler_loop(rec, cache, z0, steps, cfg_weight)
+    z = z0
+    for step in range(run_steps):
+        rec.source = f"{source}:step{step}"
+        rec.active = set(EULER_GRAPHS) if step in keep else set()
+        z = next(loop).clone()
+    loop.close()
+    rec.active = set()
+    return z
 
 
 def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, inputs: InputSet,
            plan: Plan = Plan(), progress: bool = True) -> dict[str, Any]:
     """Run chat and text-to-image on the FP32 torch-fast runtime; write DIR atomically; -> index."""
-    from tqdm import tqdm
-
-    from janusflow_trt.janusflow_ref.config import load_config
-    from janusflow_trt.janusflow_ref.generation import initial_latents
-    from janusflow_trt.janusflow_ref.processor import Processor
-    from janusflow_trt.janusflow_ref.sampling import SamplingParams
-    from janusflow_trt.runtime import text2img
-    from janusflow_trt.runtime.backends import make_backend
-    from janusflow_trt.runtime.chat import chat
-
     model_dir, out = Path(model_dir), Path(out)
     vae_dir = Path(vae_dir) if vae_dir is not None else None
     key, given_sha = recording_key(model_dir, vae_dir, inputs, plan), inputs.sha256()
     inputs = subset(inputs, plan)
     cfg = load_config(model_dir)
     processor = Processor(model_dir)
-    backend = make_backend("torch-fast", model_dir, None, cfg, need_vae=vae_dir is not None, vae_dir=vae_dir)
+    backend = make_backend("torch-fast", model_dir, None, cfg, vae_dir=vae_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         rec = Recorder(backend, tmp)
-        params = SamplingParams(temperature=0.0, max_new_tokens=CHAT_TOKENS)
         for name, image, question in tqdm(inputs.pairs, desc="calib chat", disable=not progress):
             rec.source, rec.active = f"chat:{name}", {"siglip", "embed", "llm"}
-            seen = {"n": 0}
-
-            def after_prefill(tok: int, seen=seen) -> None:  # decode calls: every decode_stride-th token
-                seen["n"] += 1
-                rec.active = {"llm"} if seen["n"] % plan.decode_stride == 0 else set()
-
-            chat(rec, cfg, processor, image, question, params, on_token=after_prefill)
+            record_chat(rec, cfg, processor, image, question, CHAT_TOKENS, plan.decode_stride)
         n = len(inputs.prompts)
         for p, prompt in enumerate(tqdm(inputs.prompts, desc="calib t2i", disable=not progress)):
             full = p < plan.full_runs
             keep = plan.kept_steps(p)
             rec.source, rec.active = f"t2i:{p}", ({"embed", "llm"} if full else set())
-            cache = text2img.prefill_prefix(rec, cfg, processor, prompt, 1)
-            z0 = initial_latents(1, seed=1000 + p).numpy()
-            loop = text2img.euler_loop(rec, cache, z0, plan.steps, plan.cfg_weight)
-            z = z0
-            for step in range(plan.steps if full else max(keep) + 1):
-                rec.source = f"t2i:{p}:step{step}"
-                rec.active = {"gen_enc", "llm", "gen_dec"} if step in keep else set()
-                z = next(loop)
-            loop.close()
+            z = record_t2i(rec, cfg, processor, prompt, initial_latents(1, seed=1000 + p), plan.steps,
+                           plan.cfg_weight, keep, plan.steps if full else max(keep) + 1, f"t2i:{p}")
             if full and vae_dir is not None:
                 rec.source, rec.active = f"t2i:{p}:final", {"vae_dec"}
                 text2img.vae_decode(rec, z)
