@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from janusflow_trt.errors import InputError
-from janusflow_trt.janusflow_ref.processor import load_image
+from janusflow_trt.images import load_image
 
 # 64 prompts across subjects, styles, lighting, composition and length
 CALIB_PROMPTS = (
@@ -81,8 +82,6 @@ class InputSet:
 
 
 def skimage_photo(name: str) -> Image.Image:
-    import skimage.data
-
     a = getattr(skimage.data, name)()
     if a.ndim == 2:
         a = np.stack([a] * 3, axis=-1)

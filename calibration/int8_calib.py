@@ -8,11 +8,16 @@ import io
 from functools import lru_cache
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization.calibrate import CalibrationMethod, HistogramCollector, TensorsData
 
 from janusflow_trt.errors import CheckpointError, InputError
 
+from .ranges import CHUNK_BYTES, walk_exposed
+
 METHODS = ("minmax", "percentile", "entropy")
+QUANT_OPS = ("MatMul", "Gemm", "Conv")  # what INT8 quantizes (export/int8.py): their activations are calibrated
 MIN_PROMPTS = 2  # one prompt would set every gen_enc/gen_dec activation range from one image's trajectory
 
 
@@ -104,10 +109,6 @@ def calibrated_tensors(model) -> list[str]:
     """ORT's selection (CalibraterBase.select_tensors_to_calibrate with op_types_to_calibrate = the quantized
     op types): every float input or output of a MatMul / Gemm / Conv that is not an initializer, in graph
     order. `model`: the graph proto (weights not needed), typed by shape inference here."""
-    import onnx
-
-    from janusflow_trt.export.int8 import QUANT_OPS
-
     g = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input]}
     inits = {t.name for t in model.graph.initializer}
@@ -124,11 +125,6 @@ def calibrated_tensors(model) -> list[str]:
 def tensor_ranges(path, samples, method: str, percentile: float, chunk_bytes: int | None = None):
     """-> onnxruntime.quantization TensorsData of the graph at `path` over `samples()` (a callable giving a
     fresh iterator of feeds), as ORT's calibrator of `method` computes it."""
-    import onnx
-    from onnxruntime.quantization.calibrate import CalibrationMethod, HistogramCollector, TensorsData
-
-    from .ranges import CHUNK_BYTES, walk_exposed
-
     names = calibrated_tensors(onnx.load(str(path), load_external_data=False))
     walk = walk_exposed(path, samples, names, chunk_bytes=chunk_bytes or CHUNK_BYTES)
     if method == "minmax":  # MinMaxCalibrater: ReduceMin / ReduceMax per run, then nanmin / nanmax over runs

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest FP16 subnormal: nonzero values below half of it become 0
@@ -121,8 +122,6 @@ def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.n
     The side graph re-saved next to `path` references its external data (no weight copied); sessions run
     unoptimised (every tensor is the unfused graph's value), with no memory arena and no weight prepacking.
     """
-    import onnxruntime as ort
-
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name for i in model.graph.input}

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from janusflow_trt.errors import CheckpointError
-from janusflow_trt.export.specs import VIEWS
 from janusflow_trt.fingerprint import sha256_file
+from janusflow_trt.graph_names import VIEWS
 
 if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
     from .data import InputSet
@@ -83,10 +83,9 @@ def spread(n: int, k: int | None) -> list[int]:
 
 def subset(inputs: InputSet, plan: Plan) -> InputSet:
     """The prompts and pairs the plan records: a spread subset of each."""
-    from .data import InputSet
-
-    return InputSet(tuple(inputs.prompts[i] for i in spread(len(inputs.prompts), plan.max_prompts)),
-                    tuple(inputs.pairs[i] for i in spread(len(inputs.pairs), plan.max_pairs)))
+    prompts = tuple(inputs.prompts[i] for i in spread(len(inputs.prompts), plan.max_prompts))
+    pairs = tuple(inputs.pairs[i] for i in spread(len(inputs.pairs), plan.max_pairs))
+    return replace(inputs, prompts=prompts, pairs=pairs)
 
 
 class Recorder:
@@ -132,6 +131,8 @@ def _stat(path: Path) -> list:
 def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan: Plan) -> str:
     """What the recorded set depends on: the checkpoint (config + weight files' size and mtime; hashing
     GBs of weights on every export would cost more than re-recording), the inputs and the plan."""
+    # lazy: the ModelOpt worker imports this module in its own environment, which reads recorded sets
+    # and has no transformers (janusflow_ref.config needs it)
     from janusflow_trt.janusflow_ref.config import load_config
 
     doc = {"v": RECORDER_VERSION, "config": load_config(model_dir).sha256, "weights": _stat(model_dir),

@@ -33,7 +33,14 @@ from typing import Any
 
 import onnx
 
-from janusflow_trt.calibration.int8_calib import METHODS, RecordedReader, check_sample, cpu_has_vnni, tensor_ranges
+from janusflow_trt.calibration.int8_calib import (
+    METHODS,
+    QUANT_OPS,
+    RecordedReader,
+    check_sample,
+    cpu_has_vnni,
+    tensor_ranges,
+)
 from janusflow_trt.errors import CheckpointError, JanusFlowError
 
 from .onnx_graph import graph_opset, tensor_readers
@@ -42,7 +49,6 @@ from .smoothquant import GRAPHS as SMOOTH_GRAPHS
 from .smoothquant import load_smoothed
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
-QUANT_OPS = ("MatMul", "Gemm", "Conv")
 NOT_QUANTIZED = {
     "embed": "a Gather of the token table: no MatMul/Gemm/Conv to quantize",
     "vae_dec": "SDXL VAE decoder: activations exceed FP16 and lose detail in INT8 (NVIDIA's SDXL INT8 "
