@@ -23,8 +23,12 @@ from janusflow_trt.files import write_all
 from janusflow_trt.janusflow_ref import generation as ref_gen
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_trt.janusflow_ref.processor import Processor
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.chat import decode_one_token, kv_dtype, llm_step, new_cache, prefill
+from janusflow_trt.runtime.backends import SeamWrapper
+from janusflow_trt.runtime.decode import Decoder
+from janusflow_trt.runtime.euler_step import euler_state, euler_step
+from janusflow_trt.runtime.llm import new_cache, prefill
 
 from . import floors
 
@@ -115,21 +119,51 @@ class Baseline:
         return self.pipe.generate(PROMPT, steps=steps, init_latents=z).timings["total_s"] / z.shape[0]
 
 
+class Timer(SeamWrapper):
+    """Times every graph call through the seam (synchronised around each call on a GPU, so a step run
+    through it is never captured: this is for the split of a step's time, not for the step's own time)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.capturable, self.stream = False, None
+        self.ms: dict[str, list[float]] = {}
+
+    def run(self, graph, feeds):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner.run(graph, feeds)
+        sync(self.device)
+        self.ms.setdefault(graph, []).append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def median(self, graph: str) -> float:
+        return statistics.median(self.ms[graph])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class Runtime:
     """Our pipelines over one backend: user-facing stages (TTFT, chat decode, s/image) through the
-    Pipeline users run; per-graph stages through the same pipeline's backend."""
+    Pipeline users run; per-stage times from the same pipeline's step functions (runtime/decode.py,
+    runtime/euler_step.py) on its backend, split per graph call by a Timer around the seam."""
 
-    def __init__(self, pipe: Pipeline):
+    def __init__(self, pipe: Pipeline, precision: str = "fp32"):
         self.pipe, self.b, self.cfg, self.p = pipe, pipe.engine.backend, pipe.cfg, pipe.processor
-        prec = getattr(self.b, "precision", "fp32")
-        self.name = self.b.name if prec == "fp32" else f"{self.b.name}-{prec}"
+        self.name = self.b.name if precision == "fp32" else f"{self.b.name}-{precision}"
+
+    def tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.b.device)
 
     def siglip(self, px):
-        return self.b.run("siglip", {"pixel_values": px})
+        return self.b.run("siglip", {"pixel_values": self.tensor(px)})
 
-    def prefill(self, embeds):
-        cache = new_cache(self.cfg, 1, embeds.shape[1], dtype=kv_dtype(self.b))  # sized as chat sizes it
-        return prefill(self.b, cache, embeds), cache
+    def prefill(self, embeds, backend=None):
+        b = backend or self.b
+        cache = new_cache(b, self.cfg, 1, embeds.shape[1])  # sized as chat sizes it
+        return prefill(b, cache, self.tensor(embeds))["logits"], cache
 
     def ttft(self, image, question):
         return self.pipe.chat(image, question, max_new_tokens=1)
@@ -139,56 +173,51 @@ class Runtime:
         return self.pipe.chat(image, question, max_new_tokens=tokens).timings["decode_ms_per_token"]
 
     def decode_ms(self, embeds, tokens: int) -> float:
-        """Median ms/token of chat's decode step (embed graph + LLM graph + cache write + argmax), the
-        cache grown in buckets as in chat."""
-        logits, cache = self.prefill(embeds)
-        tok = int(logits[0].argmax())
+        """Median ms/token of chat's decode step (embed + LLM + cache write + sampling on the device +
+        the token id's host read), the cache grown in buckets as in chat."""
+        dec = Decoder(self.b, *self.prefill(embeds)[::-1], SamplingParams())
         times = []
         for _ in range(tokens + 2):
             t0 = time.perf_counter()
-            tok = int(decode_one_token(self.b, cache, tok)[0].argmax())
+            dec.step()
+            int(dec.ids)
             times.append(time.perf_counter() - t0)
         return statistics.median(times[2:]) * 1e3
 
     def decode_parts_ms(self, embeds, tokens: int) -> dict[str, float]:
-        """Where a decode step's time goes: the embed graph call, the LLM graph call, the rest (host)."""
-        _, cache = self.prefill(embeds)
-        emb = self.b.run("embed", {"input_ids": np.array([[1]], np.int64)})["inputs_embeds"].copy()
-        one = np.ones((1, 1), np.int64)
-        embed = timed(lambda: self.b.run("embed", {"input_ids": np.array([[1]], np.int64)}), tokens)
-        llm = timed(lambda: llm_step(self.b, cache, emb, one, write=False), tokens)
-        return {"embed": embed, "llm": llm}
+        """Where a decode step's time goes: the embed graph call, the LLM graph call (the rest: host)."""
+        timer = Timer(self.b)
+        dec = Decoder(timer, *self.prefill(embeds, timer)[::-1], SamplingParams())
+        for _ in range(tokens):
+            dec.step()
+        return {"embed": timer.median("embed"), "llm": timer.median("llm")}
 
     def decode_weights(self) -> dict | None:
         """The bytes a decode token reads, from the LLM graph file this backend runs (INT8 / FP16 /
-        FP32 as stored); None for a torch backend (FP32 parameters, counted from the config)."""
-        if not hasattr(self.b, "manifest"):
+        FP32 as stored); None for a backend without ONNX files (FP32 parameters, counted from the config)."""
+        file = self.b.graph_file("llm")
+        if file is None:
             return None
-        from janusflow_trt.export.manifest import resolve_graph
-
-        file = resolve_graph(self.b.manifest, self.b.dir, "llm", self.b.precision)["file"]
-        w = floors.graph_weight_bytes(self.b.dir / file)
-        return {"file": file, "weight_bytes": w["weights"], "by_dtype": w["by_dtype"],
-                "kv_bytes": np.dtype(self.b.kv_dtype).itemsize}
+        w = floors.graph_weight_bytes(file)
+        return {"file": file.name, "weight_bytes": w["weights"], "by_dtype": w["by_dtype"],
+                "kv_bytes": torch.empty(0, dtype=self.b.kv_dtype).element_size()}
 
     def euler_ms(self, z, repeat: int) -> dict[str, float]:
+        """The pipeline's Euler step (euler_step over an EulerState) at t = 500: the whole step timed as
+        it runs, and split per graph call by a Timer."""
         cache = text2img.prefill_prefix(self.b, self.cfg, self.p, PROMPT, z.shape[0])
-        z2 = np.concatenate([z, z]).astype(np.float32)
-        t = np.full((z2.shape[0],), 500.0, np.float32)
-        enc = {k: v.copy() for k, v in self.b.run("gen_enc", {"z": z2, "t": t}).items()}
-        embeds = enc["step_embeds"]
-        ones = np.ones(embeds.shape[:2], np.int64)
-        hidden = llm_step(self.b, cache, embeds, ones, write=False, graph="llm_gen")["last_hidden_state"].copy()
-        dec_feeds = {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": z2,
-                     "cfg_weight": np.array([2.0], np.float32), "dt": np.array([1 / 30], np.float32)}
-        return {
-            "enc": timed(lambda: self.b.run("gen_enc", {"z": z2, "t": t}), repeat),
-            "llm": timed(lambda: llm_step(self.b, cache, embeds, ones, write=False, graph="llm_gen"), repeat),
-            "dec": timed(lambda: self.b.run("gen_dec", dec_feeds), repeat),
-        }
+        st = euler_state(self.b, cache, torch.from_numpy(z), 30, 2.0)
+        st.t.fill_(500.0)
+        step = timed(lambda: (euler_step(self.b, st), sync(self.b.device)), repeat)
+        timer = Timer(self.b)
+        for _ in range(repeat + 2):
+            euler_step(timer, st)
+        return {"enc": timer.median("gen_enc"), "llm": timer.median("llm_gen"), "dec": timer.median("gen_dec"),
+                "step": step}
 
     def vae_ms(self, z, repeat: int) -> float:
-        return timed(lambda: text2img.vae_decode(self.b, z), repeat)
+        zt = self.tensor(z)
+        return timed(lambda: (text2img.vae_decode(self.b, zt), sync(self.b.device)), repeat)
 
     def image_s(self, z, steps: int) -> float:
         return self.pipe.generate(PROMPT, steps=steps, init_latents=z).timings["total_s"] / z.shape[0]
@@ -216,7 +245,7 @@ def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_
             r.setdefault("decode_parts_ms", {})[str(ctx)] = runner.decode_parts_ms(e, decode_tokens)
     z = rng.standard_normal((1, 4, 48, 48)).astype(np.float32)
     r["euler_ms"] = runner.euler_ms(z, repeat)
-    r["euler_ms"]["step"] = sum(r["euler_ms"].values())
+    r["euler_ms"].setdefault("step", r["euler_ms"]["enc"] + r["euler_ms"]["llm"] + r["euler_ms"]["dec"])
     r["vae_ms"] = runner.vae_ms(z, repeat)
     log(f"  {runner.name}: Euler step {r['euler_ms']['step']:.1f} ms "
         f"(enc {r['euler_ms']['enc']:.1f} / llm {r['euler_ms']['llm']:.1f} / dec {r['euler_ms']['dec']:.1f}), "
@@ -380,7 +409,7 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
               log: Callable[[str], None] = print) -> dict:
     from janusflow_trt.janusflow_ref.vae import load_vae
     from janusflow_trt.janusflow_ref.weights import load_model
-    from janusflow_trt.runtime.backends import TorchBackend
+    from janusflow_trt.runtime.torch_backend import TorchBackend
 
     torch.set_num_threads(threads)
     cfg = load_config(model_dir)
@@ -399,7 +428,7 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     for name in backends:
         if name.startswith("ort-") and name not in runners:  # ort-fp16, ort-int8-cpu, ...: that exported variant
             runners[name] = lambda p=name[4:]: Runtime(
-                Pipeline.from_pretrained(model_dir, "ort", artifacts, precision=p, threads=threads))
+                Pipeline.from_pretrained(model_dir, "ort", artifacts, precision=p, threads=threads), p)
         log(f"benchmarking {name} ...")
         result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,
                                            e2e_steps, log)
