@@ -28,11 +28,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+import janusflow_trt
 from janusflow_trt.calibration.int8_calib import (
     METHODS,
     QUANT_OPS,
@@ -56,7 +58,7 @@ NOT_QUANTIZED = {
 }
 MODELOPT_ENV = "JANUSFLOW_MODELOPT_PYTHON"
 MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}  # ours -> ModelOpt's names (no percentile for int8)
-REPO = Path(__file__).resolve().parents[1]
+PACKAGE = Path(janusflow_trt.__file__).parent  # site-packages/janusflow_trt, or the source tree's one
 DEFAULT_METHOD = "percentile"  # best measured end to end of the three (README: INT8)
 MODELOPT_DEFAULT = "minmax"  # ModelOpt's int8 has no percentile; minmax beat entropy end to end with ORT
 PERCENTILE = 99.999
@@ -317,10 +319,14 @@ def _modelopt(py: str, named: Path, spec, calib, out_path: Path, method: str, ex
                              f"use --calib-plan default, or unset ${MODELOPT_ENV} for ONNX Runtime's quantizer")
     for k, feeds in enumerate(calib.samples(spec.name)):  # the worker feeds these unchecked
         check_sample(spec, feeds, f"{spec.name} sample {k}")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [py, "-m", "janusflow_trt.export.modelopt_worker", str(named), str(calib.path), spec.name, str(out_path),
            MODELOPT_METHODS[method], ",".join(sorted(exclude))]
-    r = subprocess.run(cmd, env=env, cwd=str(out_path.parent), capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as path:
+        # janusflow_trt alone on the worker's path: its parent (site-packages in a wheel install) would put
+        # this environment's onnx / onnxruntime / numpy ahead of the ones ModelOpt pins
+        (Path(path) / "janusflow_trt").symlink_to(PACKAGE, target_is_directory=True)
+        r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, cwd=str(out_path.parent), capture_output=True,
+                           text=True)
     if r.returncode != 0 or not out_path.is_file():
         last = (r.stderr.strip().splitlines() or ["no output"])[-1][:300]
         raise JanusFlowError(f"ModelOpt int8 of {spec.name} failed (exit {r.returncode}): {last}")
