@@ -32,6 +32,7 @@ class Decoder:
         self.b, self.cache, self.params = backend, cache, params
         self.ids = sample_on_device(logits, params).view(1, 1).to(torch.int64).clone()
         self.pos = torch.full((1, 1), cache.length, dtype=torch.int64, device=backend.device)
+        self.logits = logits
         self.runner = StepRunner(backend, self._step)
 
     def _step(self) -> None:
@@ -40,7 +41,8 @@ class Decoder:
                                  "position_ids": self.pos, **self.cache.feeds()})
         self.cache.write_one(out)
         self.pos += 1
-        self.ids.copy_(sample_on_device(out["logits"], self.params).view(1, 1))
+        self.logits = out["logits"]  # [1, V]: a backend buffer, valid until the next step (teacher forcing reads it)
+        self.ids.copy_(sample_on_device(self.logits, self.params).view(1, 1))
 
     def step(self) -> None:
         """One token on the device: self.ids in, the next sampled id in self.ids."""

@@ -51,14 +51,16 @@ def euler_state(backend: Backend, cache: KVCache, z0: torch.Tensor, steps: int, 
                       dt=torch.tensor([1.0 / steps], dtype=torch.float32, device=dev))
 
 
-def euler_step(backend: Backend, st: EulerState) -> None:
-    """One step, z <- z_next, all on the device."""
+def euler_step(backend: Backend, st: EulerState) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One step, z <- z_next, all on the device. -> the gen_enc and gen_dec outputs (backend buffers,
+    for a caller that inspects the step: t_emb, step embeddings, velocity)."""
     enc = backend.run("gen_enc", {"z": st.z, "t": st.t})
     hidden = backend.run("llm_gen", {"inputs_embeds": enc["step_embeds"], "attention_mask": st.mask,
                                      "position_ids": st.positions, **st.kv})["last_hidden_state"]
     dec = backend.run("gen_dec", {"hidden": hidden, "skip": enc["skip"], "t_emb": enc["t_emb"], "z": st.z,
                                   "cfg_weight": st.cfg_weight, "dt": st.dt})
     st.z.copy_(dec["z_next"])
+    return enc, dec
 
 
 def euler_loop(backend: Backend, cache: KVCache, z0: torch.Tensor, steps: int, cfg_weight: float

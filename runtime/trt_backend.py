@@ -59,8 +59,6 @@ class TrtBackend:
         require_cuda("--backend trt")
         import torch
 
-        from .trt_engine import Engine
-
         self.dir = Path(artifacts)
         m = read_engine_manifest(self.dir)
         self.precision = Precision(precision)
@@ -71,6 +69,8 @@ class TrtBackend:
         check_engine_manifest(m, target_here(str(trt.__version__)), cfg.sha256, precision, wanted,
                               export_sources(m))
         check_engine_files(self.dir, m, graphs)
+        from .trt_engine import Engine  # GPU-only (tensorrt bindings): after every check that needs none
+
         self.profile_index = {g: [p["name"] for p in m["engines"][g]["profiles"]] for g in graphs}
         self.view_parent: dict[str, str] = {}
         logger = trt.Logger(trt.Logger.WARNING)
@@ -108,10 +108,19 @@ class TrtBackend:
         return None  # engines, not ONNX files
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        """The feeds (device tensors) bound as the engine's inputs, enqueued on self.stream, no sync;
-        -> the engine's output buffers (rewritten by the next call of this graph)."""
+        """The feeds (device tensors) bound as the engine's inputs, enqueued on self.stream, no host sync;
+        -> the engine's output buffers (rewritten by the next call of this graph). Called from another
+        stream, the two streams wait for each other on the device (the feeds were written there, the
+        outputs are read there); inside a captured step the caller is on self.stream already."""
+        import torch
+
         spec = self.specs[graph]
         bufs = self.buffers(graph, {t.name: tuple(feeds[t.name].shape) for t in spec.inputs},
                             {n: feeds[n] for n in spec.input_names})
+        caller = torch.cuda.current_stream()
+        if caller != self.stream:
+            self.stream.wait_stream(caller)
         self.enqueue(graph)
+        if caller != self.stream:
+            caller.wait_stream(self.stream)
         return {n: bufs[n] for n in spec.output_names}
