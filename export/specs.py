@@ -8,12 +8,12 @@ The runtime imports these to allocate buffers; the exporter turns the symbols in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 
 from janusflow_trt.graph_names import GRAPH_NAMES, VIEWS  # noqa: F401  (the names, read here beside their specs)
 from janusflow_trt.janusflow_ref.config import LATENT_SIZE, JanusFlowConfig
+from janusflow_trt.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -213,15 +213,6 @@ def compare(out: np.ndarray, ref: np.ndarray, tol: Tol) -> dict[str, float | boo
 
 
 # -- precision variants of a spec ------------------------------------------------------------------
-class Precision(StrEnum):
-    """The exported variants of a graph (one enum: the CLI, the API, the manifest and the runtime read it)."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"  # Q/DQ for TensorRT: FP16 float parts, per-tensor activations
-    INT8_CPU = "int8-cpu"  # Q/DQ for ONNX Runtime's CPU kernels: FP32 float parts
-
-
 PRECISIONS = tuple(p.value for p in Precision)
 # verify's bar for FP16 graphs vs the torch modules: ~1e-3 relative per op, accumulated over the graph
 FP16_TOL = Tol(cos_min=0.9995, rtol=0.1, atol=0.5)

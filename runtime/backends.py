@@ -26,8 +26,9 @@ import torch
 
 from janusflow_trt.errors import CheckpointError
 from janusflow_trt.export.manifest import has_view, load_checked, resolve_graph
-from janusflow_trt.export.specs import VIEWS, GraphSpec, Precision, build_specs, precision_variant
+from janusflow_trt.export.specs import VIEWS, GraphSpec, build_specs, precision_variant
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
+from janusflow_trt.precision import Precision
 
 
 class Backend(Protocol):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from janusflow_trt.errors import InputError
-from janusflow_trt.export.specs import Precision
+from janusflow_trt.precision import Precision
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from janusflow_trt.export.engine_manifest import (
     read_engine_manifest,
     source_graph,
 )
-from janusflow_trt.export.specs import VIEWS, Precision, build_specs, precision_variant
+from janusflow_trt.export.specs import VIEWS, build_specs, precision_variant
 from janusflow_trt.export.trt_build import require_cuda, require_tensorrt, target_here
 from janusflow_trt.export.trt_plan import engine_profiles
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
+from janusflow_trt.precision import Precision
 
 
 def export_sources(m: dict[str, Any]) -> dict[str, str] | None:
