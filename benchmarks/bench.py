@@ -243,7 +243,7 @@ def measure(runner, cfg, processor, image, contexts, repeat, decode_tokens, e2e_
         log(f"  {runner.name}: decode @ {ctx}: {r['decode_ms'][str(ctx)]:.2f} ms/token")
         if hasattr(runner, "decode_parts_ms"):
             r.setdefault("decode_parts_ms", {})[str(ctx)] = runner.decode_parts_ms(e, decode_tokens)
-    z = rng.standard_normal((1, 4, 48, 48)).astype(np.float32)
+    z = rng.standard_normal((1, *cfg.latent_shape)).astype(np.float32)
     r["euler_ms"] = runner.euler_ms(z, repeat)
     r["euler_ms"].setdefault("step", r["euler_ms"]["enc"] + r["euler_ms"]["llm"] + r["euler_ms"]["dec"])
     r["vae_ms"] = runner.vae_ms(z, repeat)
@@ -407,7 +407,7 @@ def chart(result: dict, path: Path) -> None:
 def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: list[str], contexts: list[int],
               threads: int, repeat: int = 3, decode_tokens: int = 16, e2e_steps: int = 30, size: str = "?",
               log: Callable[[str], None] = print) -> dict:
-    from janusflow_trt.janusflow_ref.vae import load_vae
+    from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
     from janusflow_trt.janusflow_ref.weights import load_model
     from janusflow_trt.runtime.torch_backend import TorchBackend
 
@@ -418,7 +418,7 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     result = {"size": size, "model": str(model_dir), "machine": machine_info(threads), "contexts": contexts,
               "repeat": repeat, "backends": {}}
     model = load_model(model_dir)
-    vae = load_vae(model_dir / "vae")
+    vae = load_vae(resolve_vae_dir(model_dir, None))
     log(f"loaded model (RSS {rss_mb():.0f} MB); measuring this machine's GEMM rate and read bandwidth ...")
     measure_floors(result)
     runners = {"baseline": lambda: Baseline(model, vae, processor),
