@@ -32,14 +32,35 @@ from janusflow_trt.precision import Precision
 
 
 class Backend(Protocol):
-    """Everything a pipeline uses of a backend."""
+    """Everything a pipeline uses of a backend (read-only: a plain attribute or a property serves)."""
 
-    name: str
-    device: torch.device  # where run()'s tensors live
-    kv_dtype: torch.dtype  # the LLM graph's K/V dtype at this backend's precision
-    specs: dict[str, GraphSpec]  # the graphs' I/O at this backend's precision
-    capturable: bool  # run() enqueues on `stream` over fixed buffers: a step can be captured as a CUDA graph
-    stream: Any  # torch.cuda.Stream where capturable, else None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where run()'s tensors live."""
+        ...
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The LLM graph's K/V dtype at this backend's precision."""
+        ...
+
+    @property
+    def specs(self) -> dict[str, GraphSpec]:
+        """The graphs' I/O at this backend's precision."""
+        ...
+
+    @property
+    def capturable(self) -> bool:
+        """run() enqueues on `stream` over fixed buffers: a step can be captured as a CUDA graph."""
+        ...
+
+    @property
+    def stream(self) -> Any:
+        """The torch.cuda.Stream where capturable, else None."""
+        ...
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 

@@ -42,7 +42,7 @@ class StepRunner:
     CUDA graph and replayed, the caller's stream then waiting for it. `reset()` when a buffer the step
     touches is reallocated (a KV bucket change)."""
 
-    def __init__(self, backend, work: Callable[[], None]):
+    def __init__(self, backend, work: Callable[[], object]):
         self.work = work
         self.graph = CapturedStep(self._on, backend.stream) if backend.capturable else None
 
