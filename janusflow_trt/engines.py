@@ -24,9 +24,10 @@ from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import chat_tokens as ref_chat_tokens
 from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.backends import Backend, make_backend, physical_cores
+from janusflow_trt.runtime.backends import Backend, physical_cores
 from janusflow_trt.runtime.chat import chat_tokens
 from janusflow_trt.runtime.euler_step import euler_loop
+from janusflow_trt.runtime.factory import make_backend
 from janusflow_trt.runtime.registry import check_request
 
 

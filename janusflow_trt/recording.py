@@ -27,9 +27,10 @@ from janusflow_trt.janusflow_ref.generation import initial_latents
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.backends import Backend, SeamWrapper, make_backend
+from janusflow_trt.runtime.backends import Backend, SeamWrapper
 from janusflow_trt.runtime.chat import chat_tokens
 from janusflow_trt.runtime.euler_step import euler_loop
+from janusflow_trt.runtime.factory import make_backend
 
 EULER_GRAPHS = frozenset({"gen_enc", "llm", "gen_dec"})  # what one Euler step calls (llm_gen records as llm)
 

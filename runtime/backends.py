@@ -8,7 +8,8 @@ stream; results are the backend's own buffers, reused by later calls (see Output
 - OrtBackend:   ONNX Runtime sessions over an export directory (CPU by default, CUDA if present).
 - TrtBackend:   TensorRT engines (runtime/trt_backend.py); GPU only.
 - TorchCudaBackend: the graph modules in BF16 on the GPU (runtime/torch_cuda.py).
-Which backends exist, what each needs and which precisions it runs: runtime/registry.py.
+Which backends exist, what each needs and which precisions it runs: runtime/registry.py; built by
+runtime/factory.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import onnxruntime as ort
 import psutil
 import torch
 
+from janusflow_trt import __version__
 from janusflow_trt.errors import CheckpointError
 from janusflow_trt.export.manifest import has_view, load_checked, resolve_graph
 from janusflow_trt.export.specs import VIEWS, GraphSpec, build_specs, precision_variant
@@ -92,8 +94,6 @@ def physical_cores() -> int:
 def read_manifest(artifacts: str | Path, cfg: JanusFlowConfig) -> dict:
     """The export manifest, refused if it is from another config, another janusflow-trt major version,
     or if a graph file is missing or changed."""
-    from janusflow_trt import __version__
-
     manifest = load_checked(Path(artifacts), cfg)
     theirs = str(manifest.get("janusflow_trt_version", "?"))
     if theirs.split(".")[0] != __version__.split(".")[0]:
@@ -223,29 +223,3 @@ class OutputBuffers:
     def nbytes(self) -> int:
         return sum(a.nbytes for lru in self.pool.values() for pair, _ in lru.values() for d in pair
                    for a in d.values())
-
-
-def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None, cfg: JanusFlowConfig,
-                 threads: int | None = None, vae_dir: str | Path | None = None,
-                 precision: str = Precision.FP32) -> Backend:
-    """A runtime backend by its registry name (runtime/registry.py checks the request first). vae_dir:
-    the torch backends load the VAE from it (None: no vae_dec graph; add it later with add_vae)."""
-    from .registry import check_request
-
-    check_request(name, precision, artifacts)
-    # lazy, deliberately: the torch backends' modules pull in the model code (transformers' modeling,
-    # diffusers) and the GPU ones CUDA / TensorRT, none of which the ort path loads
-    if name == "torch-cuda":
-        from .torch_cuda import TorchCudaBackend
-
-        return TorchCudaBackend(model_dir, vae_dir)
-    if name == "torch-fast":
-        from .torch_backend import load_torch_backend
-
-        return load_torch_backend(model_dir, vae_dir, threads)
-    assert artifacts is not None  # check_request refused it
-    if name == "ort":
-        return OrtBackend(artifacts, cfg, threads, precision=precision)
-    from .trt_backend import TrtBackend
-
-    return TrtBackend(artifacts, cfg, precision)
