@@ -1,7 +1,7 @@
-"""Record the FP32 runtime's actual inputs to each graph, during chat and during the Euler loop.
-
-The runtime pipelines (runtime/chat.py, runtime/text2img.py) run unchanged on the FP32 torch-fast
-backend behind a Recorder, which saves the feeds of chosen calls as DIR/<graph>/<n>.npz. What is
+"""A recorded calibration set: the FP32 runtime's actual inputs to each graph, during chat and during the
+Euler loop. This module says what is kept (Plan), names a set (recording_key) and reads one back
+(CalibrationData); the recording itself runs the runtime, so it lives above it (janusflow_trt/recording.py:
+a Recorder wrapped around the seam saves the feeds of the chosen calls as DIR/<graph>/<n>.npz). What is
 kept, per graph (bounded so the set stays small at every model size):
 - chat, one call per photograph: siglip and the prefill embed/llm calls, plus the llm decode call
   of every `decode_stride`-th new token (CHAT_TOKENS new tokens, greedy);
@@ -30,7 +30,6 @@ import numpy as np
 
 from janusflow_trt.errors import CheckpointError
 from janusflow_trt.fingerprint import sha256_file
-from janusflow_trt.graph_names import VIEWS
 
 if TYPE_CHECKING:  # annotations only: the ModelOpt worker reads recorded sets without PIL
     from .data import InputSet
@@ -88,41 +87,6 @@ def subset(inputs: InputSet, plan: Plan) -> InputSet:
     return replace(inputs, prompts=prompts, pairs=pairs)
 
 
-class Recorder:
-    """A backend wrapper that saves the feeds of calls to graphs in `active` (as `source`)."""
-
-    def __init__(self, inner, out: Path):
-        self.inner, self.out = inner, out
-        self.name = f"record({inner.name})"
-        self.active: set[str] = set()
-        self.source = ""
-        self.files: list[dict[str, Any]] = []
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    def run_tensors(self, graph: str, feeds: dict) -> dict:
-        """The device-resident seam (the decode loop): recorded the same way, on the host."""
-        self._save(graph, {k: v.cpu().numpy() for k, v in feeds.items()})
-        return self.inner.run_tensors(graph, feeds)
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._save(graph, feeds)
-        return self.inner.run(graph, feeds)
-
-    def _save(self, graph: str, feeds: dict[str, np.ndarray]) -> None:
-        # a view (the Euler step's llm_gen) takes its parent's inputs: its calls calibrate the parent
-        name = VIEWS[graph][0] if graph in VIEWS else graph
-        if name in self.active:
-            d = self.out / name
-            d.mkdir(parents=True, exist_ok=True)
-            path = d / f"{sum(f['graph'] == name for f in self.files):05d}.npz"
-            np.savez(path, **{k: np.ascontiguousarray(v) for k, v in feeds.items()})
-            self.files.append({"graph": name, "source": self.source, "file": f"{name}/{path.name}",
-                               "sha256": sha256_file(path)})
-
-
 def _stat(path: Path) -> list:
     files = sorted(p for p in Path(path).rglob("*.safetensors*")) if Path(path).is_dir() else []
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -131,8 +95,8 @@ def _stat(path: Path) -> list:
 def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan: Plan) -> str:
     """What the recorded set depends on: the checkpoint (config + weight files' size and mtime; hashing
     GBs of weights on every export would cost more than re-recording), the inputs and the plan."""
-    # lazy: the ModelOpt worker imports this module in its own environment, which reads recorded sets
-    # and has no transformers (janusflow_ref.config needs it)
+    # lazy: the ModelOpt worker imports this module in ModelOpt's own environment (pinned packages) only
+    # to read recorded sets; the config parser (transformers) is needed only for a key
     from janusflow_trt.janusflow_ref.config import load_config
 
     doc = {"v": RECORDER_VERSION, "config": load_config(model_dir).sha256, "weights": _stat(model_dir),

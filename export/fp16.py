@@ -27,10 +27,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import version_converter
+from onnx.external_data_helper import load_external_data_for_model
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from janusflow_trt.calibration.ranges import FP16_MAX, Ranges, measure
 
-from .onnx_graph import graph_opset, tensor_readers
+from .onnx_graph import graph_opset, name_nodes, tensor_readers
+from .onnx_io import ort_session, save_model
 from .specs import GraphSpec, compare, fp16_boundary, precision_variant
 
 OVERFLOW_FRACTION = 0.5  # headroom: held-out inputs may reach 2x what calibration saw
@@ -65,18 +69,6 @@ class Islands:
             k = r.split(":")[0]
             out[k] = out.get(k, 0) + 1
         return out
-
-
-def name_nodes(model: onnx.ModelProto) -> None:
-    """The converter blocks nodes by name: give unnamed nodes a stable one."""
-    used = {n.name for n in model.graph.node if n.name}
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            name = f"{n.op_type}_{i}"
-            while name in used:
-                name += "_"
-            n.name = name
-            used.add(name)
 
 
 def choose_islands(model: onnx.ModelProto, ranges: Ranges) -> Islands:
@@ -129,9 +121,6 @@ def load_typed(path: Path, opset: int | None = None) -> onnx.ModelProto:
     serialisation, which fails above 2 GB, so given the loaded full-size LLM they would fail (the
     float16 converter's own inference did: "Failed to serialize proto"). Small graphs with inline
     weights take the same path."""
-    from onnx import version_converter
-    from onnx.external_data_helper import load_external_data_for_model
-
     model = onnx.load(str(path), load_external_data=False)
     if opset is not None and graph_opset(model) < opset:
         model = version_converter.convert_version(model, opset)
@@ -142,8 +131,6 @@ def load_typed(path: Path, opset: int | None = None) -> onnx.ModelProto:
 
 def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.ModelProto:
     """`model` from load_typed (its value_info stands in for the converter's own shape inference)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     fp16_io = set(fp16_boundary(spec))
     keep = [t.name for t in spec.inputs + spec.outputs if t.dtype == "float32" and t.name not in fp16_io]
     model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
@@ -194,8 +181,6 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
     samples (CalibrationData.select, spread) are measured; check: samples of the FP16-vs-FP32 check.
     Memory, in order: the range measurement (one ORT session of the FP32 graph), then the FP32 model
     converted in place and saved, then the two sessions of the check: never all at once."""
-    from .onnx_export import _save
-
     samples = lambda: calib.samples(spec.name, limit)  # noqa: E731
     if calib.count(spec.name) == 0:
         raise ValueError(f"no calibration samples recorded for graph {spec.name}")
@@ -211,7 +196,7 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
         islands = choose_islands(model, ranges)
     fp16 = convert(model, spec, sorted(islands.reasons))
     del model
-    data = _save(fp16, out_path, big)
+    data = save_model(fp16, out_path, big)
     del fp16
     checked = calibration_check(fp32_path, out_path, spec, lambda: calib.samples(spec.name, check), check)
     recipe = {
@@ -233,8 +218,6 @@ def fp16_feeds(spec16: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 def calibration_check(fp32_path: Path, fp16_path: Path, spec: GraphSpec, samples, limit: int = 4) -> dict:
     """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite."""
-    from .onnx_export import ort_session
-
     s32, s16 = ort_session(fp32_path, lean=True), ort_session(fp16_path, lean=True)
     spec16 = precision_variant(spec, "fp16")
     worst: dict[str, float] = {}

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 import janusflow_trt
 from janusflow_trt.calibration.int8_calib import (
@@ -43,9 +45,11 @@ from janusflow_trt.calibration.int8_calib import (
     cpu_has_vnni,
     tensor_ranges,
 )
+from janusflow_trt.calibration.ranges import measure
 from janusflow_trt.errors import CheckpointError, JanusFlowError
 
-from .onnx_graph import graph_opset, tensor_readers
+from .fp16 import choose_islands, drop_fp16_round_trips, load_typed
+from .onnx_graph import graph_opset, name_nodes, tensor_readers
 from .smoothquant import ALPHA as SMOOTH_ALPHA
 from .smoothquant import GRAPHS as SMOOTH_GRAPHS
 from .smoothquant import load_smoothed
@@ -67,8 +71,6 @@ PERCENTILE = 99.999
 def flavour_options(precision: str) -> dict[str, Any]:
     """quantize_static keyword arguments of one flavour (the recipe records them). Activation ranges come
     from the calibration cache (calibration/int8_calib.py: tensor_ranges), so no calibrator option."""
-    from onnxruntime.quantization import QuantType
-
     if precision == "int8":
         return dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                     reduce_range=False,
@@ -123,11 +125,6 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     the FP16 variant's node -> why it stays FP32; given, every other float part becomes FP16; None keeps
     the float parts FP32 (the sensitivity probes, which measure INT8 error alone). smooth_alpha: the
     SmoothQuant migration strength for the graphs it applies to (export/smoothquant.py); None: off."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
-    from .fp16 import name_nodes
-
     mo = modelopt_python() if precision == "int8" else None
     method = method or (MODELOPT_DEFAULT if mo else DEFAULT_METHOD)
     if method not in METHODS:
@@ -181,8 +178,6 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     save(q)
     del q
     if precision == "int8" and islands is not None:  # re-read typed (fp16.load_typed: no >2 GB serialisation)
-        from .fp16 import load_typed
-
         q, float_parts = fp16_float_parts(load_typed(out_path, FP16_QDQ_OPSET), islands)
         save(q)
         del q
@@ -259,10 +254,6 @@ def fp16_float_parts(model: onnx.ModelProto, islands: dict[str, str]) -> tuple[o
     overflow / flush tensors, norms, softmax, the logits) stay FP32, and so does a Q/DQ pair whose
     readers are all islands (DQ(scale fp32) -> FP32 MatMul, again with no Cast between). Graph inputs and
     outputs stay FP32: the int8 variant's boundary (export/specs.py: precision_variant). -> (model, recipe)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    from .fp16 import drop_fp16_round_trips
-
     if graph_opset(model) < FP16_QDQ_OPSET or not model.graph.value_info:
         raise ValueError(f"fp16_float_parts takes a model from fp16.load_typed(path, {FP16_QDQ_OPSET})")
     g = model.graph
@@ -292,9 +283,6 @@ def fp16_islands(fp32_path: Path, spec, calib, fp16_entry: dict | None, limit: i
     measured the same way (calibration/ranges.py on the same recorded samples)."""
     if fp16_entry and "kept_fp32" in fp16_entry.get("recipe", {}):
         return dict(fp16_entry["recipe"]["kept_fp32"])
-    from janusflow_trt.calibration.ranges import measure
-
-    from .fp16 import choose_islands, name_nodes
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     name_nodes(model)
@@ -350,53 +338,3 @@ def _modelopt(py: str, named: Path, spec, calib, out_path: Path, method: str, ex
 
 def passthrough_recipe(name: str) -> dict[str, Any]:
     return {"not_quantized": NOT_QUANTIZED[name], "float_parts": "the whole FP32 graph"}
-
-
-def add_int8(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, specs: dict, entries: dict[str, dict],
-             inputs, precisions: list[str], method: str | None = None, progress: bool = True,
-             plan=None) -> dict[str, Any]:
-    """Write tmp/<graph>.<precision>.onnx for each int8 precision; fill entries[g]['precisions'];
-    -> the manifest's 'calibration' record (the set is recorded once and shared with fp16)."""
-    import time
-
-    from janusflow_trt.calibration.record import CalibrationData, Plan
-    from janusflow_trt.errors import JanusFlowError
-
-    from .manifest import precision_entry
-    from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory
-    from .variants import CALIB_DIR, calibration_data
-
-    if method is not None and method not in METHODS:
-        raise JanusFlowError(f"--calib-method must be one of {','.join(METHODS)}, got {method!r}")
-    t0 = time.perf_counter()
-    if (tmp / CALIB_DIR / "index.json").is_file():  # recorded by the fp16 variant in this export
-        calib, reused = CalibrationData(tmp / CALIB_DIR), True
-    else:
-        calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs, plan or Plan(), progress)
-    record_s = time.perf_counter() - t0
-    limit = (plan or Plan()).measure_samples  # per graph, samples calibrated on (None: all recorded)
-    for name, e in entries.items():
-        for prec in precisions:
-            t0 = time.perf_counter()
-            src = e["file"]
-            if name in NOT_QUANTIZED:
-                v = precision_entry(tmp, src, (e.get("external_data") or {}).get("file"), passthrough_recipe(name), src)
-            else:
-                with PeakRSS() as rss:
-                    big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
-                    out = f"{name}.{prec}.onnx"
-                    isl = (fp16_islands(tmp / src, specs[name], calib, e.get("precisions", {}).get("fp16"), limit)
-                           if prec == "int8" and modelopt_python() is None else None)
-                    r = derive_int8(tmp / src, specs[name], calib, tmp / out, prec, method, big=big, islands=isl,
-                                    limit=limit)
-                v = precision_entry(tmp, out, r["data"], r["recipe"], src)
-                v["recipe"]["calibration_sha256"] = calib.sha256
-                v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
-                _release_memory()
-                if progress:
-                    print(f"{prec} {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
-                          f"{r['recipe']['calibration_samples']} samples", file=sys.stderr, flush=True)
-            e.setdefault("precisions", {})[prec] = v
-    return {"dir": CALIB_DIR, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
-            "record_seconds": round(record_s, 2), "bytes": calib.index["bytes"],
-            "samples": {g: calib.count(g) for g in entries}, "inputs_sha256": calib.index["inputs_sha256"]}

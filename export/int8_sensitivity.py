@@ -7,15 +7,22 @@ levels on the absmax, so a ratio of 100 leaves the bulk of the values a few leve
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
+from janusflow_trt.calibration.int8_calib import RecordedReader
+
 from .int8 import QUANT_OPS, derive_int8
+from .onnx_graph import name_nodes
+from .quality_metrics import cosine
+from .smoothquant import load_smoothed
 
 
 def _activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
@@ -26,10 +33,6 @@ def _activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def outlier_ratios(fp32_path: Path, samples) -> dict[str, float]:
-    import onnxruntime as ort
-
-    from .fp16 import name_nodes
-
     model = onnx.load(str(fp32_path))
     name_nodes(model)
     acts = _activation_inputs(model)
@@ -53,11 +56,6 @@ def outlier_ratios(fp32_path: Path, samples) -> dict[str, float]:
 def sensitivity(fp32_path: Path, spec, calib, precision: str = "int8", method: str = "minmax",
                 samples: int = 4) -> list[dict[str, Any]]:
     """-> rows sorted most sensitive first: node, op, worst output cosine with only it quantized, outlier ratio."""
-    import onnxruntime as ort
-
-    from .fp16 import name_nodes
-    from .quality_metrics import cosine
-
     model = onnx.load(str(fp32_path))
     name_nodes(model)
     ops = {n.name: n.op_type for n in model.graph.node if n.op_type in QUANT_OPS}
@@ -83,8 +81,6 @@ def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) 
     """The calibrated Q/DQ graph (FP32 float parts) with only the nodes in `keep` quantized: every other
     MatMul/Gemm/Conv reads its FP32 inputs again (activations are still in the graph, weights come back
     from the FP32 graph). One calibration for every probe, and the kept nodes keep the product's scales."""
-    import copy
-
     m = copy.deepcopy(qdq)
     inputs32 = {n.name: list(n.input) for n in fp32.graph.node if n.op_type in QUANT_OPS}
     inits32 = {t.name: t for t in fp32.graph.initializer}
@@ -105,8 +101,6 @@ def one_sided(qdq: onnx.ModelProto, weights32: onnx.ModelProto | None = None) ->
     given (the FP32 graph, smoothed as the Q/DQ graph is: float_weights): every quantized product reads its
     FP32 weight from it again (activation-only INT8). Which of the two costs the logits more says whether
     calibration (activations) or the INT8 weights themselves cause an error."""
-    import copy
-
     m = copy.deepcopy(qdq)
     inits = {t.name for t in m.graph.initializer}
     prod = {o: n for n in m.graph.node for o in n.output}
@@ -148,10 +142,6 @@ def one_sided(qdq: onnx.ModelProto, weights32: onnx.ModelProto | None = None) ->
 def float_weights(fp32_path: Path, spec, calib, smoothing: dict) -> onnx.ModelProto:
     """The FP32 graph smoothed as a Q/DQ graph's recipe['smoothquant'] says (the same ranges, from the same
     samples): the FP32 weights that go with that graph's smoothed norms."""
-    from janusflow_trt.calibration.int8_calib import RecordedReader
-
-    from .smoothquant import load_smoothed
-
     m, again = load_smoothed(fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds, smoothing["alpha"])
     if again["products"] != smoothing["products"]:
         raise ValueError(f"{fp32_path}: smoothed, it gives other products than the Q/DQ graph's record")
@@ -166,11 +156,6 @@ def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int 
     outlier ratio. -> rows: all quantized first, then the most costly alone.
     smoothing: the Q/DQ graph's recipe['smoothquant'] record; a smoothed graph's un-quantized nodes then
     take their FP32 weights from the FP32 graph smoothed the same way (its norms are the smoothed ones)."""
-
-    import onnxruntime as ort
-
-    from .fp16 import name_nodes
-    from .quality_metrics import cosine
 
     chat = [f for f in calib.index["files"] if f["graph"] == spec.name and f["source"].startswith("chat:")]
     keep = {f["file"] for f in chat[:samples]}

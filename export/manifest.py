@@ -202,6 +202,17 @@ def listed_files(m: dict[str, Any]) -> set[str]:
     return names
 
 
+def is_export_dir(d: Path) -> bool:
+    """An earlier export of ours: a manifest of ours, and nothing in d it does not account for."""
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+        listed = listed_files(m)
+        assert "janusflow_trt_version" in m and "format_version" in m
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError):
+        return False
+    return {p.name for p in d.iterdir()} <= listed
+
+
 def exported_precisions(m: dict[str, Any], name: str) -> list[str]:
     g = m.get("graphs", {}).get(name)
     return [] if g is None else ["fp32", *g.get("precisions", {})]

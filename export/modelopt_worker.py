@@ -31,7 +31,7 @@ class Reader(CalibrationDataReader):
 
 
 def main(argv: list[str]) -> int:
-    from modelopt.onnx.quantization import quantize
+    from modelopt.onnx.quantization import quantize  # only in ModelOpt's own environment (this process's)
 
     fp32, calib_dir, graph, out, method, *rest = argv
     exclude = [n for n in (rest[0].split(",") if rest else []) if n]

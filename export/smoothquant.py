@@ -31,7 +31,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_graph import tensor_readers
+from janusflow_trt.calibration.ranges import walk_exposed
+
+from .onnx_graph import name_nodes, tensor_readers
 
 ALPHA = 0.8  # measured best of 0.5 / 0.8 on the small and golden checkpoints (README: INT8)
 GRAPHS = ("llm",)
@@ -84,8 +86,6 @@ def channel_absmax(path: str | Path, samples: Callable[[], Iterable[dict[str, np
                    names: list[str]) -> dict[str, np.ndarray]:
     """name -> max |x| per last-axis channel over every sample (float64), through the chunked,
     arena-free walk the range measurements use."""
-    from janusflow_trt.calibration.ranges import walk_exposed
-
     amax: dict[str, np.ndarray] = {}
     for _, values in walk_exposed(path, samples, names):
         for n, x in values.items():
@@ -128,8 +128,6 @@ def load_smoothed(fp32_path: str | Path, samples, alpha: float = ALPHA) -> tuple
     product's absorber). max |x_j| of every activation smoothing_groups finds is measured over `samples()`
     on the graph read without its weights, which are loaded only after that walk's session is gone (full
     size: the two would otherwise be in memory together)."""
-    from .fp16 import name_nodes
-
     skeleton = onnx.load(str(fp32_path), load_external_data=False)
     amax = channel_absmax(fp32_path, samples, list(smoothing_groups(skeleton)))
     del skeleton

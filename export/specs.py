@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from janusflow_trt.graph_names import GRAPH_NAMES, VIEWS  # noqa: F401  (the names, read here beside their specs)
 from janusflow_trt.janusflow_ref.config import LATENT_SIZE, JanusFlowConfig
 from janusflow_trt.precision import Precision
+
+GRAPH_NAMES = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
+# Views: a graph's output subset, for callers that read only those ("drop graph outputs nobody reads").
+# An Euler step reads only the LLM's last hidden states: its view has no LM head (at full size 0.8 GB
+# of FP32 weights read for nothing every step) and no K/V outputs. Derived from the parent's ONNX file
+# at export (export/views.py), never exported from torch: same nodes, same weights (same data file).
+VIEWS: dict[str, tuple[str, tuple[str, ...]]] = {"llm_gen": ("llm", ("last_hidden_state",))}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Networks are strongly typed (the only kind TensorRT 11 builds): precision comes 
 so `--precision` picks which exported variant is parsed, not a builder flag. Profiles come from
 export/trt_plan.py (derived from the specs). The timing cache is read before and written after the
 builds, atomically, so an interrupted build never leaves a truncated cache. Everything that needs
-TensorRT or a GPU is imported inside the functions that need it; `--dry-run` needs neither.
+TensorRT (optional, GPU machines only) is imported inside the functions that need it; `--dry-run` needs
+neither TensorRT nor a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 
 from janusflow_trt.errors import CheckpointError, JanusFlowError
 from janusflow_trt.images import write_atomic
@@ -47,7 +49,7 @@ class BuildError(JanusFlowError):
 def require_tensorrt(what: str) -> Any:
     """The tensorrt module, or one line saying what is missing (the stubs alone are not TensorRT)."""
     try:
-        import tensorrt
+        import tensorrt  # optional (the [tensorrt] extra, GPU machines): imported when asked for
 
         if not hasattr(tensorrt, "Builder"):  # tensorrt-stubs installs a namespace with no bindings
             raise ImportError
@@ -58,15 +60,11 @@ def require_tensorrt(what: str) -> Any:
 
 
 def require_cuda(what: str) -> None:
-    import torch
-
     if not torch.cuda.is_available():
         raise JanusFlowError(f"{what} needs an NVIDIA GPU with CUDA; torch {torch.__version__} sees none here")
 
 
 def target_here(trt_version: str) -> Target:
-    import torch
-
     major, minor = torch.cuda.get_device_capability()
     return Target(trt_version, torch.cuda.get_device_name(), f"{major}.{minor}")
 
@@ -153,7 +151,7 @@ def _save_bytes(path: Path, data: bytes) -> None:
 def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache: bytes, opt_level: int,
                  workspace_gb: float) -> tuple[bytes, bytes, int]:
     """-> (serialized engine, updated timing cache, device memory one execution context needs)."""
-    import tensorrt as trt
+    import tensorrt as trt  # optional, GPU machines only (see require_tensorrt)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

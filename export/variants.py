@@ -1,28 +1,32 @@
-"""Precision variants written beside the FP32 graphs during `janusflow export --precision ...`.
+"""Precision variants written beside the FP32 graphs of an export directory, derived from a recorded
+calibration set (calibration/record.py: CalibrationData; janusflow_trt/export_job.py records or reuses it).
 
-Graph by graph: each FP16 graph is derived from its FP32 file on disk (loaded, converted, saved,
-freed) so at most one precision of one graph is in memory. The calibration set is recorded into
-OUT/calib on the FP32 torch-fast runtime, or reused from the previous OUT when its key matches.
+Graph by graph: each variant is derived from its FP32 file on disk (loaded, converted, saved, freed), so
+at most one precision of one graph is in memory.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from janusflow_trt.calibration.data import InputSet
-from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, recording_key
-from janusflow_trt.recording import record
+from tqdm import tqdm
+
+from janusflow_trt.calibration.int8_calib import METHODS
+from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan
 from janusflow_trt.errors import JanusFlowError
 
+from .fp16 import derive_fp16
+from .int8 import NOT_QUANTIZED, derive_int8, fp16_islands, modelopt_python, passthrough_recipe
 from .manifest import precision_entry
+from .memory import PeakRSS, release_memory
+from .onnx_io import needs_external_data
 from .specs import PRECISIONS, GraphSpec
 
 VAE_PRECISIONS = ("fp16", "fp32")
-CALIB_DIR = "calib"
+CALIB_DIR = "calib"  # the recorded set's folder in an export directory
 
 
 def parse_precisions(s: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -35,63 +39,78 @@ def parse_precisions(s: str | list[str] | tuple[str, ...] | None) -> list[str]:
     return [p for p in PRECISIONS if p in names or p == "fp32"]  # fp16 is derived from fp32: always both
 
 
-def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, inputs: InputSet,
-                     plan: Plan, progress: bool) -> tuple[CalibrationData, bool]:
-    """-> (the set in tmp/calib, reused?)."""
-    key = recording_key(model_dir, vae_dir, inputs, plan)
-    old = old_out / CALIB_DIR
-    try:
-        reusable = json.loads((old / "index.json").read_text()).get("key") == key
-    except (OSError, json.JSONDecodeError):
-        reusable = False
-    if reusable:
-        shutil.copytree(old, tmp / CALIB_DIR)
-    else:
-        record(model_dir, vae_dir, tmp / CALIB_DIR, inputs, plan, progress=progress)
-    return CalibrationData(tmp / CALIB_DIR), reusable
-
-
-def add_fp16(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, specs: dict[str, GraphSpec],
-             entries: dict[str, dict[str, Any]], inputs: InputSet, vae_precision: str = "fp16",
-             progress: bool = True, plan: Plan | None = None) -> dict[str, Any]:
-    """Write tmp/<graph>.fp16.onnx for every exported graph; fill entries[g]['precisions']['fp16'];
-    -> the manifest's 'calibration' record."""
-    from tqdm import tqdm
-
-    from .fp16 import derive_fp16
-    from .onnx_export import EXTERNAL_DATA_BYTES, PeakRSS, _release_memory
-
-    if vae_precision not in VAE_PRECISIONS:
+def check_options(precisions: list[str], vae_precision: str, method: str | None) -> None:
+    """Refuse the variants' options before anything is exported or recorded."""
+    if "fp16" in precisions and vae_precision not in VAE_PRECISIONS:
         raise JanusFlowError(f"--vae-precision must be one of {','.join(VAE_PRECISIONS)}, got {vae_precision!r}")
-    t0 = time.perf_counter()
+    if any(p.startswith("int8") for p in precisions) and method is not None and method not in METHODS:
+        raise JanusFlowError(f"--calib-method must be one of {','.join(METHODS)}, got {method!r}")
+
+
+def _big(out: Path, e: dict[str, Any]) -> bool:
+    """The FP32 file needs external data, or has it: its variants are written with external data too."""
+    return needs_external_data((out / e["file"]).stat().st_size) or bool(e.get("external_data"))
+
+
+def add_fp16(out: Path, specs: dict[str, GraphSpec], entries: dict[str, dict[str, Any]], calib: CalibrationData,
+             vae_precision: str = "fp16", plan: Plan | None = None, progress: bool = True) -> None:
+    """Write out/<graph>.fp16.onnx for every exported graph; fill entries[g]['precisions']['fp16']."""
     plan = plan or PLANS["default"]
-    calib, reused = calibration_data(model_dir, vae_dir, tmp, old_out, inputs, plan, progress)
-    record_s = time.perf_counter() - t0
-    if progress:
-        tqdm.write(f"calibration set: {'reused' if reused else 'recorded'} in {record_s:.1f} s")
     bar = tqdm(entries.items(), desc="fp16", unit="graph", disable=not progress)
     for name, e in bar:
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
         src = e["file"]
         if name == "vae_dec" and vae_precision == "fp32":
-            v = precision_entry(tmp, src, (e.get("external_data") or {}).get("file"),
+            v = precision_entry(out, src, (e.get("external_data") or {}).get("file"),
                                 {"kept_fp32": "all nodes and I/O (--vae-precision fp32)"}, src)
         else:
             with PeakRSS() as rss:
-                big = (tmp / src).stat().st_size > EXTERNAL_DATA_BYTES or bool(e.get("external_data"))
-                out = f"{name}.fp16.onnx"
-                r = derive_fp16(tmp / src, specs[name], calib, tmp / out, big, limit=plan.measure_samples,
+                file = f"{name}.fp16.onnx"
+                r = derive_fp16(out / src, specs[name], calib, out / file, _big(out, e), limit=plan.measure_samples,
                                 check=plan.check_samples)
-            v = precision_entry(tmp, out, r["data"], r["recipe"], src)
+            v = precision_entry(out, file, r["data"], r["recipe"], src)
             v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
-            _release_memory()
+            release_memory()
             if progress:
                 rc = r["recipe"]
                 bar.write(f"fp16 {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
                           f"{rc['calibration_samples']} samples x {rc['measure_runs_per_sample']} runs")
         e.setdefault("precisions", {})["fp16"] = v
-    return {"dir": CALIB_DIR, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
-            "record_seconds": round(record_s, 2), "bytes": calib.index["bytes"],
-            "samples": {g: calib.count(g) for g in entries}, "inputs_sha256": calib.index["inputs_sha256"],
+
+
+def add_int8(out: Path, specs: dict[str, GraphSpec], entries: dict[str, dict[str, Any]], calib: CalibrationData,
+             precisions: list[str], method: str | None = None, plan: Plan | None = None,
+             progress: bool = True) -> None:
+    """Write out/<graph>.<precision>.onnx for each int8 precision; fill entries[g]['precisions']. An fp16
+    variant already in `entries` lends the TensorRT flavour its measured FP32 islands."""
+    limit = (plan or PLANS["default"]).measure_samples  # per graph, samples calibrated on (None: all recorded)
+    for name, e in entries.items():
+        for prec in precisions:
+            t0 = time.perf_counter()
+            src = e["file"]
+            if name in NOT_QUANTIZED:
+                v = precision_entry(out, src, (e.get("external_data") or {}).get("file"), passthrough_recipe(name), src)
+            else:
+                with PeakRSS() as rss:
+                    file = f"{name}.{prec}.onnx"
+                    isl = (fp16_islands(out / src, specs[name], calib, e.get("precisions", {}).get("fp16"), limit)
+                           if prec == "int8" and modelopt_python() is None else None)
+                    r = derive_int8(out / src, specs[name], calib, out / file, prec, method, big=_big(out, e),
+                                    islands=isl, limit=limit)
+                v = precision_entry(out, file, r["data"], r["recipe"], src)
+                v["recipe"]["calibration_sha256"] = calib.sha256
+                v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
+                release_memory()
+                if progress:
+                    print(f"{prec} {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
+                          f"{r['recipe']['calibration_samples']} samples", file=sys.stderr, flush=True)
+            e.setdefault("precisions", {})[prec] = v
+
+
+def calibration_entry(calib: CalibrationData, reused: bool, record_seconds: float, graphs) -> dict[str, Any]:
+    """The manifest's 'calibration' record: the set the variants were derived from (one per export)."""
+    return {"dir": calib.path.name, "sha256": calib.sha256, "key": calib.index["key"], "reused": reused,
+            "record_seconds": round(record_seconds, 2), "bytes": calib.index["bytes"],
+            "samples": {g: calib.count(g) for g in graphs}, "inputs_sha256": calib.index["inputs_sha256"],
             "plan": calib.index["plan"]}

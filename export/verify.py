@@ -13,14 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from janusflow_trt.errors import CheckpointError
 from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.generation import generation_mask
+from janusflow_trt.janusflow_ref.processor import Processor
 
 from .int8 import INT8_PRECISIONS
 from .manifest import load_checked, resolve_graph
-from .onnx_export import load_modules, ort_session
+from .onnx_io import ort_session
 from .specs import GraphSpec, build_specs, compare, dummy_inputs, precision_variant
+from .torch_to_onnx import load_modules
 
 PROMPT_CHAT = "Describe the image."
 PROMPT_GEN = "a red fox"
@@ -55,8 +59,6 @@ class Report:
 
 def test_image(seed: int = 0):
     """A seeded non-square RGB image (exercises resize + pad-to-square)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:240, 0:320]
     img = np.stack([xx * 255 // 320, yy * 255 // 240, (xx + yy) % 256], -1) + rng.integers(0, 40, (240, 320, 3))
@@ -120,9 +122,6 @@ def grow_cache(spec: GraphSpec, out: dict[str, np.ndarray], new_mask: np.ndarray
 
 
 def _real_cases(run: _Runner, model_dir: Path, cfg, names: list[str]) -> None:
-    from janusflow_trt.janusflow_ref.generation import generation_mask
-    from janusflow_trt.janusflow_ref.processor import Processor
-
     proc = Processor(model_dir)
     chat = proc.chat_inputs(test_image(), PROMPT_CHAT)
     gen_ids = np.array([proc.generation_ids(PROMPT_GEN)] * 2, np.int64)  # cond row, uncond row

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the CLI sits above every layer: it registers the subcommands each layer owns
     from janusflow_trt.benchmarks import commands as bench_commands
-    from janusflow_trt.export import commands as export_commands
+    from janusflow_trt import export_commands
     from janusflow_trt.runtime import gpu_check
 
     for module in (export_commands, bench_commands, gpu_check):

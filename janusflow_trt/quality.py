@@ -73,7 +73,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
     only with force) and renamed into place together at the end (janusflow_trt/files.py)."""
     from tqdm import tqdm
 
-    from janusflow_trt.export.onnx_export import ort_session
+    from janusflow_trt.export.onnx_io import ort_session
     from janusflow_trt.files import check_output_dir, write_into
     from janusflow_trt.images import to_uint8
     from janusflow_trt.janusflow_ref.config import load_config

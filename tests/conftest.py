@@ -49,7 +49,7 @@ def test_image(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_dir, tmp_path_factory):
     """All six graphs of the tiny checkpoint, exported once per session."""
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
 
     out = tmp_path_factory.mktemp("export") / "onnx"
     export_graphs(tiny_dir, None, out, progress=False)

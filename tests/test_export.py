@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from janusflow_trt.errors import CheckpointError, JanusFlowError
-from janusflow_trt.export import onnx_export
-from janusflow_trt.export.commands import register
+from janusflow_trt.export import torch_to_onnx
 from janusflow_trt.export.manifest import file_record, sha256_file
-from janusflow_trt.export.onnx_export import ExportError, check_ops, export_graphs, ort_session
+from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.specs import GRAPH_NAMES, build_specs, compare, dummy_inputs, trt_profiles
+from janusflow_trt.export.torch_to_onnx import ExportError, check_ops
 from janusflow_trt.export.verify import grow_cache, llm_feeds, verify
+from janusflow_trt.export_commands import register
+from janusflow_trt.export_job import export_graphs
 from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.janusflow_ref.weights import load_model
 
@@ -179,7 +181,7 @@ def test_legacy_fallback(tiny, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("simulated dynamo failure")
 
-    monkeypatch.setattr(onnx_export, "export_dynamo", broken)
+    monkeypatch.setattr(torch_to_onnx, "export_dynamo", broken)
     out = tmp_path / "legacy"
     m = export_graphs(tiny, None, out, graphs="embed,gen_dec", progress=False)
     for g in ("embed", "gen_dec"):
@@ -243,7 +245,7 @@ def test_interrupted_export_keeps_previous_out(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out"
     export_graphs(tiny, None, out, graphs="embed", progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real, calls = onnx_export._export_one, []
+    real, calls = torch_to_onnx.export_one, []
 
     def interrupted(name, *a, **k):
         calls.append(name)
@@ -251,7 +253,7 @@ def test_interrupted_export_keeps_previous_out(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(name, *a, **k)
 
-    monkeypatch.setattr(onnx_export, "_export_one", interrupted)
+    monkeypatch.setattr(torch_to_onnx, "export_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_graphs(tiny, None, out, graphs="embed,gen_enc", progress=False, force=True)
     assert calls == ["embed", "gen_enc"]
@@ -316,7 +318,7 @@ def test_gelu_ort_form_bit_identical_and_fused(tmp_path):
     optimizer then fuses it: no Erf left. The exported form as it was is not fused (what the pass is for)."""
     import onnxruntime as ort
 
-    from janusflow_trt.export.onnx_export import gelu_ort_form
+    from janusflow_trt.export.onnx_graph import gelu_ort_form
 
     before, after = _dynamo_gelu_graph(), _dynamo_gelu_graph()
     assert gelu_ort_form(after) == 1 and gelu_ort_form(after) == 0  # a second pass finds nothing to do

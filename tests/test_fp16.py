@@ -28,7 +28,7 @@ def small_inputs() -> InputSet:
 
 @pytest.fixture(scope="session")
 def fp16_onnx(tiny_dir, tmp_path_factory):
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
 
     out = tmp_path_factory.mktemp("export16") / "onnx"
     export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16", calib_inputs=small_inputs(),
@@ -96,7 +96,7 @@ def test_timestep_argument_fp32(fp16_onnx):
     """The sin/cos argument (t up to ~967: FP16 spacing 0.5 there, and t * frequency) stays FP32 from the
     graph input on; measured before: t_emb cosine 0.996 on held-out timesteps, the MLP after sin/cos
     kept FP32 changed nothing."""
-    from janusflow_trt.export.onnx_export import ort_session
+    from janusflow_trt.export.onnx_io import ort_session
     from janusflow_trt.janusflow_ref.generation import timestep
 
     m = json.loads((fp16_onnx / "manifest.json").read_text())
@@ -162,7 +162,7 @@ def test_refuses_precision_not_exported(tiny_onnx, tiny_model):
 
 def test_calibration_reused(fp16_onnx, tiny_dir, tmp_path):
     """Re-exporting into the same OUT with the same inputs reuses the recorded set (same hash)."""
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
 
     out = tmp_path / "onnx"
     shutil.copytree(fp16_onnx, out)
@@ -206,7 +206,7 @@ def test_select_spread_over_kinds(fp16_onnx):
 
 @pytest.fixture(scope="module")
 def lean_onnx(tiny_dir, tmp_path_factory):
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
 
     out = tmp_path_factory.mktemp("lean") / "onnx"
     export_graphs(tiny_dir, None, out, graphs="llm,gen_enc", progress=False, precisions="fp32,fp16",
@@ -276,7 +276,8 @@ def hot_vae_dir(tiny_dir, tmp_path_factory):
 def test_vae_overflow(hot_vae_dir, tmp_path):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from janusflow_trt.export.onnx_export import export_graphs, ort_session
+    from janusflow_trt.export.onnx_io import ort_session
+    from janusflow_trt.export_job import export_graphs
     from janusflow_trt.images import to_uint8
 
     out = tmp_path / "onnx"
@@ -298,7 +299,7 @@ def test_vae_overflow(hot_vae_dir, tmp_path):
 
 
 def test_vae_precision_fp32(tiny_dir, tmp_path):
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
 
     m = export_graphs(tiny_dir, None, tmp_path / "o", graphs="vae_dec", progress=False, precisions="fp32,fp16",
                       calib_inputs=small_inputs(), calib_plan=PLAN, vae_precision="fp32")

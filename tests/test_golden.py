@@ -84,7 +84,7 @@ def specs(model):
 @pytest.fixture(scope="module")
 def backends(ckpt, model, vae, tmp_path_factory):
     """name -> runtime backend (the torch reference is not one: it is called directly)."""
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
     from janusflow_trt.runtime.backends import OrtBackend, TorchBackend
 
     onnx = tmp_path_factory.mktemp("golden_onnx") / "onnx"

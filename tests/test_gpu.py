@@ -33,7 +33,7 @@ needs_trt = pytest.mark.skipif(not (_has_tensorrt() and torch.cuda.is_available(
 
 @pytest.fixture(scope="module")
 def fp32_engines(tiny_onnx, tmp_path_factory):
-    from janusflow_trt.export.onnx_export import parse_graphs
+    from janusflow_trt.export.torch_to_onnx import parse_graphs
     from janusflow_trt.export.trt_build import build
 
     out = tmp_path_factory.mktemp("engines") / "fp32"

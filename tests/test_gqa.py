@@ -19,7 +19,7 @@ from janusflow_trt.runtime.chat import chat as rt_chat
 
 @pytest.fixture(scope="module")
 def gqa(tmp_path_factory):
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
     from janusflow_trt.janusflow_ref.processor import Processor
     from janusflow_trt.janusflow_ref.weights import load_model
     from janusflow_trt.tiny import make_tiny

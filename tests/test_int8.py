@@ -24,7 +24,7 @@ QUANTIZED = ("siglip", "llm", "gen_enc", "gen_dec")
 
 @pytest.fixture(scope="session")
 def int8_onnx(tiny_dir, tmp_path_factory):
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
 
     b = builtin_calibration()
     out = tmp_path_factory.mktemp("export8") / "onnx"

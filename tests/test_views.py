@@ -13,9 +13,10 @@ import pytest
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
 from janusflow_trt.calibration.record import Plan
 from janusflow_trt.errors import CheckpointError
-from janusflow_trt.export import onnx_export
-from janusflow_trt.export.manifest import has_view, listed_files, load_checked, resolve_graph
+from janusflow_trt.export import onnx_io
+from janusflow_trt.export.manifest import has_view, is_export_dir, listed_files, load_checked, resolve_graph
 from janusflow_trt.export.specs import build_specs, dummy_inputs
+from janusflow_trt.export_job import export_graphs
 from janusflow_trt.janusflow_ref.config import load_config
 
 PLAN = Plan(steps=2, full_runs=1, full_stride=2, early_steps=1)  # calibration for the fp16 variant, kept small
@@ -27,12 +28,11 @@ def ext_onnx(tiny_dir, tmp_path_factory):
     weights are far below the 2 GB protobuf limit, so the threshold is lowered for this export)."""
     out = tmp_path_factory.mktemp("views") / "onnx"
     mp = pytest.MonkeyPatch()
-    mp.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)
+    mp.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 10_000)
     try:
         cal = builtin_calibration()
-        onnx_export.export_graphs(tiny_dir, None, out, graphs="embed,llm,gen_enc,gen_dec", progress=False,
-                                  precisions="fp32,fp16", calib_inputs=InputSet(cal.prompts[:2], cal.pairs[:1]),
-                                  calib_plan=PLAN)
+        export_graphs(tiny_dir, None, out, graphs="embed,llm,gen_enc,gen_dec", progress=False,
+                      precisions="fp32,fp16", calib_inputs=InputSet(cal.prompts[:2], cal.pairs[:1]), calib_plan=PLAN)
     finally:
         mp.undo()
     return out
@@ -85,8 +85,8 @@ def test_view_hidden_state_equals_the_llm_graphs(ext_onnx, tiny_dir, precision):
     m = _manifest(ext_onnx)
     spec = precision_variant(build_specs(load_config(tiny_dir))["llm"], precision)
     feeds = {k: v.astype(t.dtype) for (k, v), t in zip(dummy_inputs(spec, seed=3).items(), spec.inputs, strict=True)}
-    llm = onnx_export.ort_session(ext_onnx / resolve_graph(m, ext_onnx, "llm", precision)["file"])
-    gen = onnx_export.ort_session(ext_onnx / resolve_graph(m, ext_onnx, "llm_gen", precision)["file"])
+    llm = onnx_io.ort_session(ext_onnx / resolve_graph(m, ext_onnx, "llm", precision)["file"])
+    gen = onnx_io.ort_session(ext_onnx / resolve_graph(m, ext_onnx, "llm_gen", precision)["file"])
     want = llm.run(["last_hidden_state"], feeds)[0]
     got = gen.run(None, feeds)
     assert len(got) == 1
@@ -101,7 +101,7 @@ def test_manifest_accounts_for_the_view(ext_onnx, tiny_dir, tmp_path):
     cfg = load_config(tiny_dir)
     m = _manifest(ext_onnx)
     assert {"llm_gen.onnx", "llm_gen.fp16.onnx"} <= listed_files(m)
-    assert onnx_export.is_export_dir(ext_onnx)  # nothing in the directory the manifest does not list
+    assert is_export_dir(ext_onnx)  # nothing in the directory the manifest does not list
     assert has_view(m, "llm_gen", "fp32") and has_view(m, "llm_gen", "fp16") and not has_view(m, "llm_gen", "int8")
     d = tmp_path / "copy"
     shutil.copytree(ext_onnx, d)

@@ -1,4 +1,8 @@
-"""`janusflow export` and `janusflow verify` subcommands (registered by runtime/cli.py)."""
+"""`janusflow export`, `verify`, `build` and `quality` (registered by janusflow_trt/cli.py).
+
+Each command imports what it runs when it runs (the one exception to imports at module top here): the
+CLI registers every subcommand on every call, and `janusflow --help` or `build --dry-run` should not load
+torch and the exporter (~5 s)."""
 
 from __future__ import annotations
 
@@ -6,27 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from janusflow_trt.calibration.record import PLANS
 from janusflow_trt.errors import JanusFlowError
-
-
-def _default_vae(model: str, vae: str | None) -> str | None:
-    if vae is not None:
-        return vae
-    d = Path(model) / "vae"
-    return str(d) if d.is_dir() else None
 
 
 def cmd_export(args) -> int:
     from janusflow_trt.calibration.data import calibration_set
-    from janusflow_trt.calibration.record import PLANS
-
-    from .onnx_export import export_graphs, parse_graphs
-    from .variants import parse_precisions
+    from janusflow_trt.export.torch_to_onnx import parse_graphs
+    from janusflow_trt.export.variants import parse_precisions
+    from janusflow_trt.export_job import export_graphs
 
     graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
     precisions = parse_precisions(args.precision)
     inputs = calibration_set(args.calib_prompts, args.calib_images) if precisions != ["fp32"] else None
-    m = export_graphs(args.model, _default_vae(args.model, args.vae), args.out, graphs=graphs, opset=args.opset,
+    m = export_graphs(args.model, args.vae, args.out, graphs=graphs, opset=args.opset,
                       progress=not args.quiet, force=args.force, precisions=precisions, calib_inputs=inputs,
                       vae_precision=args.vae_precision, calib_method=args.calib_method,
                       calib_plan=PLANS[args.calib_plan])
@@ -43,13 +40,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .variants import parse_precisions
-    from .verify import verify
+    from janusflow_trt.export.variants import parse_precisions
+    from janusflow_trt.export.verify import verify
 
     precision = args.precision
     if precision not in parse_precisions(precision):
         raise JanusFlowError(f"--precision takes one precision, got {precision!r}")
-    report = verify(args.model, args.artifacts, _default_vae(args.model, args.vae), print_table=True,
+    report = verify(args.model, args.artifacts, args.vae, print_table=True,
                     precision=precision)
     if not report.ok:
         for line in report.failure_lines():
@@ -60,8 +57,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .onnx_export import parse_graphs
-    from .trt_build import build, format_plan, plan
+    from janusflow_trt.export.torch_to_onnx import parse_graphs
+    from janusflow_trt.export.trt_build import build, format_plan, plan
 
     graphs = parse_graphs(args.graphs)
     artifacts, out = Path(args.artifacts), Path(args.out)
@@ -102,8 +99,8 @@ def _gb(s: str) -> float:
 
 
 def cmd_quality(args) -> int:
+    from janusflow_trt.export.variants import parse_precisions
     from janusflow_trt.quality import run_quality, summary_lines
-    from .variants import parse_precisions
 
     precisions = [p for p in parse_precisions(args.precision) if p != "fp32"]
     if not precisions:
@@ -126,15 +123,13 @@ def _opset(s: str) -> int:
 
 
 def register(subparsers) -> None:
-    from janusflow_trt.calibration.record import PLANS
-
     p = subparsers.add_parser("export", help="export the graphs to ONNX (OUT/manifest.json)")
     p.add_argument("--model", required=True, help="checkpoint directory (official JanusFlow layout)")
     p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
     p.add_argument("--out", required=True, help="output directory, written atomically (an existing one is "
                    "replaced only with --force, and only if it is an earlier export)")
     p.add_argument("--force", action="store_true", help="replace --out if it is an earlier export")
-    p.add_argument("--graphs", default=None, 
+    p.add_argument("--graphs", default=None,
                    help="comma list of siglip,embed,llm,gen_enc,gen_dec,vae_dec (default all)")
     p.add_argument("--opset", type=_opset, default=18)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

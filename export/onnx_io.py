@@ -1,0 +1,45 @@
+"""ONNX files and ONNX Runtime sessions: saving past protobuf's 2 GiB limit (external data), CPU sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+
+
+def needs_external_data(nbytes: int) -> bool:
+    """Weights (or a file) this large are written as external data (the limit is read at call time)."""
+    return nbytes > EXTERNAL_DATA_BYTES
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path, big: bool) -> str | None:
+    """Write `model` to `path`; big: its weights into one file beside it. -> that file's name, or None."""
+    data = path.name + ".data"
+    (path.parent / data).unlink(missing_ok=True)
+    if big:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                        size_threshold=1024)
+        return data
+    onnx.save_model(model, str(path))
+    return None
+
+
+def ort_session(path: Path | str, threads: int = 0, lean: bool = False) -> ort.InferenceSession:
+    """CPU session; lean: no weight prepacking / arena (export-time checks of multi-GB graphs)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

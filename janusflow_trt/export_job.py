@@ -1,0 +1,97 @@
+"""`janusflow export` end to end: FP32 graphs -> calibration recording (the runtime's own loops, through
+janusflow_trt/recording.py) -> FP16 / INT8 variants -> views -> manifest, all written into a temporary
+directory that replaces OUT in one rename. It runs the runtime, so it sits above it; export/ holds the
+steps and imports no runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from janusflow_trt.calibration.data import InputSet, calibration_set
+from janusflow_trt.calibration.int8_calib import check_inputs
+from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, recording_key
+from janusflow_trt.export.manifest import build_manifest, is_export_dir, write_manifest
+from janusflow_trt.export.torch_to_onnx import check_opset, export_fp32, parse_graphs, resolve_vae
+from janusflow_trt.export.variants import (
+    CALIB_DIR,
+    add_fp16,
+    add_int8,
+    calibration_entry,
+    check_options,
+    parse_precisions,
+)
+from janusflow_trt.export.views import add_views
+from janusflow_trt.files import check_out_dir, make_tmp, replace_dir
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.recording import record
+
+
+def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, inputs: InputSet,
+                     plan: Plan, progress: bool) -> tuple[CalibrationData, bool]:
+    """The set in tmp/calib: copied from the previous OUT when its key (checkpoint, inputs, plan) matches,
+    else recorded. -> (the set, reused?)."""
+    key = recording_key(model_dir, vae_dir, inputs, plan)
+    old = old_out / CALIB_DIR
+    try:
+        reusable = json.loads((old / "index.json").read_text()).get("key") == key
+    except (OSError, json.JSONDecodeError):
+        reusable = False
+    if reusable:
+        shutil.copytree(old, tmp / CALIB_DIR)
+    else:
+        record(model_dir, vae_dir, tmp / CALIB_DIR, inputs, plan, progress=progress)
+    return CalibrationData(tmp / CALIB_DIR), reusable
+
+
+def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
+                  graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
+                  force_legacy: tuple[str, ...] = (), force: bool = False,
+                  precisions: str | list[str] | None = None, calib_inputs: InputSet | None = None,
+                  vae_precision: str = "fp16", calib_plan: Plan | None = None,
+                  calib_method: str | None = None) -> dict[str, Any]:
+    """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
+    An existing out_dir is replaced only if it is an earlier export and force is set. precisions: fp32
+    always; fp16 / int8 / int8-cpu derived from it on one calibration set recorded from calib_inputs
+    (default: the built-in set) with calib_plan (default: PLANS['default'])."""
+    names = parse_graphs(graphs)
+    precs = parse_precisions(precisions)
+    int8 = [p for p in precs if p.startswith("int8")]
+    if int8 and calib_inputs is not None:
+        check_inputs(calib_inputs)
+    check_options(precs, vae_precision, calib_method)
+    check_opset(opset)
+    model_dir = Path(model_dir)
+    load_config(model_dir)  # a missing or bad config fails before OUT is touched
+    vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
+    protected = [("model", model_dir)] + ([("VAE", vae)] if vae is not None else [])
+    out = check_out_dir(out_dir, "--out", force, is_export_dir, "an earlier export (manifest.json)", protected)
+    tmp = make_tmp(out, "--out")
+    try:
+        cfg, specs, entries = export_fp32(model_dir, vae, tmp, names, opset, force_legacy, progress)
+        manifest = build_manifest(cfg, entries)
+        if precs != ["fp32"]:
+            plan = calib_plan or PLANS["default"]
+            t0 = time.perf_counter()
+            inputs = calib_inputs if calib_inputs is not None else calibration_set()
+            calib, reused = calibration_data(model_dir, vae, tmp, out, inputs, plan, progress)
+            record_s = time.perf_counter() - t0
+            if progress:
+                tqdm.write(f"calibration set: {'reused' if reused else 'recorded'} in {record_s:.1f} s")
+            if "fp16" in precs:
+                add_fp16(tmp, specs, entries, calib, vae_precision, plan, progress)
+            if int8:  # after fp16: the TensorRT flavour takes the FP16 variant's islands
+                add_int8(tmp, specs, entries, calib, int8, calib_method, plan, progress)
+            manifest["calibration"] = calibration_entry(calib, reused, record_s, entries)
+        add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
+        write_manifest(tmp, manifest)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
