@@ -30,6 +30,8 @@ from transformers.image_transforms import normalize, rescale
 from janusflow_trt.errors import CheckpointError, InputError
 from janusflow_trt.images import load_image  # noqa: F401  (callers import it from here)
 
+from .config import load_config
+
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "
     "You are able to understand the visual content that the user provides, "
@@ -226,8 +228,6 @@ def _check_types(d: Path, *cfgs: dict) -> None:
 
 def _check_against_config(d: Path, proc: Processor) -> None:
     """The processor files must describe the model config.json describes."""
-    from .config import load_config
-
     cfg = load_config(d)
     problems = []
     if proc.image_cfg.image_size != cfg.siglip.image_size:

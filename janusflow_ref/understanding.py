@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
+from transformers import DynamicCache
 
 from janusflow_trt.errors import InputError
 
@@ -48,8 +49,6 @@ def check_context(prompt_len: int, max_new_tokens: int, max_context: int) -> Non
 @torch.inference_mode()
 def chat_tokens(model: JanusFlow, inputs, params: SamplingParams, eos_id: int) -> Iterator[int]:
     """Answer token ids as they are sampled (the caller seeds torch's RNG); `inputs`: Processor.chat_inputs."""
-    from transformers import DynamicCache
-
     dtype = next(model.parameters()).dtype
     image_embeds = model.encode_image(inputs.pixel_values.to(dtype))
     embeds = splice_image(model.embed_tokens(inputs.input_ids), image_embeds, inputs.image_positions)

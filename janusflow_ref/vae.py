@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from diffusers.utils import logging as dlog
 from safetensors import safe_open
 
 from janusflow_trt.errors import CheckpointError
@@ -52,9 +54,6 @@ def check_vae_dir(vae_dir: Path) -> None:
 
 
 def load_vae(vae_dir: str | Path, dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKL
-    from diffusers.utils import logging as dlog
-
     vae_dir = Path(vae_dir)
     check_vae_dir(vae_dir)
     level = dlog.get_verbosity()
