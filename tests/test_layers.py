@@ -35,10 +35,6 @@ FACADE = {("janusflow_trt", "janusflow_trt.api")}
 # Upward or cyclic imports in files being rewritten in the same change (issue 21): (module, imported).
 # Empty this as they are fixed; nothing new goes in (test_known_violations_still_exist drops fixed ones).
 KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    # cycle: torch_backend imports backends at its top (torch_cuda through torch_backend); backends'
-    # make_backend imports both back inside a function
-    ("janusflow_trt.runtime.backends", "janusflow_trt.runtime.torch_backend"),
-    ("janusflow_trt.runtime.backends", "janusflow_trt.runtime.torch_cuda"),
     # upward: the CLI (api, 5) registers the bench subcommand from benchmarks (6)
     ("janusflow_trt.cli", "janusflow_trt.benchmarks.commands"),
 }
