@@ -13,9 +13,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diffusers
+import matplotlib
 import numpy as np
+import onnxruntime
+import psutil
 import torch
+import transformers
 from PIL import Image
+from transformers import DynamicCache
+
+matplotlib.use("Agg")  # before pyplot: the bench writes its chart to a file, never to a screen
+import matplotlib.pyplot as plt  # noqa: E402
 
 from janusflow_trt import Pipeline
 from janusflow_trt.engines import ReferenceEngine, RuntimeEngine
@@ -24,11 +33,14 @@ from janusflow_trt.janusflow_ref import generation as ref_gen
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
+from janusflow_trt.janusflow_ref.weights import load_model
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import SeamWrapper
 from janusflow_trt.runtime.decode import Decoder
 from janusflow_trt.runtime.euler_step import euler_state, euler_step
 from janusflow_trt.runtime.llm import new_cache, prefill
+from janusflow_trt.runtime.torch_backend import TorchBackend
 
 from . import floors
 
@@ -49,8 +61,6 @@ def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
 
 
 def rss_mb() -> float:
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -70,8 +80,6 @@ class Baseline:
 
     @torch.inference_mode()
     def prefill(self, embeds):
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.m.cfg.llm)
         out = self.m.language_model(inputs_embeds=torch.from_numpy(embeds), cache=cache, use_cache=True)
         return out, cache
@@ -267,10 +275,6 @@ def machine_info(threads: int) -> dict:
                 break
     except OSError:
         pass
-    import diffusers
-    import onnxruntime
-    import transformers
-
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": threads,
             "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
@@ -375,11 +379,6 @@ def markdown(result: dict) -> str:
 
 
 def chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     b = result["backends"]
     ctxs = list(next(iter(b.values()))["decode_ms"])
     stages = ["siglip", "prefill", "ttft", *[f"decode@{c}" for c in ctxs], "euler step", "vae"]
@@ -407,10 +406,6 @@ def chart(result: dict, path: Path) -> None:
 def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: list[str], contexts: list[int],
               threads: int, repeat: int = 3, decode_tokens: int = 16, e2e_steps: int = 30, size: str = "?",
               log: Callable[[str], None] = print) -> dict:
-    from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
-    from janusflow_trt.janusflow_ref.weights import load_model
-    from janusflow_trt.runtime.torch_backend import TorchBackend
-
     torch.set_num_threads(threads)
     cfg = load_config(model_dir)
     processor = Processor(model_dir)

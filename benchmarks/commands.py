@@ -84,7 +84,7 @@ def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:
         model = make_tiny(work / args.size, size=args.size, seed=0)
     artifacts = Path(args.artifacts) if args.artifacts else None
     if "ort" in backends and artifacts is None:
-        from janusflow_trt.export.onnx_export import export_graphs
+        from janusflow_trt.export_job import export_graphs
 
         print("exporting graphs for the ort backend ...")
         artifacts = work / "onnx"

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx.helper import tensor_dtype_to_np_dtype
 
 from janusflow_trt.janusflow_ref.config import LATENT_CHANNELS, JanusFlowConfig
 
@@ -111,9 +113,6 @@ def graph_weight_bytes(path: str | Path) -> dict[str, int]:
     scales and zero points, FP16 2, FP32 4), read from the tensor headers only (external data is not
     loaded). Tables read only by Gather (a token embedding: one row per token) are counted apart.
     -> {'weights': bytes every call reads, 'gathered': bytes of Gather-only tables, 'by_dtype': ...}."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
     g = onnx.load(str(path), load_external_data=False).graph
     tensors = list(g.initializer) + [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
                                      if a.name == "value"]

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from janusflow_trt.errors import InputError
+from janusflow_trt.export.specs import build_specs, max_images
 from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_trt.janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
@@ -130,8 +131,6 @@ class Pipeline:
                  callback: Callable[[int, np.ndarray], None] | None = None) -> GenerateResult:
         """-> PIL images, final latents, timings. init_latents [n,4,48,48] replaces the seeded noise;
         callback(step, z) runs after each Euler step (z: [n,4,48,48], valid during the call)."""
-        from janusflow_trt.export.specs import build_specs, max_images
-
         # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images), for every backend:
         # they also bound the eager reference's memory
         check_generation_args(steps, cfg_weight, num_images, max_images(build_specs(self.cfg)))

@@ -13,8 +13,7 @@ import time
 
 from janusflow_trt.errors import InputError, JanusFlowError
 from janusflow_trt.runtime.argtypes import finite, seed, threads
-
-BACKENDS = ("torch", "torch-fast", "ort", "trt", "torch-cuda")
+from janusflow_trt.runtime.registry import BACKENDS, check_request
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -30,10 +29,8 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (official JanusFlow layout)")
     if vae:
         p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="torch: official-style eager reference; torch-fast: our runtime on eager torch modules; "
-                        "ort: ONNX Runtime over --artifacts; trt: TensorRT engines from `build` (GPU); "
-                        "torch-cuda: the graph modules in BF16 on the GPU with CUDA graphs")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="torch",
+                   help="; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
     p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--precision", default="fp32",
@@ -50,12 +47,8 @@ def cmd_make_tiny(args) -> int:
 
 
 def _check_precision(args) -> None:
-    from janusflow_trt.export.variants import parse_precisions
-
-    if args.precision not in parse_precisions(args.precision):  # unknown names raise in parse_precisions
-        raise InputError(f"--precision takes one precision, got {args.precision!r}")
-    if args.precision != "fp32" and args.backend not in ("ort", "trt"):
-        raise InputError(f"--precision {args.precision} runs exported graphs: use --backend ort")
+    """The backend / precision / artifacts combination, before anything is loaded (the API's own check)."""
+    check_request(args.backend, args.precision, args.artifacts)
 
 
 def cmd_chat(args) -> int:
@@ -172,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     # the CLI sits above every layer: it registers the subcommands each layer owns
-    from janusflow_trt.benchmarks import commands as bench_commands
     from janusflow_trt import export_commands
+    from janusflow_trt.benchmarks import commands as bench_commands
     from janusflow_trt.runtime import gpu_check
 
     for module in (export_commands, bench_commands, gpu_check):

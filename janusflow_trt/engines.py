@@ -22,7 +22,6 @@ from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.janusflow_ref.processor import ChatInputs, Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import chat_tokens as ref_chat_tokens
-from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import Backend, physical_cores
 from janusflow_trt.runtime.chat import chat_tokens
@@ -88,14 +87,15 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
     info = check_request(backend, precision, artifacts)
     if info.needs_artifacts:  # ort / trt: the VAE is among the artifacts
         return RuntimeEngine(make_backend(backend, model_dir, artifacts, cfg, threads, None, precision), cfg, processor)
+    # lazy, deliberately: the model code (transformers' modeling, diffusers) is loaded only by the
+    # backends that run the checkpoint's weights, never on the ort / trt path
+    from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
+    from janusflow_trt.janusflow_ref.weights import load_model
+    from janusflow_trt.runtime.torch_backend import TorchBackend
+
     if backend == "torch-cuda":  # weights and VAE on the GPU at load
         return RuntimeEngine(make_backend(backend, model_dir, None, cfg, threads, resolve_vae_dir(model_dir, vae_dir)),
                              cfg, processor)
-    # lazy, deliberately: the model code (transformers' modeling, diffusers) is loaded only by the
-    # backends that run the checkpoint's weights, never on the ort / trt path
-    from janusflow_trt.janusflow_ref.vae import load_vae
-    from janusflow_trt.janusflow_ref.weights import load_model
-    from janusflow_trt.runtime.torch_backend import TorchBackend
 
     def load_vae_now():
         return load_vae(resolve_vae_dir(model_dir, vae_dir))

@@ -20,14 +20,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from janusflow_trt.calibration.data import InputSet, builtin_heldout
-from janusflow_trt.calibration.record import CalibrationData
+from janusflow_trt.calibration.record import RECORDER_VERSION, CalibrationData
+from janusflow_trt.export.manifest import resolve_graph
+from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
-from janusflow_trt.export.specs import precision_variant
+from janusflow_trt.export.specs import build_specs, precision_variant
+from janusflow_trt.files import check_output_dir, write_into
+from janusflow_trt.images import to_uint8
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.generation import initial_latents
+from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.backends import Backend, OrtBackend
+from janusflow_trt.runtime.backends import Backend, OrtBackend, read_manifest
 from janusflow_trt.runtime.chat import chat_prefill, chat_tokens
 from janusflow_trt.runtime.decode import Decoder
 
@@ -71,14 +80,6 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
                 progress: bool = True, force: bool = False) -> dict[str, Any]:
     """-> the report; OUT/quality.{json,md,png} are checked before the work (an existing one is replaced
     only with force) and renamed into place together at the end (janusflow_trt/files.py)."""
-    from tqdm import tqdm
-
-    from janusflow_trt.export.onnx_io import ort_session
-    from janusflow_trt.files import check_output_dir, write_into
-    from janusflow_trt.images import to_uint8
-    from janusflow_trt.janusflow_ref.config import load_config
-    from janusflow_trt.janusflow_ref.generation import initial_latents
-    from janusflow_trt.janusflow_ref.processor import Processor
     out = check_output_dir(out, "--out", force, OUTPUTS)
     cfg, processor = load_config(model_dir), Processor(model_dir)
     held = heldout or builtin_heldout()
@@ -114,7 +115,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
             images.append(row)
         rec_data = _as_calibration(rec, Path(tmp))
         for p in precisions:
-            report["graphs"][p] = _per_graph(artifacts, cfg, rec_data, p, ort_session)
+            report["graphs"][p] = _per_graph(artifacts, cfg, rec_data, p)
             report["chat"][p] = _summary_chat(chats[p])
             report["t2i"][p] = _summary_t2i(rows[p])
     report["targets"] = {p: _targets(report, p) for p in precisions}
@@ -125,18 +126,12 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
 
 
 def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
-    from janusflow_trt.calibration.record import RECORDER_VERSION
-
     (path / "index.json").write_text(json.dumps({"recorder_version": RECORDER_VERSION, "files": rec.files,
                                                  "sha256": ""}))
     return CalibrationData(path)
 
 
-def _per_graph(artifacts, cfg, data: CalibrationData, precision: str, ort_session) -> dict[str, Any]:
-    from janusflow_trt.export.manifest import resolve_graph
-    from janusflow_trt.export.specs import build_specs
-    from janusflow_trt.runtime.backends import read_manifest
-
+def _per_graph(artifacts, cfg, data: CalibrationData, precision: str) -> dict[str, Any]:
     m, art = read_manifest(artifacts, cfg), Path(artifacts)
     res = {}
     for name, spec in build_specs(cfg).items():
@@ -224,8 +219,6 @@ def summary_lines(r: dict) -> list[str]:
 
 
 def _grid(rows: list[list[np.ndarray]], labels: list[str], prompts, path: Path) -> None:
-    from PIL import Image, ImageDraw
-
     h, w = rows[0][0].shape[:2]
     head = 20
     grid = Image.new("RGB", (w * len(labels), head + h * len(rows)), "white")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from .errors import JanusFlowError
@@ -110,8 +111,6 @@ def randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def write_vae(out: Path, size: str, gen: torch.Generator) -> None:
-    from diffusers import AutoencoderKL
-
     p = PRESETS[size]
     n = len(p["vae"])
     vae = AutoencoderKL(

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from janusflow_trt.errors import InputError
 from janusflow_trt.export.engine_manifest import (
     check_engine_files,
@@ -58,8 +60,6 @@ class TrtBackend:
     def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, precision: str):
         trt = require_tensorrt("--backend trt")
         require_cuda("--backend trt")
-        import torch
-
         self.dir = Path(artifacts)
         m = read_engine_manifest(self.dir)
         self.precision = Precision(precision)
@@ -101,8 +101,6 @@ class TrtBackend:
 
     @property
     def device(self) -> Any:
-        import torch
-
         return torch.device("cuda")
 
     def graph_file(self, graph: str) -> Path | None:
@@ -113,8 +111,6 @@ class TrtBackend:
         -> the engine's output buffers (rewritten by the next call of this graph). Called from another
         stream, the two streams wait for each other on the device (the feeds were written there, the
         outputs are read there); inside a captured step the caller is on self.stream already."""
-        import torch
-
         spec = self.specs[graph]
         bufs = self.buffers(graph, {t.name: tuple(feeds[t.name].shape) for t in spec.inputs},
                             {n: feeds[n] for n in spec.input_names})

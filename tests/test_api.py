@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from janusflow_trt import Pipeline
 from janusflow_trt.cli import main
-from janusflow_trt.runtime.backends import OrtBackend
-from janusflow_trt.runtime.chat import new_cache
+from janusflow_trt.runtime.backends import OrtBackend, SeamWrapper
+from janusflow_trt.runtime.llm import new_cache, positions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,43 +99,38 @@ def test_output_buffers_bounded_over_50_prompt_lengths(tiny_dir, tiny_onnx, tiny
     kept = {}
     per_call = 0
     for n in range(20, 70):  # 50 distinct prompt lengths
-        emb = (rng.standard_normal((1, n, h)) * 0.5).astype(np.float32)
-        out = ort.run("llm", {**_llm_feeds(tiny_model.cfg, emb)})
+        emb = torch.from_numpy((rng.standard_normal((1, n, h)) * 0.5).astype(np.float32))
+        out = ort.run("llm", {**_llm_feeds(ort, tiny_model.cfg, emb)})
         per_call = max(per_call, sum(a.nbytes for a in out.values()))
         if n in (20, 69):
-            kept[n] = (emb, {k: v.copy() for k, v in out.items()})
+            kept[n] = (emb, {k: v.clone() for k, v in out.items()})
     few = 8  # "a few" shape sets per graph, whatever the number of prompt lengths seen
     assert len(ort.buffers.pool["llm"]) <= few
     assert ort.buffers.nbytes() <= 2 * few * per_call
     for emb, want in kept.values():  # an evicted shape is recomputed into fresh buffers, correctly
-        got = ort.run("llm", _llm_feeds(tiny_model.cfg, emb))
+        got = ort.run("llm", _llm_feeds(ort, tiny_model.cfg, emb))
         for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
-def _llm_feeds(cfg, emb):
-    cache = new_cache(cfg, 1, 0)
+def _llm_feeds(backend, cfg, emb):
+    cache = new_cache(backend, cfg, 1, 0)
     n = emb.shape[1]
-    return {"inputs_embeds": emb, "attention_mask": cache.mask(np.ones((1, n), np.int64)),
-            "position_ids": np.arange(n, dtype=np.int64)[None], **cache.past_feeds()}
+    return {"inputs_embeds": emb, "attention_mask": cache.mask(torch.ones((1, n), dtype=torch.int64)),
+            "position_ids": positions(0, 1, n, backend.device), **cache.feeds()}
 
 
-class Spy:
+class Spy(SeamWrapper):
     """Records the KV slots each LLM call attends over (attention_mask is [B, capacity + new])."""
 
     def __init__(self, backend):
-        self.b, self.name, self.widths = backend, backend.name, []
-        self.specs, self.device = backend.specs, backend.device
+        super().__init__(backend)
+        self.b, self.widths = backend, []
 
     def run(self, graph, feeds):
         if graph == "llm":
             self.widths.append((feeds["attention_mask"].shape[1], feeds["inputs_embeds"].shape[1]))
         return self.b.run(graph, feeds)
-
-    def run_tensors(self, graph, feeds):  # the decode loop's device-resident seam
-        if graph == "llm":
-            self.widths.append((feeds["attention_mask"].shape[1], feeds["inputs_embeds"].shape[1]))
-        return self.b.run_tensors(graph, feeds)
 
 
 def test_chat_kv_cache_grows_with_the_answer(pipe, test_image):

@@ -1,4 +1,4 @@
-"""The device-resident decode and Euler loops (runtime/decode.py, euler_step.euler_loop_tensors,
+"""The device-resident decode and Euler loops (runtime/decode.py, runtime/euler_step.py,
 runtime/device_sampling.py), on the CPU: the device sampler against janusflow_ref's sampler, and the
 host crossings inside the loops counted on the real code path (ORT IOBinding over torch tensors)."""
 
@@ -13,6 +13,7 @@ import torch
 
 from janusflow_trt.errors import InputError
 from janusflow_trt.janusflow_ref.sampling import SamplingParams, next_token
+from janusflow_trt.runtime.backends import SeamWrapper
 from janusflow_trt.runtime.device_sampling import NONFINITE, OVERFLOW, sample_on_device
 
 PARAMS = [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0),
@@ -90,28 +91,20 @@ def count_crossings():
             setattr(owner, name, orig)
 
 
-class SeamCounter:
-    """Wraps a real backend: counts calls through each seam and checks that the device-resident seam
-    carries only torch tensors on the backend's device (never numpy)."""
+class SeamCounter(SeamWrapper):
+    """Wraps a real backend: counts the calls through the seam and checks that they carry only torch
+    tensors on the backend's device (never numpy)."""
 
     def __init__(self, inner):
-        self.inner, self.name, self.specs, self.device = inner, inner.name, inner.specs, inner.device
+        super().__init__(inner)
         self.calls: Counter = Counter()
 
     def run(self, graph, feeds):
         self.calls["run"] += 1
-        return self.inner.run(graph, feeds)
-
-    def run_tensors(self, graph, feeds):
-        self.calls["run_tensors"] += 1
         assert all(isinstance(v, torch.Tensor) and v.device == self.device for v in feeds.values()), graph
-        out = self.inner.run_tensors(graph, feeds)
+        out = self.inner.run(graph, feeds)
         assert all(isinstance(v, torch.Tensor) and v.device == self.device for v in out.values()), graph
         return out
-
-    @property
-    def kv_dtype(self):
-        return getattr(self.inner, "kv_dtype", np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -122,31 +115,21 @@ def ort(tiny_onnx, tiny_dir):
     return OrtBackend(tiny_onnx, load_config(tiny_dir), threads=2)
 
 
-def _old_host_loop(backend, cfg, inputs, params):
-    """The decode loop as it was before the device seam: numpy cache, janusflow_ref's sampler."""
-    from janusflow_trt.runtime import chat
+def _reference_loop(model, inputs, params):
+    """The same answer from janusflow_ref (HF cache, transformers' warpers, host sampling)."""
+    from janusflow_trt.janusflow_ref.understanding import chat_tokens
 
-    ids = inputs.input_ids.numpy()
-    image_embeds = backend.run("siglip", {"pixel_values": inputs.pixel_values.numpy()})["image_embeds"]
-    embeds = backend.run("embed", {"input_ids": ids})["inputs_embeds"].copy()
-    embeds[0, inputs.image_positions.numpy()] = image_embeds[0]
-    cache = chat.new_cache(cfg, 1, ids.shape[1])
-    logits = chat.prefill(backend, cache, embeds)
-    out = []
-    for i in range(params.max_new_tokens):
-        out.append(int(next_token(torch.from_numpy(logits), params, i)[0]))
-        if i + 1 < params.max_new_tokens:
-            logits = chat.decode_one_token(backend, cache, out[-1])
-    return out
+    return list(chat_tokens(model, inputs, params, eos_id=-100))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_decode_loop_reads_only_the_token_id(ort, tiny_dir, processor, test_image, temperature, monkeypatch):
+def test_decode_loop_reads_only_the_token_id(ort, tiny_dir, tiny_model, processor, test_image, temperature,
+                                             monkeypatch):
     from PIL import Image
 
     from janusflow_trt.janusflow_ref.config import load_config
-    from janusflow_trt.runtime import chat, decode
-    from janusflow_trt.runtime.kv_cache import bucket
+    from janusflow_trt.runtime import chat
+    from janusflow_trt.runtime.kv_cache import KVCache, bucket
 
     cfg = load_config(tiny_dir)
     inputs = processor.chat_inputs(Image.open(test_image), "What is this?", chat.SYSTEM_PROMPT)
@@ -154,8 +137,8 @@ def test_decode_loop_reads_only_the_token_id(ort, tiny_dir, processor, test_imag
     n = bucket(start) - start + 4  # the loop crosses a KV bucket: the growth happens inside it
     params = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=n)
     grows = Counter()
-    grow = decode.DeviceKV.grow
-    monkeypatch.setattr(decode.DeviceKV, "grow", lambda self: (grows.update(["grow"]), grow(self))[1])
+    reserve = KVCache.reserve
+    monkeypatch.setattr(KVCache, "reserve", lambda self, n: (grows.update([reserve(self, n)]), grows[True] > 0)[1])
     seam = SeamCounter(ort)
     torch.manual_seed(5)
     gen = chat.chat_tokens(seam, cfg, inputs, params, eos_id=-100)  # no EOS: all n tokens
@@ -164,31 +147,31 @@ def test_decode_loop_reads_only_the_token_id(ort, tiny_dir, processor, test_imag
     with count_crossings() as c:
         toks += [next(gen) for _ in range(n - 1)]
     assert dict(c) == {"__int__": n - 1}  # one host read per token: the id
-    assert seam.calls["run"] == before["run"]  # no call through the numpy seam inside the loop
-    assert seam.calls["run_tensors"] - before.get("run_tensors", 0) == 2 * (n - 1)  # embed + llm per token
-    assert grows["grow"] == 1
+    assert seam.calls["run"] - before["run"] == 2 * (n - 1)  # embed + llm per token
+    assert grows[True] == 1  # the cache moved to its next bucket once, inside the loop
     torch.manual_seed(5)
-    assert toks == _old_host_loop(ort, cfg, inputs, params)  # the same answer as the host loop
+    assert toks == _reference_loop(tiny_model, inputs, params)  # the same answer as the reference
 
 
-def test_euler_loop_crosses_nothing(ort, tiny_dir, processor):
+def test_euler_loop_crosses_nothing(ort, tiny_dir, tiny_model, processor):
+    from janusflow_trt.janusflow_ref import generation as ref_gen
     from janusflow_trt.janusflow_ref.config import load_config
     from janusflow_trt.runtime import text2img
-    from janusflow_trt.runtime.euler_step import euler_loop_tensors
+    from janusflow_trt.runtime.euler_step import euler_loop
 
     cfg = load_config(tiny_dir)
     seam = SeamCounter(ort)
     cache = text2img.prefill_prefix(seam, cfg, processor, "a red fox", 2)
-    z = np.random.default_rng(0).standard_normal((2, 4, 48, 48)).astype(np.float32)
+    z = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 48, 48)).astype(np.float32))
     steps = 4
-    loop = euler_loop_tensors(seam, cache, z, steps, 2.0)
-    got = [next(loop).clone()]  # per request: K/V, constants, timestep table to the device
+    loop = euler_loop(seam, cache, z, steps, 2.0)
+    got = [next(loop).clone()]  # per request: constants and timestep table to the device
     before = dict(seam.calls)
     with count_crossings() as c:
         got += [next(loop).clone() for _ in range(steps - 1)]
     assert dict(c) == {}
-    assert seam.calls["run"] == before["run"]
-    assert seam.calls["run_tensors"] - before["run_tensors"] == 3 * (steps - 1)  # gen_enc, llm_gen, gen_dec
-    want = list(text2img.euler_loop(ort, cache, z, steps, 2.0))  # the numpy-seam pipeline
+    assert seam.calls["run"] - before["run"] == 3 * (steps - 1)  # gen_enc, llm_gen, gen_dec
+    prefix, mask = ref_gen.prompt_prefix(tiny_model, processor, "a red fox", 2)
+    want = list(ref_gen.euler_steps(tiny_model, prefix, mask, z, steps, 2.0))  # the official-style loop
     for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b)
+        assert (a - b).abs().max() / b.abs().max() < 1e-4

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
@@ -123,25 +124,24 @@ def test_timestep_argument_fp32(fp16_onnx):
 
 
 def test_fp16_runs_in_ort(fp16_onnx, tiny_dir, tiny_model, processor, test_image):
+    from rt import rt_chat, rt_euler
+
     from janusflow_trt.janusflow_ref.processor import load_image
     from janusflow_trt.janusflow_ref.sampling import SamplingParams
-    from janusflow_trt.runtime import text2img
     from janusflow_trt.runtime.backends import OrtBackend
-    from janusflow_trt.runtime.chat import chat
 
     cfg = tiny_model.cfg
     b16, b32 = OrtBackend(fp16_onnx, cfg, threads=2, precision="fp16"), OrtBackend(fp16_onnx, cfg, threads=2)
-    assert b16.kv_dtype == np.float16
+    assert b16.kv_dtype == torch.float16
     params = SamplingParams(temperature=0.0, max_new_tokens=6)
     img = load_image(test_image)
-    a16 = chat(b16, cfg, processor, img, "What is this?", params).token_ids
-    a32 = chat(b32, cfg, processor, img, "What is this?", params).token_ids
+    a16 = rt_chat(b16, cfg, processor, img, "What is this?", params)
+    a32 = rt_chat(b32, cfg, processor, img, "What is this?", params)
     assert a16 == a32
     z0 = np.random.default_rng(0).standard_normal((1, 4, 48, 48)).astype(np.float32)
     zs = {}
     for name, b in (("16", b16), ("32", b32)):
-        cache = text2img.prefill_prefix(b, cfg, processor, "a red fox", 1)
-        *_, zs[name] = text2img.euler_loop(b, cache, z0, 3, 2.0)
+        zs[name] = rt_euler(b, cfg, processor, "a red fox", z0, 3, 2.0)[-1]
     assert np.isfinite(zs["16"]).all()
     assert cosine(zs["16"], zs["32"]) > 0.9995
 

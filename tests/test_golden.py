@@ -85,7 +85,8 @@ def specs(model):
 def backends(ckpt, model, vae, tmp_path_factory):
     """name -> runtime backend (the torch reference is not one: it is called directly)."""
     from janusflow_trt.export_job import export_graphs
-    from janusflow_trt.runtime.backends import OrtBackend, TorchBackend
+    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.torch_backend import TorchBackend
 
     onnx = tmp_path_factory.mktemp("golden_onnx") / "onnx"
     export_graphs(ckpt, None, onnx, progress=False)
@@ -136,11 +137,9 @@ def spliced_embeds(backend_name, model, request, chat_inputs) -> tuple[np.ndarra
             emb = model.embed_tokens(ids)[0].clone()
             emb[pos] = model.encode_image(pix)[0]
         return feats, emb.numpy()
-    b = runtime(request, backend_name)
-    img = b.run("siglip", {"pixel_values": pix.numpy()})["image_embeds"]
-    emb = b.run("embed", {"input_ids": ids.numpy()})["inputs_embeds"][0].copy()
-    emb[pos.numpy()] = img[0]
-    return None, emb
+    from janusflow_trt.runtime.chat import prompt_embeds
+
+    return None, prompt_embeds(runtime(request, backend_name), chat_inputs)[0].numpy().copy()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,12 +168,10 @@ def test_reference_logits_every_greedy_step(model, chat_inputs, gchat, specs):
 
 @pytest.mark.parametrize("backend", ("torch-fast", "ort"))
 def test_runtime_first_step_logits(backend, model, backends, request, chat_inputs, gchat, specs):
-    from janusflow_trt.runtime.chat import new_cache, prefill
+    from janusflow_trt.runtime.chat import chat_prefill
 
-    _, emb = spliced_embeds(backend, model, request, chat_inputs)
-    cache = new_cache(model.cfg, 1, emb.shape[0] + 1)
-    logits = prefill(backends[backend], cache, np.ascontiguousarray(emb[None]))
-    check("first-step logits", logits[0], gchat["greedy_logits"][0], tol_of(specs, "llm", "logits"))
+    _, logits = chat_prefill(backends[backend], model.cfg, chat_inputs)
+    check("first-step logits", logits[0].numpy(), gchat["greedy_logits"][0], tol_of(specs, "llm", "logits"))
 
 
 @pytest.mark.parametrize("mode", ("greedy", "demo", "broad"))
@@ -189,12 +186,12 @@ def test_chat_tokens_exact(backend, mode, model, request, processor, image, gcha
     if backend == "torch":
         from janusflow_trt.janusflow_ref.understanding import chat
 
-        got = chat(model, processor, image, meta["question"], params, seed)
+        got = chat(model, processor, image, meta["question"], params, seed).token_ids
     else:
-        from janusflow_trt.runtime.chat import chat
+        from rt import rt_chat
 
-        got = chat(runtime(request, backend), model.cfg, processor, image, meta["question"], params, seed)
-    assert got.token_ids == gchat[f"{want}_tokens"].tolist()
+        got = rt_chat(runtime(request, backend), model.cfg, processor, image, meta["question"], params, seed)
+    assert got == gchat[f"{want}_tokens"].tolist()
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -227,20 +224,9 @@ def reference_step0(model, processor, meta, ggen):
 
 
 def runtime_step0(backend, model, processor, meta, ggen):
-    from janusflow_trt.runtime import text2img
-    from janusflow_trt.runtime.chat import llm_step
+    from rt import rt_step0
 
-    n, steps = meta["num_images"], meta["steps"]
-    cache = text2img.prefill_prefix(backend, model.cfg, processor, meta["prompt"], n)
-    z2 = np.concatenate([ggen["z0"], ggen["z0"]])
-    t = np.full((2 * n,), ref_gen.timestep(0, steps), np.float32)
-    enc = backend.run("gen_enc", {"z": z2, "t": t})
-    step_in, t_emb = enc["step_embeds"].copy(), enc["t_emb"].copy()
-    out = llm_step(backend, cache, step_in, np.ones(step_in.shape[:2], np.int64), write=False)
-    dec = backend.run("gen_dec", {"hidden": out["last_hidden_state"], "skip": enc["skip"], "t_emb": enc["t_emb"],
-                                  "z": z2, "cfg_weight": np.array([meta["cfg_weight"]], np.float32),
-                                  "dt": np.array([1.0 / steps], np.float32)})
-    return step_in, t_emb, dec["velocity"].copy()
+    return rt_step0(backend, model.cfg, processor, meta["prompt"], ggen["z0"], meta["steps"], meta["cfg_weight"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -265,12 +251,15 @@ def latents(backend_name, model, request, processor, meta, ggen, steps_to_run):
         prefix, mask = ref_gen.prompt_prefix(model, processor, meta["prompt"], n)
         it = ref_gen.euler_steps(model, prefix, mask, torch.from_numpy(ggen["z0"]), steps, w)
         return [next(it).numpy() for _ in range(steps_to_run)]
+    import itertools
+
     from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.euler_step import euler_loop
 
     b = runtime(request, backend_name)
     cache = text2img.prefill_prefix(b, model.cfg, processor, meta["prompt"], n)
-    it = text2img.euler_loop(b, cache, ggen["z0"].copy(), steps, w)
-    return [next(it) for _ in range(steps_to_run)]
+    it = euler_loop(b, cache, torch.from_numpy(ggen["z0"]), steps, w)
+    return [z.numpy().copy() for z in itertools.islice(it, steps_to_run)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,13 +270,14 @@ def test_first_euler_steps(backend, model, request, processor, meta, ggen, specs
 
 
 def test_full_run_and_image_torch_fast(model, backends, request, processor, meta, ggen, specs):
+    from rt import rt_vae
+
     from janusflow_trt.images import to_uint8
-    from janusflow_trt.runtime import text2img
 
     b = backends["torch-fast"]
     z = latents("torch-fast", model, request, processor, meta, ggen, meta["steps"])[-1]
     check(f"z after {meta['steps']} steps", z, ggen["latents_final"], tol_of(specs, "gen_dec", "z_next"))
-    img = text2img.vae_decode(b, z)
+    img = rt_vae(b, z)
     check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))
     diff = np.abs(to_uint8(img).astype(np.int16) - ggen["image_uint8"].astype(np.int16))
     assert diff.max() <= 1, f"uint8 image differs by {diff.max()} levels"  # within Tol, truncation may flip 1
@@ -299,7 +289,7 @@ def test_vae_decode_of_the_official_latents(backend, vae, request, ggen, specs):
     if backend == "torch":
         img = ref_gen.vae_decode(vae, torch.from_numpy(z)).numpy()
     else:
-        from janusflow_trt.runtime import text2img
+        from rt import rt_vae
 
-        img = text2img.vae_decode(runtime(request, backend), z)
+        img = rt_vae(runtime(request, backend), z)
     check("decoded image crop", img[:, :, 176:208, 176:208], ggen["decoded_center"], tol_of(specs, "vae_dec", "image"))

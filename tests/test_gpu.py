@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from rt import run_np
 
 from janusflow_trt.export.specs import build_specs, compare, dummy_inputs
 from janusflow_trt.janusflow_ref.config import load_config
@@ -60,8 +61,7 @@ def test_trt_fp32_engines_match_ort(tiny_dir, tiny_onnx, fp32_engines):
     for name, spec in build_specs(cfg).items():
         for sizes in _cases(spec, cfg):
             feeds = dummy_inputs(spec, seed=3, **sizes)
-            want = {k: v.copy() for k, v in ort.run(name, feeds).items()}
-            got = trt.run(name, feeds)
+            want, got = run_np(ort, name, feeds), run_np(trt, name, feeds)
             for t in spec.outputs:
                 r = compare(got[t.name], want[t.name], t.tol)
                 if not r["ok"]:
@@ -107,44 +107,43 @@ def test_trt_refuses_engines_for_another_gpu(tiny_dir, fp32_engines, tmp_path):
     m["gpu"]["compute_capability"] = "1.0"
     (other / "engines.json").write_text(json.dumps(m))
     with pytest.raises(EngineMismatchError, match="rebuild here"):
-        TrtBackend(other, load_config(tiny_dir))
+        TrtBackend(other, load_config(tiny_dir), "fp32")
+
+
+def _euler_captured_vs_eager(backend, cfg, processor, monkeypatch, steps=4):
+    """The runtime's Euler loop with the step captured as one CUDA graph == the same loop run eagerly."""
+    from rt import rt_euler
+
+    from janusflow_trt.runtime import cuda_graph
+
+    replays = []
+    call = cuda_graph.CapturedStep.__call__
+    monkeypatch.setattr(cuda_graph.CapturedStep, "__call__", lambda self: (call(self), replays.append(self.replays)))
+    z = np.random.default_rng(0).standard_normal((2, 4, 48, 48)).astype(np.float32)
+    backend.capturable = False
+    eager = rt_euler(backend, cfg, processor, "a red fox", z, steps, 2.0)
+    assert not replays
+    backend.capturable = True
+    graphed = rt_euler(backend, cfg, processor, "a red fox", z, steps, 2.0)
+    assert replays[-1] == steps - 1  # captured at the first step, replayed at every other
+    for a, b in zip(graphed, eager, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda
-def test_torch_cuda_graph_replay_equals_eager(tiny_dir):
+def test_torch_cuda_euler_step_capture_equals_eager(tiny_dir, processor, monkeypatch):
     from janusflow_trt.runtime.torch_cuda import TorchCudaBackend
 
-    cfg = load_config(tiny_dir)
-    spec = build_specs(cfg)["gen_enc"]
-    eager = TorchCudaBackend(tiny_dir, graphs_capture=False)
-    graphed = TorchCudaBackend(tiny_dir, graphs_capture=True)
-    for seed in (1, 2, 3):
-        feeds = dummy_inputs(spec, seed=seed)
-        a, b = eager.run("gen_enc", feeds), graphed.run("gen_enc", feeds)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
-    slot = next(iter(graphed.static.values()))
-    assert slot[3] is not None and slot[3].replays == 2
+    _euler_captured_vs_eager(TorchCudaBackend(tiny_dir), load_config(tiny_dir), processor, monkeypatch)
 
 
 @needs_trt
-def test_trt_device_euler_loop_equals_host_loop(tiny_dir, fp32_engines, processor):
-    """The whole Euler step as one captured CUDA graph over shared device buffers == the numpy-seam loop."""
-    from janusflow_trt.runtime import text2img
+def test_trt_euler_step_capture_equals_eager(tiny_dir, fp32_engines, processor, monkeypatch):
+    """The whole Euler step (three engines and the carry) as one captured CUDA graph == enqueued eagerly."""
     from janusflow_trt.runtime.trt_backend import TrtBackend
-    from janusflow_trt.runtime.trt_euler import DeviceEulerLoop
 
     cfg = load_config(tiny_dir)
-    trt = TrtBackend(fp32_engines, cfg, "fp32")
-    n, steps = 2, 4
-    cache = text2img.prefill_prefix(trt, cfg, processor, "a red fox", n)
-    z = np.random.default_rng(0).standard_normal((n, 4, 48, 48)).astype(np.float32)
-    want = list(text2img.euler_loop(trt, cache, z, steps, 2.0))
-    loop = DeviceEulerLoop(trt, cache, z, steps, 2.0)
-    got = [zz.cpu().numpy().copy() for zz in loop]
-    assert loop.step.replays == steps - 1
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _euler_captured_vs_eager(TrtBackend(fp32_engines, cfg, "fp32"), cfg, processor, monkeypatch)
 
 
 @needs_trt
@@ -166,7 +165,7 @@ def _greedy_answer(backend, tiny_dir, processor, test_image, n):
     from janusflow_trt.runtime import chat
 
     cfg = load_config(tiny_dir)
-    inputs = processor.chat_inputs(Image.open(test_image), "What is this?", chat.SYSTEM_PROMPT)
+    inputs = processor.chat_inputs(Image.open(test_image), "What is this?")
     return list(chat.chat_tokens(backend, cfg, inputs, SamplingParams(max_new_tokens=n), eos_id=-100))
 
 
@@ -180,7 +179,7 @@ def test_cuda_graph_decode_step_equals_eager(tiny_dir, processor, test_image, mo
     replays = []
     call = cuda_graph.CapturedStep.__call__
     monkeypatch.setattr(cuda_graph.CapturedStep, "__call__", lambda self: (call(self), replays.append(self.replays)))
-    b = TorchCudaBackend(tiny_dir, graphs_capture=False)
+    b = TorchCudaBackend(tiny_dir)
     b.capturable = False
     eager = _greedy_answer(b, tiny_dir, processor, test_image, 150)
     assert not replays

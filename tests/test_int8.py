@@ -524,26 +524,41 @@ def test_quality_targets_read_every_graph_output():
                            "all_finite": True, "graph_cosine": True} and good["all_met"] is True
 
 
-def test_teacher_forcing_feeds_the_reference_prefix(monkeypatch):
+def test_teacher_forcing_feeds_the_reference_prefix():
     """Teacher forcing predicts position i from the reference's tokens 0..i-1: the prefill gives the first
-    prediction, then each reference token but the last is fed. The model is replaced by a stub whose next
-    token is the fed token + 1, so the loop's offsets are what this checks (the model runs in the quality
-    tests above)."""
+    prediction, then each reference token but the last is fed to the runtime's decode step. The graphs
+    are a stub whose next token is the fed token + 1 (the prefill's is 2), so the offsets are what this
+    checks (the model runs in the quality tests above)."""
+    import types
+
+    import torch
+
     from janusflow_trt import quality
-    from janusflow_trt.runtime import chat
+    from janusflow_trt.janusflow_ref.processor import ChatInputs
 
-    def onehot(i: int) -> np.ndarray:
-        logits = np.zeros((1, 16), np.float32)
-        logits[0, i] = 1.0
-        return logits
-
+    cfg = types.SimpleNamespace(num_layers=1, kv_heads=1, head_dim=2)
     fed: list[int] = []
-    monkeypatch.setattr(quality, "_prompt_embeds", lambda *a: np.zeros((1, 3, 4), np.float32))
-    monkeypatch.setattr(chat, "kv_dtype", lambda backend: np.float32)
-    monkeypatch.setattr(chat, "new_cache", lambda *a, **k: None)
-    monkeypatch.setattr(chat, "prefill", lambda backend, cache, emb: onehot(2))
-    monkeypatch.setattr(chat, "decode_one_token", lambda backend, cache, tok: fed.append(tok) or onehot(tok + 1))
-    assert quality.teacher_forced_top1(None, None, None, None, "q", [5, 7, 9]) == [2, 6, 8]
+
+    class Stub:
+        name, device, kv_dtype, capturable, stream, specs = "stub", torch.device("cpu"), torch.float32, False, None, {}
+
+        def run(self, graph, feeds):
+            if graph == "siglip":
+                return {"image_embeds": torch.zeros((1, 1, 4))}
+            if graph == "embed":
+                ids = feeds["input_ids"]
+                if ids.shape[1] == 1:
+                    fed.append(int(ids[0, 0]))
+                return {"inputs_embeds": ids[..., None].float().expand(*ids.shape, 4).contiguous()}
+            x = feeds["inputs_embeds"]
+            logits = torch.zeros((1, 16))
+            logits[0, 2 if x.shape[1] > 1 else int(x[0, -1, 0]) + 1] = 1.0
+            kv = torch.zeros((1, 1, x.shape[1], 2))
+            return {"logits": logits, "present.0.key": kv, "present.0.value": kv}
+
+    inputs = ChatInputs(torch.tensor([[1, 1, 1]]), torch.tensor([0]), torch.zeros((1, 3, 4, 4)), "q")
+    processor = types.SimpleNamespace(chat_inputs=lambda image, question: inputs)
+    assert quality.teacher_forced_top1(Stub(), cfg, processor, None, "q", [5, 7, 9]) == [2, 6, 8]
     assert fed == [5, 7]
 
 

@@ -8,15 +8,15 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from rt import rt_chat, rt_euler, rt_vae, run_np
 
 from janusflow_trt.cli import main
 from janusflow_trt.janusflow_ref import generation as ref_gen
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import chat as ref_chat
-from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import OrtBackend
-from janusflow_trt.runtime.chat import chat as rt_chat
-from janusflow_trt.runtime.chat import decode_one_token, new_cache, prefill
+from janusflow_trt.runtime.decode import Decoder
+from janusflow_trt.runtime.llm import new_cache, prefill
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def image(test_image):
 def test_ort_chat_tokens_equal_reference(ort, tiny_model, processor, image, params, seed):
     want = ref_chat(tiny_model, processor, image, "What is shown here?", params, seed)
     got = rt_chat(ort, tiny_model.cfg, processor, image, "What is shown here?", params, seed)
-    assert got.token_ids == want.token_ids and got.text == want.text
+    assert got == want.token_ids and processor.decode(got) == want.text
 
 
 def test_ort_generation_equals_reference(ort, tiny_model, tiny_vae, processor):
@@ -42,28 +42,31 @@ def test_ort_generation_equals_reference(ort, tiny_model, tiny_vae, processor):
     z0 = ref_gen.initial_latents(n, 21)
     prefix, mask = ref_gen.prompt_prefix(tiny_model, processor, "a lighthouse at dusk", n)
     ref = list(ref_gen.euler_steps(tiny_model, prefix, mask, z0, steps, w))
-    cache = text2img.prefill_prefix(ort, tiny_model.cfg, processor, "a lighthouse at dusk", n)
-    got = list(text2img.euler_loop(ort, cache, z0.numpy(), steps, w))
+    got = rt_euler(ort, tiny_model.cfg, processor, "a lighthouse at dusk", z0, steps, w)
     for r, g in zip(ref, got, strict=True):  # every step, not just the last
         assert np.abs(g - r.numpy()).max() / np.abs(r.numpy()).max() < 1e-4
     img_ref = ref_gen.vae_decode(tiny_vae, ref[-1]).numpy()
-    img = text2img.vae_decode(ort, got[-1])
+    img = rt_vae(ort, got[-1])
     assert np.abs(img - img_ref).max() / np.abs(img_ref).max() < 1e-4
 
 
 def test_kv_cache_prefill_plus_decode_equals_one_forward(ort, tiny_model):
-    """Logits after prefill(k) + decode one token at a time == one full forward over all tokens."""
+    """Logits after prefill(k) + the decode step fed one given token at a time (teacher forcing, as the
+    quality report runs it) == one full forward over all tokens."""
     import torch
 
     rng = np.random.default_rng(3)
     ids = rng.integers(0, tiny_model.cfg.llm.vocab_size, size=(1, 140))  # crosses a 128 bucket boundary
     with torch.inference_mode():
         full = tiny_model.language_model(input_ids=torch.from_numpy(ids)).logits[0].numpy()
-    cache = new_cache(tiny_model.cfg, 1, 8)
-    emb = ort.run("embed", {"input_ids": ids[:, :100]})["inputs_embeds"].copy()
-    logits = [prefill(ort, cache, emb)[0].copy()]
+    cache = new_cache(ort, tiny_model.cfg, 1, 8)
+    emb = torch.from_numpy(run_np(ort, "embed", {"input_ids": ids[:, :100]})["inputs_embeds"])
+    dec = Decoder(ort, cache, prefill(ort, cache, emb)["logits"], SamplingParams())
+    logits = [dec.logits[0].numpy().copy()]
     for t in ids[0, 100:]:
-        logits.append(decode_one_token(ort, cache, int(t))[0].copy())
+        dec.ids.fill_(int(t))
+        dec.step()
+        logits.append(dec.logits[0].numpy().copy())
     got, want = np.stack(logits[:-1]), full[99:-1]
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     assert cache.length == 140 and cache.capacity == 256

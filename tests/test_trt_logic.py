@@ -200,7 +200,7 @@ def test_manifest_refuses_a_narrower_profile(cfg, engines):
     p.shapes["past_key_values.0.key"] = (lo, opt, (*hi[:2], 1024, hi[3]))
     m["engines"]["llm"]["profiles"][0] = p.to_json()
     with pytest.raises(EngineMismatchError, match="profile 'prefill' does not cover .* past_key_values.0.key"):
-        check_engine_manifest(m, HERE, cfg.sha256, None, wanted, None)
+        check_engine_manifest(m, HERE, cfg.sha256, "fp16", wanted, None)
 
 
 def test_modified_engine_file_refused(engines):
@@ -277,40 +277,70 @@ def test_num_images_beyond_the_specs_batch_limit_is_refused(tiny_dir, tiny_onnx,
     assert list(tmp_path.iterdir()) == []
 
 
-# -- the Euler step's wiring (what the GPU loop captures as one CUDA graph) -------------------------
-def test_euler_wiring_is_complete_and_ordered(cfg):
-    from janusflow_trt.runtime.euler_step import EULER_STEP, check_wiring
+# -- the backend factory hands TensorRT the precision asked for ----------------------------------------
+def test_trt_backend_refuses_engines_of_another_precision(cfg, engines, tiny_dir, monkeypatch):
+    """`--backend trt --precision fp32` over fp16 engines (and fp16 over fp32 ones) is refused in one line:
+    the registry -> make_backend -> TrtBackend path passes the precision to the engine-manifest check.
+    TensorRT and CUDA are faked for the checks that run before any engine is loaded."""
+    import types
 
-    specs = build_specs(cfg)
-    check_wiring(specs)
-    swapped = (EULER_STEP[0], EULER_STEP[2], EULER_STEP[1])
-    with pytest.raises(AssertionError, match="gen_dec.hidden reads llm_gen.last_hidden_state before it is produced"):
-        check_wiring(specs, swapped)
-    dropped = (EULER_STEP[0], ("llm_gen", {k: v for k, v in EULER_STEP[1][1].items() if k != "position_ids"}),
-               EULER_STEP[2])
-    with pytest.raises(AssertionError, match="llm_gen.position_ids has no source"):
-        check_wiring(specs, dropped)
+    from janusflow_trt import Pipeline
+    from janusflow_trt.runtime import trt_backend
+
+    d, m, _ = engines  # engines.json says fp16
+    fake = types.SimpleNamespace(__version__=HERE.tensorrt_version, Builder=object)
+    monkeypatch.setattr(trt_backend, "require_tensorrt", lambda what: fake)
+    monkeypatch.setattr(trt_backend, "require_cuda", lambda what: None)
+    monkeypatch.setattr(trt_backend, "target_here", lambda version: HERE)
+    monkeypatch.setattr(trt_backend, "export_sources", lambda m: None)
+    monkeypatch.setattr(trt_backend, "engine_profiles", lambda specs, g: [])
+    monkeypatch.setattr(trt_backend, "check_engine_files", lambda *a: None)
+    m["config_sha256"] = cfg.sha256
+    for asked, have in (("fp32", "fp16"), ("fp16", "fp32")):
+        m["precision"] = have
+        write_json_atomic(d / "engines.json", m)
+        with pytest.raises(EngineMismatchError, match=f"engines are {have}, {asked} was asked for") as e:
+            Pipeline.from_pretrained(tiny_dir, backend="trt", artifacts=d, precision=asked)
+        assert len(str(e.value).splitlines()) == 1
 
 
-def test_euler_wiring_reproduces_the_pipeline(tiny_dir, tiny_onnx, processor, cfg):
-    """The wiring executed over the numpy seam == text2img.euler_loop, step by step (same ORT graphs)."""
-    import numpy as np
+def test_euler_step_reads_fixed_buffers(tiny_dir, tiny_onnx, processor, cfg):
+    """What lets a GPU backend capture the Euler step as one CUDA graph: every input of every graph call
+    in a step is either one of the request's fixed buffers (the same address at every step) or an output
+    of an earlier call in the same step; checked on the real step function over ONNX Runtime."""
+    import torch
 
     from janusflow_trt.runtime import text2img
-    from janusflow_trt.runtime.backends import OrtBackend
-    from janusflow_trt.runtime.euler_step import run_step_host, step_constants
+    from janusflow_trt.runtime.backends import OrtBackend, SeamWrapper
+    from janusflow_trt.runtime.euler_step import euler_loop
 
-    ort = OrtBackend(tiny_onnx, cfg)
-    n, steps = 2, 3
-    cache = text2img.prefill_prefix(ort, cfg, processor, "a red fox", n)
-    z = np.random.default_rng(0).standard_normal((n, 4, 48, 48)).astype(np.float32)
-    want = list(text2img.euler_loop(ort, cache, z, steps, 2.0))
-    consts = step_constants(cache, 2 * n, 1 + cfg.num_gen_tokens, 2.0, steps)
-    table = consts.pop("t_table")
-    state = {"z": np.concatenate([z, z])}
-    for i in range(steps):
-        run_step_host(ort, state, consts, cache.past_feeds(), table[i])
-        np.testing.assert_array_equal(state["z"][:n], want[i])
+    class Addresses(SeamWrapper):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.steps: list[list[tuple[str, str, int]]] = []
+            self.produced: set[int] = set()
+
+        def run(self, graph, feeds):
+            if graph == "gen_enc":  # a step starts
+                self.steps.append([])
+                self.produced = set()
+            for name, t in feeds.items():
+                if t.data_ptr() not in self.produced:
+                    self.steps[-1].append((graph, name, t.data_ptr()))
+            out = self.inner.run(graph, feeds)
+            self.produced |= {t.data_ptr() for t in out.values()}
+            return out
+
+    seam = Addresses(OrtBackend(tiny_onnx, cfg))
+    cache = text2img.prefill_prefix(seam, cfg, processor, "a red fox", 2)
+    for _ in euler_loop(seam, cache, torch.zeros((2, 4, 48, 48)), 4, 2.0):
+        pass
+    assert len(seam.steps) == 4
+    inputs = {(g, n) for g, n, _ in seam.steps[0]}
+    assert {("gen_enc", "z"), ("gen_enc", "t"), ("llm_gen", "attention_mask"), ("llm_gen", "position_ids"),
+            ("gen_dec", "z"), ("gen_dec", "cfg_weight"), ("gen_dec", "dt")} <= inputs
+    assert ("llm_gen", "inputs_embeds") not in inputs and ("gen_dec", "hidden") not in inputs  # wired in-step
+    assert all(s == seam.steps[0] for s in seam.steps[1:])  # the same buffers, the same addresses
 
 
 def test_gpu_check_report_from_a_real_pytest_run(tmp_path):

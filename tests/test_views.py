@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from janusflow_trt.calibration.data import InputSet, builtin_calibration
 from janusflow_trt.calibration.record import Plan
@@ -118,7 +119,8 @@ def test_manifest_accounts_for_the_view(ext_onnx, tiny_dir, tmp_path):
 def test_euler_loop_latents_unchanged_by_the_view(ext_onnx, tiny_dir, processor):
     """The Euler loop on the view == the same loop on the full llm graph (the backend's fallback for
     exports without the view), on the same ORT artifacts."""
-    from janusflow_trt.runtime import text2img
+    from rt import rt_euler
+
     from janusflow_trt.runtime.backends import OrtBackend
 
     cfg = load_config(tiny_dir)
@@ -128,8 +130,7 @@ def test_euler_loop_latents_unchanged_by_the_view(ext_onnx, tiny_dir, processor)
         b = OrtBackend(ext_onnx, cfg, threads=2)
         if kind == "full":
             b.view_parent = {"llm_gen": "llm"}
-        cache = text2img.prefill_prefix(b, cfg, processor, "a red fox", 2)
-        runs[kind] = [x.copy() for x in text2img.euler_loop(b, cache, z, 3, 2.0)]
+        runs[kind] = rt_euler(b, cfg, processor, "a red fox", z, 3, 2.0)
         assert ("llm_gen" in b.sessions) == (kind == "view")  # each run really took its path
     for a, b_ in zip(runs["view"], runs["full"], strict=True):
         np.testing.assert_array_equal(a, b_)  # the same kernels on the same nodes
@@ -145,21 +146,24 @@ def test_export_without_views_falls_back_to_the_llm(ext_onnx, tiny_dir, tmp_path
     for e in [m["graphs"]["llm"], *m["graphs"]["llm"]["precisions"].values()]:
         (d / e.pop("views")["llm_gen"]["file"]).unlink()
     (d / "manifest.json").write_text(json.dumps(m))
+    from rt import run_np
+
     b = OrtBackend(d, load_config(tiny_dir), threads=2)
     spec = b.specs["llm_gen"]
-    out = b.run("llm_gen", dummy_inputs(spec, seed=0))
+    out = run_np(b, "llm_gen", dummy_inputs(spec, seed=0))
     assert list(out) == ["last_hidden_state"] and "llm_gen" not in b.sessions and "llm" in b.sessions
 
 
 def test_torch_backend_view_module(tiny_model):
     import torch
+    from rt import run_np
 
-    from janusflow_trt.runtime.backends import TorchBackend
+    from janusflow_trt.runtime.torch_backend import TorchBackend
 
     b = TorchBackend(tiny_model, threads=2)
     feeds = dummy_inputs(b.specs["llm"], seed=5)
-    full = {k: v.copy() for k, v in b.run("llm", feeds).items()}
-    gen = b.run("llm_gen", feeds)
+    full = run_np(b, "llm", feeds)
+    gen = run_np(b, "llm_gen", feeds)
     assert list(gen) == ["last_hidden_state"]
     np.testing.assert_array_equal(gen["last_hidden_state"], full["last_hidden_state"])
     assert torch.is_tensor(next(b.modules["llm_gen"].parameters()))
@@ -168,16 +172,16 @@ def test_torch_backend_view_module(tiny_model):
 def test_calibration_records_euler_view_calls_as_llm_samples(tiny_model, tiny_dir, processor, tmp_path):
     """The Euler step calls llm_gen; its feeds are the llm's, and the FP16 / INT8 calibration of the llm
     must keep seeing the Euler-step activations (577-token steps at full size), recorded as 'llm'."""
-    from janusflow_trt.calibration.record import Recorder
+    from janusflow_trt.recording import Recorder
     from janusflow_trt.runtime import text2img
-    from janusflow_trt.runtime.backends import TorchBackend
+    from janusflow_trt.runtime.euler_step import euler_loop
+    from janusflow_trt.runtime.torch_backend import TorchBackend
 
     cfg = load_config(tiny_dir)
     rec = Recorder(TorchBackend(tiny_model, threads=2), tmp_path)
     cache = text2img.prefill_prefix(rec, cfg, processor, "a red fox", 1)
     rec.active = {"llm"}
-    z = np.zeros((1, 4, 48, 48), np.float32)
-    list(text2img.euler_loop(rec, cache, z, 2, 2.0))
+    list(euler_loop(rec, cache, torch.zeros((1, 4, 48, 48)), 2, 2.0))
     assert [f["graph"] for f in rec.files] == ["llm", "llm"]
     for f in rec.files:
         assert np.load(tmp_path / f["file"])["inputs_embeds"].shape[1] == 1 + cfg.num_gen_tokens
