@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the per-graph numbers to this file")
     args = p.parse_args(argv)
 
-    from janusflow_trt.export.onnx_export import export_graphs
+    from janusflow_trt.export_job import export_graphs
     from janusflow_trt.tiny import make_tiny
 
     work = Path(args.work)

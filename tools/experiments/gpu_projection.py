@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from janusflow_trt.benchmarks import floors
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, parse_config
 from janusflow_trt.tiny import model_config
-
-from . import floors
 
 # H100 SXM5 80 GB datasheet: dense FP16/BF16 tensor-core peak (without sparsity) and HBM3 bandwidth
 H100_FP16_TFLOPS = 989.4

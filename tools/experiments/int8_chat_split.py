@@ -22,14 +22,14 @@ from janusflow_trt.calibration.data import builtin_heldout  # noqa: E402
 from janusflow_trt.calibration.record import CalibrationData  # noqa: E402
 from janusflow_trt.export.int8_sensitivity import float_weights, one_sided  # noqa: E402
 from janusflow_trt.export.manifest import resolve_graph  # noqa: E402
-from janusflow_trt.export.quality import teacher_forced_top1  # noqa: E402
 from janusflow_trt.export.quality_metrics import agreement  # noqa: E402
 from janusflow_trt.export.specs import build_specs  # noqa: E402
 from janusflow_trt.janusflow_ref.config import load_config  # noqa: E402
 from janusflow_trt.janusflow_ref.processor import Processor  # noqa: E402
 from janusflow_trt.janusflow_ref.sampling import SamplingParams  # noqa: E402
+from janusflow_trt.quality import teacher_forced_top1  # noqa: E402
 from janusflow_trt.runtime.backends import OrtBackend  # noqa: E402
-from janusflow_trt.runtime.chat import chat  # noqa: E402
+from janusflow_trt.runtime.chat import chat_tokens  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=a.tokens)
     got: dict[str, list[float]] = {k: [] for k in backends}
     for _, image, question in builtin_heldout().pairs:
-        ref = chat(b32, cfg, proc, image, question, params).token_ids
+        ref = list(chat_tokens(b32, cfg, proc.chat_inputs(image, question), params, proc.eos_id))
         for k, b in backends.items():
             got[k].append(agreement(teacher_forced_top1(b, cfg, proc, image, question, ref), ref))
     pairs = len(got["int8 (exported)"])
