@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from janusflow_trt.janusflow_ref.config import LATENT_SIZE, JanusFlowConfig
-from janusflow_trt.precision import Precision
+from janusflow_trt.precision import EXPORTED
 
 GRAPH_NAMES = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
 # Views: a graph's output subset, for callers that read only those ("drop graph outputs nobody reads").
@@ -219,7 +219,7 @@ def compare(out: np.ndarray, ref: np.ndarray, tol: Tol) -> dict[str, float | boo
 
 
 # -- precision variants of a spec ------------------------------------------------------------------
-PRECISIONS = tuple(p.value for p in Precision)
+PRECISIONS = tuple(p.value for p in EXPORTED)  # bf16 is a torch-backend dtype, never exported
 # verify's bar for FP16 graphs vs the torch modules: ~1e-3 relative per op, accumulated over the graph
 FP16_TOL = Tol(cos_min=0.9995, rtol=0.1, atol=0.5)
 INT8_TOL = Tol(cos_min=0.99, rtol=0.5, atol=2.0)  # verify's bar for Q/DQ graphs: per-tensor 8-bit activations

@@ -94,8 +94,8 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
     from janusflow_trt.runtime.torch_backend import TorchBackend
 
     if backend == "torch-cuda":  # weights and VAE on the GPU at load
-        return RuntimeEngine(make_backend(backend, model_dir, None, cfg, threads, resolve_vae_dir(model_dir, vae_dir)),
-                             cfg, processor)
+        return RuntimeEngine(make_backend(backend, model_dir, None, cfg, threads, resolve_vae_dir(model_dir, vae_dir),
+                                          precision), cfg, processor)
 
     def load_vae_now():
         return load_vae(resolve_vae_dir(model_dir, vae_dir))
@@ -103,5 +103,6 @@ def build_engine(backend: str, model_dir: Path, cfg: JanusFlowConfig, processor:
     if backend == "torch":
         torch.set_num_threads(threads or physical_cores())
         return ReferenceEngine(load_model(model_dir), processor, load_vae_now)
-    b = TorchBackend(load_model(model_dir), None, threads)
+    b = make_backend(backend, model_dir, None, cfg, threads, None, precision)  # torch-fast: FP32 or BF16
+    assert isinstance(b, TorchBackend)
     return RuntimeEngine(b, cfg, processor, add_vae=lambda: b.add_vae(load_vae_now()))

@@ -4,10 +4,10 @@ feeds / results are dicts of torch tensors on `backend.device`, keyed by the gra
 names: zero-copy numpy on the CPU, device memory on a GPU, bound by pointer (ONNX Runtime IOBinding,
 TensorRT tensor addresses). `run` enqueues and returns without a host sync where the backend has a
 stream; results are the backend's own buffers, reused by later calls (see OutputBuffers).
-- TorchBackend: the graph modules of export/graphs.py, eager on the CPU (runtime/torch_backend.py).
+- TorchBackend: the graph modules of export/graphs.py, eager, FP32 or BF16 (runtime/torch_backend.py).
 - OrtBackend:   ONNX Runtime sessions over an export directory (CPU by default, CUDA if present).
 - TrtBackend:   TensorRT engines (runtime/trt_backend.py); GPU only.
-- TorchCudaBackend: the graph modules in BF16 on the GPU (runtime/torch_cuda.py).
+- torch-cuda: the same TorchBackend on CUDA with a stream, captured per step (runtime/torch_cuda.py).
 Which backends exist, what each needs and which precisions it runs: runtime/registry.py; built by
 runtime/factory.py.
 """
@@ -26,11 +26,11 @@ import psutil
 import torch
 
 from janusflow_trt import __version__
-from janusflow_trt.errors import CheckpointError
+from janusflow_trt.errors import CheckpointError, InputError
 from janusflow_trt.export.manifest import has_view, load_checked, resolve_graph
 from janusflow_trt.export.specs import VIEWS, GraphSpec, build_specs, precision_variant
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
-from janusflow_trt.precision import Precision
+from janusflow_trt.precision import EXPORTED, Precision
 
 
 class Backend(Protocol):
@@ -120,6 +120,9 @@ class OrtBackend:
 
     def __init__(self, artifacts: str | Path, cfg: JanusFlowConfig, threads: int | None = None,
                  providers: list[str] | None = None, precision: str = Precision.FP32):
+        if precision not in EXPORTED:  # bf16: a torch-backend dtype, never in an export directory
+            raise InputError(f"precision {precision} is not an exported variant; ONNX Runtime runs "
+                             f"{', '.join(EXPORTED)}")
         self.dir = Path(artifacts)
         self.manifest = read_manifest_at(artifacts, cfg, [precision])
         self.precision = Precision(precision)

@@ -13,6 +13,7 @@ from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.precision import Precision
 
 from .backends import Backend, OrtBackend
+from .cpu_isa import require_bf16
 from .registry import check_request
 
 
@@ -25,11 +26,13 @@ def make_backend(name: str, model_dir: str | Path, artifacts: str | Path | None,
     if name == "torch-cuda":
         from .torch_cuda import TorchCudaBackend
 
-        return TorchCudaBackend(model_dir, vae_dir)
+        return TorchCudaBackend(model_dir, vae_dir, precision)
     if name == "torch-fast":
         from .torch_backend import load_torch_backend
 
-        return load_torch_backend(model_dir, vae_dir, threads)
+        if precision == Precision.BF16:
+            require_bf16()
+        return load_torch_backend(model_dir, vae_dir, threads, "cpu", precision)
     assert artifacts is not None  # check_request refused it
     if name == "ort":
         return OrtBackend(artifacts, cfg, threads, precision=precision)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from janusflow_trt.errors import InputError
-from janusflow_trt.precision import Precision
+from janusflow_trt.precision import EXPORTED, Precision
 
 
 @dataclass(frozen=True)
@@ -14,18 +14,20 @@ class BackendInfo:
     name: str
     help: str
     needs_artifacts: bool  # runs an export directory (--artifacts) rather than the checkpoint's weights
-    precisions: tuple[Precision, ...]  # the exported variants it runs
+    precisions: tuple[Precision, ...]  # what it runs: exported variants (ort, trt) or dtypes (torch-*)
     gpu: bool  # needs an NVIDIA GPU
 
 
-_EXPORTED = tuple(Precision)
+_BF16_TORCH = (Precision.FP32, Precision.BF16)  # the graph modules' dtype (bf16: weights cast at load)
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("torch", "the official-style eager reference (janusflow_ref)", False, (Precision.FP32,), False),
-    BackendInfo("torch-fast", "our runtime over the eager graph modules", False, (Precision.FP32,), False),
-    BackendInfo("ort", "ONNX Runtime over --artifacts (CPU; CUDA with onnxruntime-gpu)", True, _EXPORTED, False),
+    BackendInfo("torch-fast", "our runtime over the eager graph modules on the CPU (bf16: needs AVX-512 BF16 or AMX)",
+                False, _BF16_TORCH, False),
+    BackendInfo("ort", "ONNX Runtime over --artifacts (CPU; CUDA with onnxruntime-gpu)", True, EXPORTED, False),
     BackendInfo("trt", "TensorRT engines from `janusflow build` over --artifacts", True,
                 (Precision.FP32, Precision.FP16, Precision.INT8), True),
-    BackendInfo("torch-cuda", "the graph modules in BF16 on the GPU with CUDA graphs", False, (Precision.FP32,), True),
+    BackendInfo("torch-cuda", "the graph modules on the GPU (fp32 or bf16) with CUDA graphs", False, _BF16_TORCH,
+                True),
 )}
 
 
@@ -39,8 +41,9 @@ def check_request(backend: str, precision: str, artifacts: str | Path | None) ->
         raise InputError(f"unknown precision {precision!r}; choose from {', '.join(Precision)}")
     if precision not in info.precisions:
         runs = [b.name for b in BACKENDS.values() if precision in b.precisions]
-        raise InputError(f"precision {precision} runs exported graphs: use backend {' or '.join(runs)} "
-                         f"({backend} runs {', '.join(info.precisions)})")
+        kind = "an exported graph variant" if precision in EXPORTED else "a torch-backend dtype, not exported"
+        raise InputError(f"backend {backend} runs {', '.join(info.precisions)}; precision {precision} ({kind}) "
+                         f"runs on {' or '.join(runs)}")
     if info.needs_artifacts and artifacts is None:
         raise InputError(f"backend {backend} needs an export directory (--artifacts DIR / artifacts=)")
     return info

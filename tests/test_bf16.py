@@ -1,0 +1,183 @@
+"""`--backend torch-fast --precision bf16`: the torch backend's graph modules in BF16 on the CPU.
+
+- the CPU check is a function over /proc/cpuinfo's flags (any CPU's flags can be given to it);
+- the registry, the API and the CLI accept torch-fast + bf16 and refuse ort + bf16 (bf16 is not an
+  exported variant) in one line; on a CPU without BF16 instructions bf16 is refused in one line;
+- on the tiny checkpoint, through the runtime's own chat and Euler loops (tests/rt.py): BF16 against
+  FP32 within the quality bars (greedy tokens equal, latent cosine >= 0.9995, PSNR >= 45 dB), the KV
+  cache in BF16, the Euler carry and update in FP32, the timestep's sin/cos argument in FP32.
+Tests that compute in BF16 are skipped, with the reason, on a CPU without BF16 instructions (emulated
+BF16 is refused there, not run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from rt import rt_chat, rt_euler, rt_vae
+
+from janusflow_trt.errors import InputError
+from janusflow_trt.export.quality_metrics import cosine, psnr
+from janusflow_trt.images import to_uint8
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.generation import initial_latents
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.weights import load_model
+from janusflow_trt.runtime import cpu_isa
+from janusflow_trt.runtime.cpu_isa import has_bf16, matrix_isa, require_bf16
+from janusflow_trt.runtime.registry import check_request
+
+ZEN5 = ("fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni avx_vnni")  # this CI machine's kind (no AMX)
+SPR = "avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_int8 amx_tile"  # Sapphire Rapids
+SKX = "sse4_2 avx2 avx512f avx512bw avx512_vnni"  # Cascade Lake: VNNI, no BF16
+needs_bf16 = pytest.mark.skipif(not has_bf16(cpu_isa.cpu_flags()),
+                                reason="this CPU has no AVX-512 BF16 / AMX: bf16 is refused here")
+STEPS = 6  # Euler steps of the tiny comparison (the quality report runs 30)
+
+
+# -- the CPU check -------------------------------------------------------------------------------
+
+def test_bf16_flags():
+    assert has_bf16(ZEN5) and has_bf16(SPR) and not has_bf16(SKX) and not has_bf16("")
+    assert not has_bf16("avx512_bf16x")  # whole flags, not substrings
+    assert matrix_isa(SPR)["amx_bf16"] and not matrix_isa(ZEN5)["amx_bf16"]
+    assert matrix_isa(SKX) == {**dict.fromkeys(cpu_isa.MATRIX_ISA, False), "avx512_vnni": True, "avx512f": True,
+                               "avx2": True}
+    require_bf16(SPR)
+    require_bf16(ZEN5)
+    with pytest.raises(InputError, match="needs a CPU with AVX-512 BF16 or AMX") as e:
+        require_bf16(SKX)
+    assert "\n" not in str(e.value)
+
+
+def test_cpu_flags_reads_the_first_flags_line(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_isa.cpu_flags(f) == "fpu avx2 avx512_bf16"
+    assert cpu_isa.cpu_flags(tmp_path / "absent") == ""
+
+
+# -- the registry, the API, the CLI -------------------------------------------------------------
+
+def test_registry_bf16_is_a_torch_dtype():
+    assert check_request("torch-fast", "bf16", None).name == "torch-fast"
+    assert check_request("torch-cuda", "bf16", None).name == "torch-cuda"
+    for backend in ("ort", "trt", "torch"):
+        with pytest.raises(InputError, match="bf16 .a torch-backend dtype, not exported. runs on torch-fast or "
+                                             "torch-cuda") as e:
+            check_request(backend, "bf16", "artifacts")
+        assert "\n" not in str(e.value)
+
+
+def test_export_and_ort_do_not_take_bf16(tiny_dir):
+    from janusflow_trt.errors import JanusFlowError
+    from janusflow_trt.export.variants import parse_precisions
+    from janusflow_trt.runtime.backends import OrtBackend
+
+    with pytest.raises(JanusFlowError, match="unknown precision 'bf16'"):
+        parse_precisions("fp32,bf16")
+    with pytest.raises(InputError, match="not an exported variant"):  # before any manifest is read
+        OrtBackend(tiny_dir / "no-export", load_config(tiny_dir), precision="bf16")
+
+
+def test_cli_refuses_ort_bf16_in_one_line(tiny_dir, test_image, capsys):
+    from janusflow_trt.cli import main
+
+    code = main(["chat", "--model", str(tiny_dir), "--image", str(test_image), "--question", "q",
+                 "--backend", "ort", "--artifacts", str(tiny_dir), "--precision", "bf16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "runs on torch-fast or torch-cuda" in err, err
+
+
+def test_bf16_refused_on_a_cpu_without_it(tiny_dir, test_image, monkeypatch, capsys):
+    from janusflow_trt import Pipeline
+    from janusflow_trt.cli import main
+
+    monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: SKX)
+    with pytest.raises(InputError, match="needs a CPU with AVX-512 BF16 or AMX"):
+        Pipeline.from_pretrained(tiny_dir, backend="torch-fast", precision="bf16")
+    code = main(["chat", "--model", str(tiny_dir), "--image", str(test_image), "--question", "q",
+                 "--backend", "torch-fast", "--precision", "bf16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "AVX-512 BF16" in err, err
+
+
+# -- BF16 against FP32 on the tiny checkpoint ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def b32(tiny_dir, tiny_vae):
+    from janusflow_trt.runtime.torch_backend import TorchBackend
+
+    return TorchBackend(load_model(tiny_dir), tiny_vae, threads=2)
+
+
+@pytest.fixture(scope="module")
+def b16(tiny_dir, tiny_vae):
+    from janusflow_trt.runtime.torch_backend import TorchBackend
+
+    return TorchBackend(load_model(tiny_dir), tiny_vae, threads=2, dtype=torch.bfloat16)
+
+
+@needs_bf16
+def test_bf16_weights_cache_and_fp32_islands(b16, b32, tiny_dir):
+    from janusflow_trt.runtime.llm import new_cache
+
+    assert b16.name == "torch-fast" and not b16.capturable and b16.kv_dtype == torch.bfloat16
+    assert b32.kv_dtype == torch.float32 and all(not c for c in b32.casts.values())  # FP32: feeds untouched
+    cache = new_cache(b16, load_config(tiny_dir), 1, 5)
+    assert {b.dtype for b in cache.buffers} == {torch.bfloat16}
+    assert b16.modules["llm"].lm.lm_head.weight.dtype == torch.bfloat16
+    assert b16.modules["gen_enc"].freqs.dtype == torch.float32  # the sin/cos argument t x freqs in FP32
+    assert next(b16.modules["vae_dec"].parameters()).dtype == torch.float32
+
+
+@needs_bf16
+def test_bf16_euler_update_in_fp32(b16, tiny_dir, processor):
+    """z_next = z + dt * CFG(v) in FP32 around the BF16 decoder: z kept FP32 (a BF16 z would carry
+    ~4e-3 relative rounding into every step)."""
+    from janusflow_trt.runtime import text2img
+    from janusflow_trt.runtime.euler_step import euler_state, euler_step
+
+    cfg = load_config(tiny_dir)
+    cache = text2img.prefill_prefix(b16, cfg, processor, "a red fox", 1)
+    z0 = initial_latents(1, seed=3) * (1 + 1e-3 * torch.rand(1, 4, 48, 48))  # values off the BF16 grid
+    st = euler_state(b16, cache, z0, 30, 2.0)
+    z = st.z.clone()
+    _, dec = euler_step(b16, st)
+    v = dec["velocity"].float()
+    want = z[:1] + st.dt * (2.0 * v[:1] - 1.0 * v[1:])
+    assert st.z.dtype == torch.float32
+    torch.testing.assert_close(st.z[:1], want, rtol=1e-6, atol=1e-6)
+
+
+@needs_bf16
+def test_bf16_t_emb_close_to_fp32(b16, b32):
+    """gen_enc at the largest timesteps (t ~ 1000, where BF16 spacing is 4): the sin/cos argument is FP32."""
+    z = initial_latents(2, seed=5)
+    t = torch.tensor([999.0, 967.3])
+    e16 = b16.run("gen_enc", {"z": z, "t": t})["t_emb"].float().numpy()
+    e32 = b32.run("gen_enc", {"z": z, "t": t})["t_emb"].numpy()
+    assert cosine(e16, e32) >= 0.9999, cosine(e16, e32)
+
+
+@needs_bf16
+def test_bf16_chat_tokens_equal_fp32(b16, b32, tiny_dir, processor, test_image):
+    from PIL import Image
+
+    cfg, img = load_config(tiny_dir), Image.open(test_image).convert("RGB")
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    want = rt_chat(b32, cfg, processor, img, "What is in the picture?", params)
+    assert rt_chat(b16, cfg, processor, img, "What is in the picture?", params) == want
+
+
+@needs_bf16
+def test_bf16_latents_and_pixels_vs_fp32(b16, b32, tiny_dir, processor):
+    """The same initial latents through both: the quality report's bars (cosine >= 0.9995, PSNR >= 45 dB)."""
+    cfg, z0 = load_config(tiny_dir), initial_latents(1, seed=2000).numpy()
+    z32 = rt_euler(b32, cfg, processor, "a red fox in autumn leaves", z0, STEPS, 2.0)[-1]
+    z16 = rt_euler(b16, cfg, processor, "a red fox in autumn leaves", z0, STEPS, 2.0)[-1]
+    assert z16.dtype == np.float32 and np.isfinite(z16).all()
+    c = cosine(z16, z32)
+    p = psnr(to_uint8(rt_vae(b16, z16))[0], to_uint8(rt_vae(b32, z32))[0])
+    assert c >= 0.9995 and p >= 45.0, (c, p)
