@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from janusflow_trt.errors import InputError
@@ -68,11 +66,10 @@ def cmd_bench(args) -> int:
                          f"{limit + DECODE_MARGIN} minus {DECODE_MARGIN} for the decoded tokens)")
     out = Path(args.out)
     check_out(out, args.force)
-    work = Path(tempfile.mkdtemp(prefix="janusflow-bench-"))
-    try:
+    from janusflow_trt.files import owned_tempdir
+
+    with owned_tempdir("janusflow-bench") as work:  # the on-the-fly checkpoint and export; removed on every exit
         return _bench(args, threads, backends, contexts, out, work, run_bench)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # the on-the-fly checkpoint and export
 
 
 def _bench(args, threads, backends, contexts, out, work, run_bench) -> int:

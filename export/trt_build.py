@@ -11,10 +11,7 @@ neither TensorRT nor a GPU.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ import onnx
 import torch
 
 from janusflow_trt.errors import CheckpointError, JanusFlowError
+from janusflow_trt.files import dir_transaction, recover_dir
 from janusflow_trt.images import write_atomic
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, parse_config
 
@@ -182,6 +180,7 @@ def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache
 
 def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_cache: Path | None,
           opt_level: int, workspace_gb: float, progress: bool = True) -> dict[str, Any]:
+    recover_dir(out)  # an earlier build killed mid-swap is finished first
     if out.exists() and not (out / FILE).is_file():  # never replace a directory we did not write
         raise JanusFlowError(f"--out {out} exists and is not an engines directory; choose another path")
     trt = require_tensorrt("janusflow build")
@@ -194,8 +193,7 @@ def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_
                               f"{precision})")
     target = target_here(str(trt.__version__))
     cache = _read_cache(timing_cache)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with dir_transaction(out, "--out") as tmp:  # swapped in atomically; a crash keeps the old or the new
         engines = {}
         for i, p in enumerate(plans):
             assert p.source is not None
@@ -217,14 +215,4 @@ def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_
                 _save_bytes(timing_cache, cache)
         m = build_engine_manifest(target, precision, export_manifest["config_sha256"], artifacts, engines)
         write_json_atomic(tmp / FILE, m)
-        if out.exists():  # an engines directory we wrote earlier: swap, then drop the old one
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-        return m
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    return m

@@ -1,7 +1,7 @@
 """`janusflow export` end to end: FP32 graphs -> calibration recording (the runtime's own loops, through
 janusflow_trt/recording.py) -> FP16 / INT8 variants -> views -> manifest, all written into a temporary
-directory that replaces OUT in one rename. It runs the runtime, so it sits above it; export/ holds the
-steps and imports no runtime."""
+directory that replaces OUT atomically (files.dir_transaction). It runs the runtime, so it sits above
+it; export/ holds the steps and imports no runtime."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from janusflow_trt.export.variants import (
     parse_precisions,
 )
 from janusflow_trt.export.views import add_views
-from janusflow_trt.files import check_out_dir, make_tmp, replace_dir
+from janusflow_trt.files import check_out_dir, dir_transaction
 from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.recording import record
 
@@ -71,8 +71,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
     protected = [("model", model_dir)] + ([("VAE", vae)] if vae is not None else [])
     out = check_out_dir(out_dir, "--out", force, is_export_dir, "an earlier export (manifest.json)", protected)
-    tmp = make_tmp(out, "--out")
-    try:
+    with dir_transaction(out, "--out") as tmp:
         cfg, specs, entries = export_fp32(model_dir, vae, tmp, names, opset, force_legacy, progress)
         manifest = build_manifest(cfg, entries)
         if precs != ["fp32"]:
@@ -90,8 +89,4 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             manifest["calibration"] = calibration_entry(calib, reused, record_s, entries)
         add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
         write_manifest(tmp, manifest)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

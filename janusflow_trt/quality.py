@@ -14,7 +14,6 @@ quality.png (rows: prompts; columns: FP32 | each precision).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from janusflow_trt.export.manifest import resolve_graph
 from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
 from janusflow_trt.export.specs import build_specs, precision_variant
-from janusflow_trt.files import check_output_dir, write_into
+from janusflow_trt.files import check_output_dir, owned_tempdir, write_into
 from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.janusflow_ref.generation import initial_latents
@@ -88,7 +87,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
     params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
     report: dict[str, Any] = {"precisions": precisions, "tokens": tokens, "steps": steps,
                               "heldout_sha256": held.sha256(), "chat": {}, "t2i": {}, "graphs": {}}
-    with tempfile.TemporaryDirectory(prefix="janusflow-quality-") as tmp:
+    with owned_tempdir("janusflow-quality") as tmp:  # removed on every exit path
         rec = Recorder(b32, Path(tmp))
         chats: dict[str, list] = {p: [] for p in precisions}
         for name, image, q in tqdm(held.pairs, desc="quality chat", disable=not progress):

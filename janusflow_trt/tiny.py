@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from .errors import JanusFlowError
-from .files import check_out_dir, make_tmp, replace_dir
+from .files import check_out_dir, dir_transaction
 from .janusflow_ref.config import parse_config
 from .janusflow_ref.weights import expected_shapes
 from .tokenizer_factory import build_tokenizer
@@ -136,8 +135,7 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: boo
         raise JanusFlowError(f"unknown --size {size!r}; choose from {', '.join(PRESETS)}")
     out = check_out_dir(out_dir, "DIR", force, is_tiny_dir, "a checkpoint written by make-tiny")
     gen = torch.Generator().manual_seed(seed)
-    tmp = make_tmp(out, "DIR")
-    try:
+    with dir_transaction(out, "DIR") as tmp:
         (tmp / MARKER).write_text(json.dumps({"size": size, "seed": seed}) + "\n")
         tok = build_tokenizer(tmp, PRESETS[size]["tok_vocab"])
         raw = model_config(size, tok.get_vocab_size())
@@ -150,8 +148,4 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: boo
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del state
         write_vae(tmp / "vae", size, gen)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from contract import assert_refused, run_cli, snapshot
 
-from janusflow_trt.files import _host, clean_stale
+from janusflow_trt.files import HOST, recover_dir
 
 
 @pytest.fixture()
@@ -84,17 +84,19 @@ def _dead_pid() -> int:
 
 def test_stale_temp_dirs_of_dead_writers_are_removed(tmp_path):
     out = tmp_path / "onnx"
-    host = _host()
+    out.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        dead = tmp_path / f".onnx.tmp-{_dead_pid()}-{host}-abc"
-        alive = tmp_path / f".onnx.tmp-{live.pid}-{host}-abc"
-        other_host = tmp_path / f".onnx.tmp-{_dead_pid()}-otherhost-abc"
-        other_name = tmp_path / f".onnx2.tmp-{_dead_pid()}-{host}-abc"
+        import psutil
+        start = round(psutil.Process(live.pid).create_time() * 100)
+        dead = tmp_path / f".onnx.tmp-{HOST}-{_dead_pid()}-1-abc"
+        alive = tmp_path / f".onnx.tmp-{HOST}-{live.pid}-{start}-abc"
+        other_host = tmp_path / f".onnx.tmp-otherhost-{_dead_pid()}-1-abc"
+        other_name = tmp_path / f".onnx2.tmp-{HOST}-{_dead_pid()}-1-abc"
         for d in (dead, alive, other_host, other_name):
             d.mkdir()
             (d / "llm.onnx").write_bytes(b"x")
-        removed = clean_stale(out)
+        removed = recover_dir(out)
         assert removed == [dead]
         assert not dead.exists() and alive.exists() and other_host.exists() and other_name.exists()
     finally:
