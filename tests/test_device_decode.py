@@ -132,7 +132,7 @@ def test_decode_loop_reads_only_the_token_id(ort, tiny_dir, tiny_model, processo
     from janusflow_trt.runtime.kv_cache import KVCache, bucket
 
     cfg = load_config(tiny_dir)
-    inputs = processor.chat_inputs(Image.open(test_image), "What is this?", chat.SYSTEM_PROMPT)
+    inputs = processor.chat_inputs(Image.open(test_image), "What is this?")
     start = inputs.input_ids.shape[1]
     n = bucket(start) - start + 4  # the loop crosses a KV bucket: the growth happens inside it
     params = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=n)
