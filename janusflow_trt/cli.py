@@ -1,17 +1,20 @@
 """`janusflow` command line: make-tiny, export, verify, chat, generate, bench.
 
 User errors (JanusFlowError) print one line to stderr and exit 2; nothing else is caught, so an
-internal bug still shows its traceback.
+internal bug still shows its traceback. Ctrl-C, SIGTERM and SIGHUP print one line and exit 128 + the
+signal (130, 143, 129) after the same cleanup: temporaries removed, old outputs kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import time
 
-from janusflow_trt.errors import InputError, JanusFlowError
+from janusflow_trt.errors import InputError, JanusFlowError, Terminated
 from janusflow_trt.runtime.argtypes import finite, seed, threads
 from janusflow_trt.runtime.registry import BACKENDS, check_request
 
@@ -34,7 +37,8 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
     p.add_argument("--artifacts", default=None, help="export directory with manifest.json (ort/trt backends)")
     p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--precision", default="fp32",
-                   help="fp32 | fp16 | int8 | int8-cpu: which exported variant --backend ort runs")
+                   help="fp32 | fp16 | int8 | int8-cpu: the exported variant (ort, trt); "
+                        "fp32 | bf16: the graph modules' dtype (torch-fast, torch-cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -174,17 +178,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum, frame) -> None:
+    for s in STOP_SIGNALS:  # once: a second signal must not break the cleanup the first one started
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """SIGTERM / SIGHUP raise Terminated (a KeyboardInterrupt) in the main thread while a command runs."""
+    try:
+        old = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread (main() called from a thread): leave the handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    clear = "\r\033[K" if sys.stderr.isatty() else ""  # a progress bar may hold the terminal's line
     try:
-        return int(args.func(args) or 0)
+        with _stop_signals_raise():
+            return int(args.func(args) or 0)
     except JanusFlowError as e:
-        clear = "\r\033[K" if sys.stderr.isatty() else ""  # a progress bar may hold the terminal's line
         sys.stderr.write(f"{clear}janusflow {args.command}: error: {e}\n")
         return 2
+    except Terminated as e:
+        sys.stderr.write(f"{clear}janusflow {args.command}: terminated by {signal.Signals(e.signum).name}; "
+                         "outputs left as they were\n")
+        return 128 + e.signum
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write(f"{clear}interrupted\n")
         return 130
 
 

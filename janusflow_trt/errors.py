@@ -11,3 +11,12 @@ class CheckpointError(JanusFlowError):
 
 class InputError(JanusFlowError):
     """Bad runtime input: image, prompt, numbers."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread by cli.main's handler so that every cleanup that
+    runs for Ctrl-C (temporaries removed, old outputs kept) runs for them too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

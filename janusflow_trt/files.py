@@ -163,7 +163,7 @@ def os_error_in(exc: BaseException) -> OSError | None:
 
 def write_error(exc: BaseException, what: str) -> JanusFlowError | None:
     """A one-line JanusFlowError for an OSError while writing `what` (naming the file and the cause)."""
-    if isinstance(exc, JanusFlowError):
+    if not isinstance(exc, Exception) or isinstance(exc, JanusFlowError):  # Ctrl-C / SIGTERM stay what they are
         return None
     e = os_error_in(exc)
     if e is None:
