@@ -22,6 +22,7 @@ from torch.export import Dim
 from tqdm import tqdm
 
 from janusflow_trt.errors import JanusFlowError
+from janusflow_trt.files import os_error_in
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
 from janusflow_trt.janusflow_ref.weights import load_model
@@ -170,6 +171,8 @@ def export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_
                 raise RuntimeError("legacy exporter forced")
             export_dynamo(module, spec, args, path, opset, True)
         except Exception as e:  # any dynamo failure: the legacy TorchScript exporter gets a go
+            if os_error_in(e) is not None:  # a full disk is no exporter failure: the caller reports it
+                raise
             fallback_reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             log.warning("graph %s: dynamo export failed (%s); falling back to the legacy exporter", name,
                         fallback_reason)
@@ -216,6 +219,8 @@ def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big:
     try:
         slim = onnxslim.slim(onnx.load(str(path)))
     except Exception as e:  # a simplifier bug must not lose a valid export
+        if os_error_in(e) is not None:
+            raise
         return f"skipped: onnxslim failed ({type(e).__name__})"
     # onnxslim's symbolic shape inference can get broadcasts wrong (seen: And of [B,1,1,M-C] and
     # [1,1,S,S] annotated [B,4,S,S], which the checker rejects); its annotations are only hints, so
@@ -238,6 +243,8 @@ def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big:
                 raise ExportError(f"graph {spec.name}: output {t.name} changed after simplification "
                                   f"(max abs {r['max_abs']:.3g}, cosine {r['cosine']:.8f})")
     except Exception as e:  # checker / ORT / parity: the simplified graph is not trusted
+        if os_error_in(e) is not None:
+            raise
         e = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         log.warning("graph %s: simplified graph rejected (%s); keeping the unsimplified graph", spec.name, e)
         shutil.rmtree(side)
