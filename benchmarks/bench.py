@@ -11,6 +11,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import diffusers
@@ -37,6 +38,7 @@ from janusflow_trt.janusflow_ref.vae import load_vae, resolve_vae_dir
 from janusflow_trt.janusflow_ref.weights import load_model
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import SeamWrapper
+from janusflow_trt.runtime.cpu_isa import cpu_flags, has_bf16, matrix_isa
 from janusflow_trt.runtime.decode import Decoder
 from janusflow_trt.runtime.euler_step import euler_state, euler_step
 from janusflow_trt.runtime.llm import new_cache, prefill
@@ -278,7 +280,7 @@ def machine_info(threads: int) -> dict:
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": threads,
             "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "matrix_isa": matrix_isa(cpu_flags()), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "transformers": transformers.__version__, "diffusers": diffusers.__version__}
 
 
@@ -286,6 +288,9 @@ def measure_floors(result: dict) -> None:
     """Measured first: it also brings the CPU and allocator to a steady state before any backend runs."""
     gemm, read = floors.gemm_probe(), floors.read_probe()
     result["floors"] = {"gemm_gflops": gemm["best"], "read_gbs": read["best"], "gemm_probe": gemm, "read_probe": read}
+    if has_bf16(cpu_flags()):  # without BF16 instructions the emulated GEMM is slow to even measure (AVX2: minutes)
+        g16 = floors.gemm_probe(dtype=torch.bfloat16)
+        result["floors"].update(gemm_bf16_gflops=g16["best"], gemm_bf16_probe=g16)
 
 
 def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
@@ -296,22 +301,25 @@ def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
                                             "official_loop": sum(official.values()) / 1e9,
                                             "runtime_parts": {k: v / 1e9 for k, v in ours.items()}}
     for name, r in result["backends"].items():
-        flop = official if name == "baseline" else ours
-        floor_ms = sum(flop.values()) / (gflops * 1e9) * 1e3
+        flop = official if name.startswith("baseline") else ours
+        bf16 = name.endswith("-bf16")  # BF16 columns against the BF16 GEMM rate and 2-byte weights
+        rate = result["floors"].get("gemm_bf16_gflops", gflops) if bf16 else gflops
+        floor_ms = sum(flop.values()) / (rate * 1e9) * 1e3
         r["euler_floor_ms"] = floor_ms
         r["euler_vs_floor"] = r["euler_ms"]["step"] / floor_ms
         w = r.get("decode_weights") or {}  # the run graph's stored bytes; else FP32 parameters
-        r["decode_floor_ms"] = {c: floors.decode_bytes(cfg, int(c), weight_bytes=w.get("weight_bytes"),
-                                                        kv_bytes=w.get("kv_bytes")) / (gbs * 1e9) * 1e3
+        r["decode_floor_ms"] = {c: floors.decode_bytes(cfg, int(c), 2 if bf16 else 4, w.get("weight_bytes"),
+                                                        w.get("kv_bytes")) / (gbs * 1e9) * 1e3
                                 for c in r["decode_ms"]}
         r["decode_vs_floor"] = {c: r["decode_ms"][c] / r["decode_floor_ms"][c] for c in r["decode_ms"]}
 
 
 def ratios(result: dict) -> None:
-    base = result["backends"].get("baseline")
-    if base is None:
-        return
-    for r in result["backends"].values():
+    for name, r in result["backends"].items():
+        # BF16 columns against the baseline in BF16 (the official demo's own precision), the rest against FP32
+        base = result["backends"].get("baseline-bf16" if name.endswith("-bf16") else "baseline")
+        if base is None:
+            continue
         r["speedup_vs_baseline"] = {
             "siglip": base["siglip_ms"] / r["siglip_ms"], "prefill": base["prefill_ms"] / r["prefill_ms"],
             "ttft": base["ttft_ms"] / r["ttft_ms"], "chat_decode": base["chat_decode_ms"] / r["chat_decode_ms"],
@@ -357,10 +365,16 @@ def markdown(result: dict) -> str:
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     if "gemm_probe" in result.get("floors", {}):
         g, m = result["floors"]["gemm_probe"], result["floors"]["read_probe"]
-        out += ["", f"Floors: GEMM {g['best']:.0f} GFLOP/s (median {g['median']:.0f}, spread {g['spread']:.0%}), "
-                    f"read {m['best']:.1f} GB/s (median {m['median']:.1f}, spread {m['spread']:.0%})"
+        g16 = result["floors"].get("gemm_bf16_probe")
+        isa = result["machine"].get("matrix_isa", {})
+        out += ["", f"Floors: GEMM {g['best']:.0f} GFLOP/s FP32 (median {g['median']:.0f}, spread {g['spread']:.0%}), "
+                    + (f"{g16['best']:.0f} GFLOP/s BF16 (median {g16['median']:.0f}, spread {g16['spread']:.0%}), "
+                       if g16 else "BF16 not measured (no BF16 instructions), ")
+                    + f"read {m['best']:.1f} GB/s (median {m['median']:.1f}, spread {m['spread']:.0%})"
                     + (" - NOISY: the machine was busy, floor ratios are unreliable"
-                       if max(g["spread"], m["spread"]) > NOISY_SPREAD else "")]
+                       if max(g["spread"], m["spread"], g16["spread"] if g16 else 0) > NOISY_SPREAD else ""),
+                "", "Matrix ISA: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa.items())
+                    + ". Columns ending -bf16 compare with baseline-bf16 and with the BF16 GEMM floor."]
     weights = {n: r["decode_weights"] for n, r in b.items() if r.get("decode_weights")}
     if weights:
         out += ["", "Decode floor counts the LLM graph's stored bytes: " + "; ".join(
@@ -416,17 +430,24 @@ def run_bench(model_dir: Path, artifacts: Path | None, out_dir: Path, backends: 
     vae = load_vae(resolve_vae_dir(model_dir, None))
     log(f"loaded model (RSS {rss_mb():.0f} MB); measuring this machine's GEMM rate and read bandwidth ...")
     measure_floors(result)
+    model16 = load_model(model_dir).to(torch.bfloat16) if any(b.endswith("-bf16") for b in backends) else None
     runners = {"baseline": lambda: Baseline(model, vae, processor),
                "torch-fast": lambda: Runtime(Pipeline(cfg, processor, RuntimeEngine(
                    TorchBackend(model, vae, threads), cfg, processor), "torch-fast")),
+               # the official demo's BF16: the reference model cast to BF16 (its VAE too, by autocast below)
+               "baseline-bf16": lambda: Baseline(model16, vae, processor),
+               "torch-fast-bf16": lambda: Runtime(Pipeline(cfg, processor, RuntimeEngine(
+                   TorchBackend(model16, vae, threads, dtype=torch.bfloat16), cfg, processor), "torch-fast"), "bf16"),
                "ort": lambda: Runtime(Pipeline.from_pretrained(model_dir, "ort", artifacts, threads=threads))}
     for name in backends:
         if name.startswith("ort-") and name not in runners:  # ort-fp16, ort-int8-cpu, ...: that exported variant
             runners[name] = lambda p=name[4:]: Runtime(
                 Pipeline.from_pretrained(model_dir, "ort", artifacts, precision=p, threads=threads), p)
         log(f"benchmarking {name} ...")
-        result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat, decode_tokens,
-                                           e2e_steps, log)
+        # the reference takes FP32 inputs: autocast feeds its BF16 weights BF16 (the demo casts them by hand)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if name == "baseline-bf16" else nullcontext():
+            result["backends"][name] = measure(runners[name](), cfg, processor, image, contexts, repeat,
+                                               decode_tokens, e2e_steps, log)
     prefix_len = len(processor.generation_ids(PROMPT)) - 1
     add_floors(result, cfg, prefix_len)
     ratios(result)

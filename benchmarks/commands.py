@@ -52,12 +52,22 @@ def cmd_bench(args) -> int:
     backends = [b for b in args.backends.split(",") if b]
     from janusflow_trt.export.variants import parse_precisions
 
+    names = [p.strip() for p in args.precision.split(",") if p.strip()]
+    bf16 = [f"{b}-bf16" for b in ("baseline", "torch-fast") if b in backends] if "bf16" in names else []
+    args.precision = ",".join(p for p in names if p != "bf16") or "fp32"  # bf16 is no exported variant
     extra = [p for p in parse_precisions(args.precision) if p != "fp32"]
     if extra and "ort" not in backends:
         raise InputError(f"--precision {args.precision} is measured on the ort backend: include ort in --backends")
-    backends += [f"ort-{p}" for p in extra]  # exported variants side by side with FP32 ORT
+    if "bf16" in names:  # the torch backends' dtype: the baseline and torch-fast again in BF16
+        from janusflow_trt.runtime.cpu_isa import require_bf16
+
+        require_bf16()
+        if not bf16:
+            raise InputError("--precision bf16 is measured on baseline / torch-fast: include one in --backends")
+    backends += [f"ort-{p}" for p in extra] + bf16  # exported variants side by side with FP32 ORT
     for b in backends:
-        if b not in ("baseline", "torch-fast", "ort", *(f"ort-{p}" for p in ("fp16", "int8", "int8-cpu"))):
+        if b not in ("baseline", "torch-fast", "ort", *(f"ort-{p}" for p in ("fp16", "int8", "int8-cpu")),
+                     "baseline-bf16", "torch-fast-bf16"):
             raise InputError(f"unknown backend {b!r} in --backends (baseline, torch-fast, ort)")
     contexts = _ints(args.contexts)
     limit = max_context(args) - DECODE_MARGIN
@@ -112,7 +122,8 @@ def register(sub) -> None:
     p.add_argument("--repeat", type=int_range(1, 1000), default=5)
     p.add_argument("--threads", type=threads, default=None)
     p.add_argument("--precision", default="fp32",
-                   help="fp32,fp16,int8,int8-cpu: also run the ort backend on those variants")
+                   help="fp32,fp16,int8,int8-cpu: also run the ort backend on those variants; bf16: also the "
+                        "baseline and torch-fast in BF16")
     p.add_argument("--quick", action="store_true", help="one repeat, few decode tokens (demo/CI smoke)")
     p.add_argument("--out", default="bench_out", help="directory for bench.json, bench.md, bench.png")
     p.add_argument("--force", action="store_true", help="replace existing bench.* files in --out")

@@ -35,11 +35,12 @@ def _probe(rates: dict[str, list[float]]) -> dict:
             "spread": (top - min(everything)) / top}
 
 
-def gemm_probe(sizes=(512, 1024, 2048), repeat: int = 7) -> dict:
-    """FP32 GEMM rate, GFLOP/s: torch.mm at several sizes on all intra-op threads, best of `repeat` each."""
+def gemm_probe(sizes=(512, 1024, 2048), repeat: int = 7, dtype: torch.dtype = torch.float32) -> dict:
+    """GEMM rate, GFLOP/s: torch.mm in `dtype` (FP32; BF16: oneDNN's kernels, AMX or AVX-512 BF16 where
+    the CPU has them) at several sizes on all intra-op threads, best of `repeat` each."""
     rates = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         rates[str(n)] = [2 * n**3 / t / 1e9 for t in _times(lambda a=a, b=b: torch.mm(a, b), repeat)]
     return _probe(rates)
 

@@ -181,3 +181,37 @@ def test_bf16_latents_and_pixels_vs_fp32(b16, b32, tiny_dir, processor):
     c = cosine(z16, z32)
     p = psnr(to_uint8(rt_vae(b16, z16))[0], to_uint8(rt_vae(b32, z32))[0])
     assert c >= 0.9995 and p >= 45.0, (c, p)
+
+
+# -- bench -------------------------------------------------------------------------------------------
+
+@needs_bf16
+def test_bench_bf16_columns(tiny_dir, tmp_path, capsys):
+    """`bench --precision fp32,bf16`: baseline and torch-fast again in BF16, BF16 columns against the
+    BF16 baseline and the BF16 GEMM floor; the CPU's matrix ISA reported."""
+    import json
+    import math
+
+    from janusflow_trt.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "--model", str(tiny_dir), "--backends", "baseline,torch-fast", "--precision", "fp32,bf16",
+               "--contexts", "16", "--steps", "1", "--quick", "--threads", "2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "bench.json").read_text())
+    assert list(res["backends"]) == ["baseline", "torch-fast", "baseline-bf16", "torch-fast-bf16"]
+    assert res["machine"]["matrix_isa"]["avx512_bf16"] and res["floors"]["gemm_bf16_gflops"] > 0
+    assert all(math.isclose(x, 1.0) for x in res["backends"]["baseline-bf16"]["speedup_vs_baseline"].values())
+    r = res["backends"]["torch-fast-bf16"]
+    assert all(math.isfinite(x) and x > 0 for x in r["speedup_vs_baseline"].values())
+    assert "Matrix ISA: amx_bf16" in (out / "bench.md").read_text()
+
+
+def test_bench_bf16_refused_on_a_cpu_without_it(tiny_dir, tmp_path, monkeypatch, capsys):
+    from janusflow_trt.cli import main
+
+    monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: SKX)
+    rc = main(["bench", "--model", str(tiny_dir), "--backends", "torch-fast", "--precision", "bf16",
+               "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "AVX-512 BF16" in err, err
