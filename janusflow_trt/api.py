@@ -7,10 +7,20 @@
 Weights, tokenizer, ONNX Runtime sessions and preallocated buffers belong to the Pipeline and are
 reused by every call; a call loads nothing (the VAE and each graph's session are opened on their
 first use, once).
+
+Threads: a Pipeline may be shared. Its calls are serialised by one lock (they share one KV cache, the
+backend's buffers and torch's global RNG, which the official sampling draws from): a call from a second
+thread waits for the running one, and its result equals the same call made alone. A chat_stream holds
+the lock from its first piece to its last (or until it is closed or garbage-collected), so a stream
+left half-read blocks the other threads; a call made from the thread that holds it (inside its own
+stream's loop, or from a callback) is refused with JanusFlowError instead of deadlocking. The lock
+does not cover torch's global RNG against code outside the Pipeline that draws from it meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from janusflow_trt.errors import InputError
+from janusflow_trt.errors import InputError, JanusFlowError
 from janusflow_trt.export.specs import build_specs, max_images
 from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
@@ -60,6 +70,22 @@ def as_image(image: ImageLike) -> Image.Image:
 class Pipeline:
     def __init__(self, cfg: JanusFlowConfig, processor: Processor, engine, backend: str):
         self.cfg, self.processor, self.engine, self.backend = cfg, processor, engine, backend
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One call at a time (see the module docstring); a nested call from the holding thread is refused."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise JanusFlowError("this Pipeline is already running a call in this thread (a chat_stream not "
+                                 "finished, or a call from a generate callback); finish or close it first")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, backend: str = "ort", artifacts: str | Path | None = None,
@@ -98,11 +124,12 @@ class Pipeline:
         tok = self.processor.tokenizer
         detok = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True),
                                    self.processor.clean_up_spaces)
-        torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
-        for t in self.engine.chat_tokens(inputs, params):
-            piece = detok.put(t)
-            if piece:
-                yield piece
+        with self._exclusive():  # held across the yields: the stream owns the KV cache until it ends
+            torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
+            for t in self.engine.chat_tokens(inputs, params):
+                piece = detok.put(t)
+                if piece:
+                    yield piece
         rest = detok.end()
         if rest:
             yield rest
@@ -110,15 +137,16 @@ class Pipeline:
     def chat(self, image: ImageLike, question: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> ChatResult:
         """-> text, token_ids, prompt_tokens, timings (ttft_s, total_s, decode_ms_per_token)."""
-        t0 = time.perf_counter()
         inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, system_prompt)
-        torch.manual_seed(seed)
         ids: list[int] = []
-        t_first = t0
-        for t in self.engine.chat_tokens(inputs, params):
-            if not ids:
-                t_first = time.perf_counter()
-            ids.append(t)
+        with self._exclusive():
+            t0 = time.perf_counter()  # a call that waited for the lock times its own work
+            torch.manual_seed(seed)
+            t_first = t0
+            for t in self.engine.chat_tokens(inputs, params):
+                if not ids:
+                    t_first = time.perf_counter()
+                ids.append(t)
         t_end = time.perf_counter()
         timings = {"ttft_s": t_first - t0, "total_s": t_end - t0,
                    "decode_ms_per_token": (t_end - t_first) / max(len(ids) - 1, 1) * 1e3}
@@ -137,28 +165,29 @@ class Pipeline:
         if not prompt.strip():
             raise InputError("the prompt is empty")
         prompt_ids(self.processor, prompt, self.cfg)  # refuses a prompt beyond the context before any work
-        z0 = initial_latents(num_images, seed, init_latents)
-        self.engine.ensure_vae()  # the first generate loads the VAE, before any step
-        t0 = time.perf_counter()
-        prefix = self.engine.prefix(prompt, num_images)
-        t1 = time.perf_counter()
-        z = z0
-        # z stays on the backend's device: it is read back only for a callback (which then also checks
-        # it) and once at the end. A NaN or Inf never turns finite again in later steps (z + dt * v), so
-        # the end check catches any step's; the callback's check names the step where it appeared.
-        for i, z in enumerate(self.engine.euler(prefix, z0, steps, cfg_weight)):
-            if callback is not None:
-                host = z.cpu().numpy()
-                check_finite_latents(host, i, steps)
-                callback(i, host)
-        latents = z.to("cpu", torch.float32, copy=True).numpy()  # a copy: z is the loop's carry buffer
-        check_finite_latents(latents, None, steps)
-        t2 = time.perf_counter()
-        decoded = self.engine.vae(torch.from_numpy(latents)).float().cpu().numpy()
-        if not np.isfinite(decoded).all():
-            raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
-        images = [Image.fromarray(a) for a in to_uint8(decoded)]
-        t3 = time.perf_counter()
+        with self._exclusive():
+            z0 = initial_latents(num_images, seed, init_latents)
+            self.engine.ensure_vae()  # the first generate loads the VAE, before any step
+            t0 = time.perf_counter()
+            prefix = self.engine.prefix(prompt, num_images)
+            t1 = time.perf_counter()
+            z = z0
+            # z stays on the backend's device: it is read back only for a callback (which then also checks
+            # it) and once at the end. A NaN or Inf never turns finite again in later steps (z + dt * v), so
+            # the end check catches any step's; the callback's check names the step where it appeared.
+            for i, z in enumerate(self.engine.euler(prefix, z0, steps, cfg_weight)):
+                if callback is not None:
+                    host = z.cpu().numpy()
+                    check_finite_latents(host, i, steps)
+                    callback(i, host)
+            latents = z.to("cpu", torch.float32, copy=True).numpy()  # a copy: z is the loop's carry buffer
+            check_finite_latents(latents, None, steps)
+            t2 = time.perf_counter()
+            decoded = self.engine.vae(torch.from_numpy(latents)).float().cpu().numpy()
+            if not np.isfinite(decoded).all():
+                raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
+            images = [Image.fromarray(a) for a in to_uint8(decoded)]
+            t3 = time.perf_counter()
         timings = {"prefix_s": t1 - t0, "euler_s": t2 - t1, "euler_ms_per_step": (t2 - t1) / steps * 1e3,
                    "vae_s": t3 - t2, "total_s": t3 - t0}
         return GenerateResult(images=images, latents=latents, timings=timings)
