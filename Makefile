@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch lies on this machine's disk; a looser pin would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q -e '.[cpu,dev,serve]'
 	# type stubs only (the real tensorrt wheel is a placeholder on PyPI); pinned: .ci/trt_stubs_overlay.py
 	# patches this exact version's invalid lines and fails loudly if another version no longer matches
 	$(PY) -m pip install -q --no-deps tensorrt-stubs==$(TRT_STUBS)

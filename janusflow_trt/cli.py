@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from janusflow_trt import export_commands
     from janusflow_trt.benchmarks import commands as bench_commands
     from janusflow_trt.runtime import gpu_check
+    from janusflow_trt.serve import commands as serve_commands
 
-    for module in (export_commands, bench_commands, gpu_check):
+    for module in (export_commands, bench_commands, gpu_check, serve_commands):
         module.register(sub)
     return parser
 
