@@ -71,8 +71,10 @@ def rows(result: dict) -> list[Row]:
 
 
 def table(result: dict) -> list[str]:
-    """Stages x backends; in brackets the first backend's time over this one's (a speed-up)."""
+    """Stages x backends; in brackets the first backend's time over this one's (a speed-up); a BF16 column
+    (`...-bf16`) against `baseline-bf16` where the run has it."""
     names = list(result["backends"])
+    base = [names.index("baseline-bf16") if n.endswith("-bf16") and "baseline-bf16" in names else 0 for n in names]
     b = result["backends"]
     lines = ["| stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, get, ratio in rows(result):
@@ -84,7 +86,8 @@ def table(result: dict) -> list[str]:
             if v is None:
                 cells.append("")
                 continue
-            extra = f" ({values[0] / v:.2f}x)" if ratio and i > 0 and values[0] is not None else ""
+            ref = values[base[i]]
+            extra = f" ({ref / v:.2f}x)" if ratio and i != base[i] and ref is not None else ""
             cells.append(f"{v:.3g}{extra}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -99,7 +102,10 @@ def notes(result: dict) -> list[str]:
            f"medians of {result['repeat']} after warm-up."]
     f = result.get("floors")
     if f:
-        line = f"Floors measured in the run: GEMM {f['gemm_gflops']:.0f} GFLOP/s, read {f['read_gbs']:.1f} GB/s"
+        line = f"Floors measured in the run: GEMM {f['gemm_gflops']:.0f} GFLOP/s"
+        if "gemm_bf16_gflops" in f:
+            line += f" FP32, {f['gemm_bf16_gflops']:.0f} GFLOP/s BF16"
+        line += f", read {f['read_gbs']:.1f} GB/s"
         if "gemm_probe" in f:
             line += (f" (probe spreads {f['gemm_probe']['spread']:.0%} / {f['read_probe']['spread']:.0%}"
                      + ("; over 25%: NOISY, floor ratios left out" if noisy(f) is not None else "") + ")")
@@ -107,6 +113,9 @@ def notes(result: dict) -> list[str]:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in g["runtime_parts"].items())
         out.append(line + f". An Euler step (2 CFG rows) is {g['runtime']:.1f} GFLOP ({parts}) in the runtime, "
                           f"{g['official_loop']:.1f} GFLOP in the official loop.")
+    if m.get("matrix_isa"):
+        out.append("Matrix ISA: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["matrix_isa"].items())
+                   + ".")
     weights = {n: r["decode_weights"] for n, r in result["backends"].items() if r.get("decode_weights")}
     if weights:
         out.append("Decode floor counts the LLM graph's stored bytes: " + "; ".join(
