@@ -39,8 +39,10 @@ from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, Processor, load
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
 from janusflow_trt.latents_io import check_finite_latents
+from janusflow_trt.runtime.argtypes import MAX_THREADS
 from janusflow_trt.runtime.detok import IncrementalDecoder
 
+from . import validation as V
 from .engines import build_engine
 from .runtime.registry import check_request
 
@@ -57,10 +59,13 @@ class GenerateResult:
 def as_image(image: ImageLike) -> Image.Image:
     """A PIL image, an HxWx3 uint8 array or a path -> RGB PIL image."""
     if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise InputError(f"image is {image.size[0]}x{image.size[1]}: empty")
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise InputError(f"image array must be HxWx3 (or 4) uint8, got {image.dtype} {image.shape}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4) or 0 in image.shape[:2]:
+            raise InputError(f"image array must be HxWx3 (or 4) uint8 and not empty, got {image.dtype} "
+                             f"{image.shape}")
         return Image.fromarray(image).convert("RGB")
     if isinstance(image, str | Path):
         return load_image(image)
@@ -71,6 +76,8 @@ class Pipeline:
     def __init__(self, cfg: JanusFlowConfig, processor: Processor, engine, backend: str):
         self.cfg, self.processor, self.engine, self.backend = cfg, processor, engine, backend
         self._lock = threading.Lock()
+        # user text holding these would be read as markup (an image slot, a BOS): refused by validation
+        self._special = [t.content for t in processor.tokenizer.get_added_tokens_decoder().values()]
         self._owner: int | None = None  # the thread holding _lock
 
     @contextlib.contextmanager
@@ -94,9 +101,14 @@ class Pipeline:
         backend: a name of runtime/registry.py's BACKENDS: torch (official-style eager reference) |
         torch-fast | ort | trt | torch-cuda (GPU). artifacts: export directory (ort, trt). vae: SDXL-VAE
         directory (torch backends; default MODEL/vae). threads: intra-op threads (default: physical cores)."""
+        for name, v in (("backend", backend), ("precision", precision)):
+            if not isinstance(v, str):
+                raise InputError(f"{name} must be a string, got {type(v).__name__}")
+        for name, v in (("model_dir", model_dir), ("artifacts", artifacts), ("vae", vae)):
+            if v is not None and not isinstance(v, str | Path):
+                raise InputError(f"{name} must be a path, got {type(v).__name__}")
         check_request(backend, precision, artifacts)
-        if threads is not None and threads < 1:
-            raise InputError(f"threads must be >= 1, got {threads}")
+        V.threads(threads, MAX_THREADS)
         model_dir = Path(model_dir)
         cfg = load_config(model_dir)
         processor = Processor(model_dir)
@@ -105,7 +117,10 @@ class Pipeline:
         return cls(cfg, processor, engine, backend)
 
     # -- understanding ---------------------------------------------------------------------------
-    def _chat_request(self, image, question, max_new_tokens, temperature, top_p, system_prompt):
+    def _chat_request(self, image, question, max_new_tokens, temperature, top_p, seed, system_prompt):
+        V.chat_args(max_new_tokens, temperature, top_p, seed)
+        V.text("the question", question, self._special)
+        V.text("system_prompt", system_prompt, self._special)
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         if not question.strip():
             raise InputError("the question is empty")
@@ -117,7 +132,7 @@ class Pipeline:
                     top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> Iterator[str]:
         """Text pieces as the answer is sampled; joined, they equal chat(...).text. Bad input raises
         before the first piece."""
-        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, system_prompt)
+        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, seed, system_prompt)
         return self._stream(inputs, params, seed)
 
     def _stream(self, inputs, params, seed) -> Iterator[str]:
@@ -137,7 +152,7 @@ class Pipeline:
     def chat(self, image: ImageLike, question: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> ChatResult:
         """-> text, token_ids, prompt_tokens, timings (ttft_s, total_s, decode_ms_per_token)."""
-        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, system_prompt)
+        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, seed, system_prompt)
         ids: list[int] = []
         with self._exclusive():
             t0 = time.perf_counter()  # a call that waited for the lock times its own work
@@ -161,9 +176,11 @@ class Pipeline:
         callback(step, z) runs after each Euler step (z: [n,4,48,48], valid during the call)."""
         # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images), for every backend:
         # they also bound the eager reference's memory
+        V.generate_args(num_images, steps, cfg_weight, seed, callback)
+        V.text("the prompt", prompt, self._special)
+        if init_latents is not None and not isinstance(init_latents, np.ndarray):
+            raise InputError(f"init_latents must be a numpy array or None, got {type(init_latents).__name__}")
         check_generation_args(steps, cfg_weight, num_images, max_images(build_specs(self.cfg)))
-        if not prompt.strip():
-            raise InputError("the prompt is empty")
         prompt_ids(self.processor, prompt, self.cfg)  # refuses a prompt beyond the context before any work
         with self._exclusive():
             z0 = initial_latents(num_images, seed, init_latents)

@@ -19,7 +19,8 @@ PKG = "janusflow_trt"
 # bottom to top; a module's layer is that of its longest listed prefix
 LAYERS: list[tuple[str, ...]] = [
     ("janusflow_trt", "janusflow_trt.errors", "janusflow_trt.files", "janusflow_trt.fingerprint",
-     "janusflow_trt.images", "janusflow_trt.latents_io", "janusflow_trt.precision"),  # 0 base
+     "janusflow_trt.images", "janusflow_trt.latents_io", "janusflow_trt.precision",
+     "janusflow_trt.validation"),  # 0 base
     ("janusflow_trt.janusflow_ref",),  # 1 the reference model
     ("janusflow_trt.calibration",),  # 2 handed samples; runs no pipeline
     ("janusflow_trt.export",),  # 3 specs -> ONNX -> FP16 / INT8 -> engines
