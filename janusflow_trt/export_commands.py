@@ -12,6 +12,7 @@ from pathlib import Path
 
 from janusflow_trt.calibration.record import PLANS
 from janusflow_trt.errors import JanusFlowError
+from janusflow_trt.runtime.argtypes import int_range
 
 
 def cmd_export(args) -> int:
@@ -22,6 +23,13 @@ def cmd_export(args) -> int:
 
     graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
     precisions = parse_precisions(args.precision)
+    for flag, path, kind in (("--calib-prompts", args.calib_prompts, "file"), ("--calib-images", args.calib_images,
+                             "directory"), ("--vae", args.vae, "directory")):
+        if path is not None and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+            raise JanusFlowError(f"{flag} {path}: no such {kind}")
+    if precisions == ["fp32"] and (args.calib_prompts or args.calib_images):
+        raise JanusFlowError("--calib-prompts / --calib-images calibrate fp16 and int8 variants; add them to "
+                             "--precision (or drop the calibration flags)")
     inputs = calibration_set(args.calib_prompts, args.calib_images) if precisions != ["fp32"] else None
     m = export_graphs(args.model, args.vae, args.out, graphs=graphs, opset=args.opset,
                       progress=not args.quiet, force=args.force, precisions=precisions, calib_inputs=inputs,
@@ -171,8 +179,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
     p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
     p.add_argument("--precision", default="fp16", help="comma list of precisions to compare with fp32")
-    p.add_argument("--tokens", type=int, default=32, help="chat tokens per held-out pair")
-    p.add_argument("--steps", type=int, default=30, help="Euler steps per held-out prompt")
+    p.add_argument("--tokens", type=int_range(1, 4096), default=32, help="chat tokens per held-out pair")
+    p.add_argument("--steps", type=int_range(1, 1000), default=30, help="Euler steps per held-out prompt (as generate)")
     p.add_argument("--out", default="quality_out", help="directory for quality.json, quality.md, quality.png")
     p.add_argument("--force", action="store_true", help="replace existing quality.* files in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
