@@ -104,9 +104,9 @@ class Pipeline:
         for name, v in (("backend", backend), ("precision", precision)):
             if not isinstance(v, str):
                 raise InputError(f"{name} must be a string, got {type(v).__name__}")
-        for name, v in (("model_dir", model_dir), ("artifacts", artifacts), ("vae", vae)):
-            if v is not None and not isinstance(v, str | Path):
-                raise InputError(f"{name} must be a path, got {type(v).__name__}")
+        for name, path in (("model_dir", model_dir), ("artifacts", artifacts), ("vae", vae)):
+            if path is not None and not isinstance(path, str | Path):
+                raise InputError(f"{name} must be a path, got {type(path).__name__}")
         check_request(backend, precision, artifacts)
         V.threads(threads, MAX_THREADS)
         model_dir = Path(model_dir)

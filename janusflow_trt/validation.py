@@ -19,18 +19,23 @@ def integer(name: str, v, lo: int, hi: int) -> int:
     """An int (not a bool, not a float) in [lo, hi]."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise InputError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
-    if not lo <= v <= hi:
-        raise InputError(f"{name} must be in [{lo}, {hi}], got {v}")
-    return int(v)
+    n = int(v)
+    if not lo <= n <= hi:
+        raise InputError(f"{name} must be in [{lo}, {hi}], got {n}")
+    return n
 
 
 def number(name: str, v, lo: float, hi: float) -> float:
     """A finite real number (not a bool, not a string) in [lo, hi]."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise InputError(f"{name} must be a number, got {type(v).__name__} {v!r}")
-    if not math.isfinite(v) or not lo <= v <= hi:
+    try:
+        x = float(v)
+    except OverflowError:  # an int beyond float's range
+        x = math.inf
+    if not math.isfinite(x) or not lo <= x <= hi:
         raise InputError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {v}")
-    return float(v)
+    return x
 
 
 def seed(v) -> int:
