@@ -1,0 +1,263 @@
+"""`janusflow serve` on the tiny checkpoint over the tiny ONNX export (ort): started in-process on a free
+127.0.0.1 port, spoken to with the real `openai` client (chat plain / streamed / seeded / stop strings,
+images) whose answers must equal the CLI's and the Pipeline's for the same request, and with raw HTTP
+for the malformed cases (each a 4xx with an OpenAI error object, never a traceback)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from openai import OpenAI
+from PIL import Image
+
+from janusflow_trt import Pipeline, cli
+from janusflow_trt.serve.app import Settings, create_app
+from janusflow_trt.serve.engine import EngineLoop, Job
+from janusflow_trt.serve.metrics import Metrics
+from janusflow_trt.serve.protocol import ServeError
+
+KEY = "test-key"
+QUESTION = "What is in this image?"
+MAX_BODY = 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tiny_onnx):
+    """-> (base URL, app). The model loads before the port opens, as `janusflow serve` does."""
+    pipe = Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx)
+    app = create_app(pipe, Settings(model_name="tiny", api_key=KEY, max_body_bytes=MAX_BODY, request_timeout_s=60))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on (no race with another process)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server[0] + "/v1", api_key=KEY, timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_dir, tiny_onnx):
+    return Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx)
+
+
+@pytest.fixture(scope="module")
+def image_url(test_image):
+    return "data:image/png;base64," + base64.b64encode(test_image.read_bytes()).decode()
+
+
+def user(image_url: str, text: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
+def cli_json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# -- answers equal the CLI's and the Pipeline's ---------------------------------------------------------
+def test_chat_equals_cli(client, image_url, tiny_dir, tiny_onnx, test_image, capsys):
+    r = client.chat.completions.create(model="tiny", messages=user(image_url), max_tokens=12)
+    want = cli_json(capsys, ["chat", "--json", "--model", str(tiny_dir), "--backend", "ort", "--artifacts",
+                             str(tiny_onnx), "--image", str(test_image), "--question", QUESTION,
+                             "--max-new-tokens", "12"])
+    assert r.choices[0].message.content == want["text"]
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == len(want["token_ids"]) and r.usage.prompt_tokens == want["prompt_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if len(want["token_ids"]) == 12 else "stop")
+
+
+def test_chat_stream_equals_pipeline(client, image_url, ref, test_image):
+    want = ref.chat(Image.open(test_image), QUESTION, max_new_tokens=12)
+    chunks = list(client.chat.completions.create(model="tiny", messages=user(image_url), max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length" if len(want.token_ids) == 12 else "stop"]
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert chunks[-1].usage.prompt_tokens == want.prompt_tokens
+
+
+def test_sampled_chat_with_seed_equals_pipeline(client, image_url, ref, test_image):
+    want = ref.chat(Image.open(test_image), QUESTION, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    r = client.chat.completions.create(model="tiny", messages=user(image_url), max_tokens=10, temperature=0.8,
+                                       top_p=0.9, seed=7)
+    assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
+
+
+def test_stop_string_ends_the_answer(client, image_url, ref, test_image):
+    full = ref.chat(Image.open(test_image), QUESTION, max_new_tokens=12).text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    for stream in (False, True):
+        r = client.chat.completions.create(model="tiny", messages=user(image_url), max_tokens=12, stop=[stop],
+                                           stream=stream)
+        if stream:
+            r = list(r)
+            text = "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+            finish = r[-1].choices[0].finish_reason
+        else:
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert text == full[:full.find(stop)] and finish == "stop", (stream, text, full, stop)
+
+
+def test_images_equal_cli(client, tiny_dir, tiny_onnx, tmp_path, capsys):
+    r = client.images.generate(model="tiny", prompt="a red fox", n=2, size="384x384", response_format="b64_json",
+                               extra_body={"seed": 7, "num_inference_steps": 3, "guidance_scale": 2.0})
+    got = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in r.data]
+    cli_json(capsys, ["generate", "--json", "--model", str(tiny_dir), "--backend", "ort", "--artifacts",
+                      str(tiny_onnx), "--prompt", "a red fox", "--num-images", "2", "--steps", "3", "--seed", "7",
+                      "--cfg", "2", "--out", str(tmp_path / "fox.png")])
+    for i, g in enumerate(got):
+        assert g.shape == (384, 384, 3)
+        assert np.array_equal(g, np.asarray(Image.open(tmp_path / f"fox_{i}.png"))), i
+
+
+# -- the other endpoints ---------------------------------------------------------------------------
+def test_models_health_ready_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    base = server[0]
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert httpx.get(base + "/ready").json()["status"] == "ready"
+    text = httpx.get(base + "/metrics").text
+    assert 'janusflow_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    for name in ("janusflow_request_latency_seconds_bucket", "janusflow_time_to_first_token_seconds_count",
+                 "janusflow_queue_depth", "janusflow_output_tokens_total", "janusflow_running_requests"):
+        assert name in text, name
+
+
+def test_disconnect_frees_the_engine(server, image_url, ref, test_image):
+    """A client that leaves mid-stream stops its decode within a few steps, not at the answer's end."""
+    base, app = server
+    full = len(ref.chat(Image.open(test_image), QUESTION, max_new_tokens=3000).token_ids)  # 353 tokens, ~0.7 s
+    assert full > 100
+    body = {"model": "tiny", "messages": user(image_url), "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    engine = app.state.engine
+    deadline = time.monotonic() + 20
+    while app.state.metrics.running._value.get() or engine.jobs.qsize():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert 0 < len(engine.tap.ids) < full // 2, (len(engine.tap.ids), full)
+
+
+# -- refusals: a 4xx with an OpenAI error object, one per class ---------------------------------------
+def _refusals(image_url: str, big: str) -> list[tuple[str, str, object, int, str]]:
+    """(name, path, body: dict | raw bytes, status, a phrase the message must hold)"""
+    chat = {"model": "tiny", "messages": user(image_url), "max_tokens": 4}
+    img = {"prompt": "a fox"}
+    return [
+        ("bad json", "/v1/chat/completions", b"{bad", 400, "not valid JSON"),
+        ("not an object", "/v1/chat/completions", b"[1]", 400, "JSON object"),
+        ("wrong type", "/v1/chat/completions", {**chat, "max_tokens": "4"}, 400, "max_tokens"),
+        ("missing field", "/v1/images/generations", {}, 400, "prompt"),
+        ("unknown model", "/v1/chat/completions", {**chat, "model": "gpt-9"}, 404, "gpt-9"),
+        ("remote image", "/v1/chat/completions",
+         {**chat, "messages": user("https://example.com/cat.png")}, 400, "not fetched"),
+        ("not an image", "/v1/chat/completions",
+         {**chat, "messages": user("data:image/png;base64," + base64.b64encode(b"hello").decode())}, 400,
+         "not a image/png"),
+        ("gif", "/v1/chat/completions", {**chat, "messages": user("data:image/gif;base64,R0lG")}, 400, "image/gif"),
+        ("bad base64", "/v1/chat/completions", {**chat, "messages": user("data:image/png;base64,@@@")}, 400,
+         "base64"),
+        ("no image", "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "hi"}]}, 400,
+         "one image"),
+        ("multi-turn", "/v1/chat/completions",
+         {**chat, "messages": user(image_url) + [{"role": "assistant", "content": "x"}]}, 400, "multi-turn"),
+        ("beyond context", "/v1/chat/completions", {**chat, "max_tokens": 5000}, 400, "context (4096 tokens)"),
+        ("pipeline refusal", "/v1/chat/completions", {**chat, "messages": user(image_url, "<image_placeholder>")},
+         400, "<image_placeholder>"),
+        ("temperature", "/v1/chat/completions", {**chat, "temperature": 5}, 400, "temperature"),
+        ("body too large", "/v1/chat/completions", big.encode(), 413, "over the limit"),
+        ("size", "/v1/images/generations", {**img, "size": "512x512"}, 400, "384x384"),
+        ("n over limit", "/v1/images/generations", {**img, "n": 10_000}, 400, "batch limit"),
+        ("url format", "/v1/images/generations", {**img, "response_format": "url"}, 400, "b64_json"),
+        ("steps", "/v1/images/generations", {**img, "num_inference_steps": 0}, 400, "num_inference_steps"),
+        ("empty prompt", "/v1/images/generations", {**img, "prompt": "  "}, 400, "empty"),
+        ("unknown route", "/v1/completions", {}, 404, "Not Found"),
+    ]
+
+
+def test_malformed_requests_get_error_objects(server, image_url):
+    base, _ = server
+    big = json.dumps({"model": "tiny", "messages": "x" * (MAX_BODY + 1)})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=base, timeout=30, headers=auth) as c:
+        for name, path, body, status, phrase in _refusals(image_url, big):
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+                else {"json": body}
+            r = c.post(path, **kw)
+            if name == "body too large":  # also without a Content-Length (chunked): counted while read
+                chunked = c.post(path, content=iter([body[:MAX_BODY // 2], body[MAX_BODY // 2:]]))
+                assert chunked.status_code == 413 and "content-length" not in chunked.request.headers
+            assert r.status_code == status, (name, r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, name
+            assert phrase in err["message"], (name, err["message"])
+            assert "Traceback" not in r.text, name
+        r = c.get("/v1/chat/completions")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        assert c.get("/ready").status_code == 200  # none of them took the server down
+
+
+def test_api_key_required(server):
+    base, _ = server
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(base + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+    r = httpx.post(base + "/v1/images/generations", json={"prompt": "a"})
+    assert r.status_code == 401
+    assert httpx.get(base + "/health").status_code == 200  # probes stay open
+
+
+# -- the engine loop ------------------------------------------------------------------------------------
+def test_full_queue_is_429_and_a_failing_job_is_500_without_traceback(ref):
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    eng = EngineLoop(ref, max_queue=1, metrics=Metrics())
+
+    def boom(pipe, tap, job):
+        raise RuntimeError("secret internal detail")
+
+    jobs = [Job("chat", boom, loop, time.monotonic() + 30) for _ in range(3)]
+    eng.submit(jobs[0])
+    with pytest.raises(ServeError) as e:
+        eng.submit(jobs[1])
+    assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
+    eng.start()
+    try:
+        kind, err = loop.run_until_complete(asyncio.wait_for(jobs[0].events.get(), 10))
+        assert kind == "error" and err.status == 500 and "secret" not in err.message
+        eng.submit(jobs[2])  # the thread survived the failure
+        assert loop.run_until_complete(asyncio.wait_for(jobs[2].events.get(), 10))[1].status == 500
+    finally:
+        eng.stop()
+        loop.close()
