@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from janusflow_trt.api import Pipeline
+from janusflow_trt.errors import JanusFlowError
 from janusflow_trt.export.specs import build_specs, max_images
 
 from .chat import Reply, chat_call, chat_work
@@ -91,6 +92,10 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):
         return error_response(e)
+
+    @app.exception_handler(JanusFlowError)
+    async def refused(request: Request, e: JanusFlowError):  # the pipeline's one-line refusal of bad input
+        return error_response(ServeError(400, str(e), code="invalid_value"))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # unknown route, wrong method

@@ -34,12 +34,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the web stack and the model load only when the command runs (`janusflow --help` stays fast)
     from pathlib import Path
 
-    import uvicorn
-
     from janusflow_trt import Pipeline
     from janusflow_trt.errors import InputError
 
-    from .app import Settings, create_app
+    try:
+        import uvicorn
+
+        from .app import Settings, create_app
+    except ImportError as e:
+        raise InputError(f"janusflow serve needs the serve extra ({e.name} is missing): "
+                         "pip install 'janusflow-trt[serve]'") from None
 
     check_request(args.backend, args.precision, args.artifacts)
     if args.request_timeout <= 0:
