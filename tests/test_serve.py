@@ -109,6 +109,23 @@ def test_sampled_chat_with_seed_equals_pipeline(client, image_url, ref, test_ima
     assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
 
 
+def test_concurrent_requests_each_equal_their_solo_run(client, image_url, ref, test_image):
+    """Four clients at once with different seeds: each answer is its own seed's, whatever ran beside it."""
+    kw = dict(max_tokens=8, temperature=0.9, top_p=0.95)
+    want = {s: ref.chat(Image.open(test_image), QUESTION, max_new_tokens=8, temperature=0.9, top_p=0.95,
+                        seed=s).text for s in range(4)}
+    assert len(set(want.values())) > 1  # the seeds matter, so a mix-up would show
+    got: dict[int, str] = {}
+    ask = lambda s: got.__setitem__(s, client.chat.completions.create(
+        model="tiny", messages=user(image_url), seed=s, **kw).choices[0].message.content)
+    threads = [threading.Thread(target=ask, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+
+
 def test_stop_string_ends_the_answer(client, image_url, ref, test_image):
     full = ref.chat(Image.open(test_image), QUESTION, max_new_tokens=12).text
     stop = full[len(full) // 2:len(full) // 2 + 2]
