@@ -66,10 +66,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class InputSet:
-    """prompts: text-to-image; pairs: (name, image, question) for chat."""
+    """prompts: text-to-image; pairs: (name, image, question) for chat; where: each prompt's origin for
+    error messages ("--calib-prompts FILE line N"; empty for built-in prompts; not part of sha256)."""
 
     prompts: tuple[str, ...]
     pairs: tuple[tuple[str, Image.Image, str], ...]
+    where: tuple[str, ...] = ()
+
+    def origin(self, i: int) -> str:
+        return self.where[i] if self.where else f"calibration prompt {i + 1}"
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -100,20 +105,25 @@ def builtin_heldout() -> InputSet:
     return InputSet(HELDOUT_PROMPTS, _pairs(HELDOUT_PHOTOS, HELDOUT_QUESTIONS))
 
 
-def read_prompts(path: str | Path) -> tuple[str, ...]:
-    """One prompt per non-blank line of a UTF-8 file."""
+def read_prompts(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """One prompt per non-blank line of a UTF-8 file. -> (prompts, where: "--calib-prompts FILE line N")."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise InputError(f"--calib-prompts {path}: file not found") from None
     except IsADirectoryError:
         raise InputError(f"--calib-prompts {path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise InputError(f"--calib-prompts {path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"--calib-prompts {path}: not UTF-8 (byte {e.start})") from None
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not prompts:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"--calib-prompts {path} line {line}: not UTF-8 (byte {e.start})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
         raise InputError(f"--calib-prompts {path}: no prompts (one per line)")
-    return prompts
+    return tuple(p for _, p in lines), tuple(f"--calib-prompts {path} line {n}" for n, _ in lines)
 
 
 def read_images(path: str | Path) -> tuple[tuple[str, Image.Image], ...]:
@@ -129,9 +139,9 @@ def read_images(path: str | Path) -> tuple[tuple[str, Image.Image], ...]:
 def calibration_set(prompts_file: str | Path | None = None, images_dir: str | Path | None = None) -> InputSet:
     """The built-in set, with the user's prompts and/or photographs in place of the built-in ones."""
     base = builtin_calibration()
-    prompts = read_prompts(prompts_file) if prompts_file is not None else base.prompts
+    prompts, where = read_prompts(prompts_file) if prompts_file is not None else (base.prompts, ())
     if images_dir is None:
-        return InputSet(prompts, base.pairs)
+        return InputSet(prompts, base.pairs, where)
     imgs = read_images(images_dir)
     pairs = tuple((n, img, CALIB_QUESTIONS[i % len(CALIB_QUESTIONS)]) for i, (n, img) in enumerate(imgs))
-    return InputSet(prompts, pairs)
+    return InputSet(prompts, pairs, where)

@@ -82,9 +82,11 @@ def spread(n: int, k: int | None) -> list[int]:
 
 def subset(inputs: InputSet, plan: Plan) -> InputSet:
     """The prompts and pairs the plan records: a spread subset of each."""
-    prompts = tuple(inputs.prompts[i] for i in spread(len(inputs.prompts), plan.max_prompts))
+    keep = spread(len(inputs.prompts), plan.max_prompts)
+    prompts = tuple(inputs.prompts[i] for i in keep)
+    where = tuple(inputs.where[i] for i in keep) if inputs.where else ()
     pairs = tuple(inputs.pairs[i] for i in spread(len(inputs.pairs), plan.max_pairs))
-    return replace(inputs, prompts=prompts, pairs=pairs)
+    return replace(inputs, prompts=prompts, pairs=pairs, where=where)
 
 
 def _stat(path: Path) -> list:

@@ -136,6 +136,11 @@ class Processor:
         pad = self.tokenizer.token_to_id(PAD_TOKEN)
         self.pad_id = pad if pad is not None else self.eos_id
 
+    @property
+    def special_tokens(self) -> list[str]:
+        """The tokenizer's added tokens: user text holding one would be read as markup (an image slot, a BOS)."""
+        return [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
+
     def _id(self, token: str) -> int:
         i = self.tokenizer.token_to_id(token)
         if i is None:

@@ -76,8 +76,7 @@ class Pipeline:
     def __init__(self, cfg: JanusFlowConfig, processor: Processor, engine, backend: str):
         self.cfg, self.processor, self.engine, self.backend = cfg, processor, engine, backend
         self._lock = threading.Lock()
-        # user text holding these would be read as markup (an image slot, a BOS): refused by validation
-        self._special = [t.content for t in processor.tokenizer.get_added_tokens_decoder().values()]
+        self._special = processor.special_tokens  # refused in user text by validation
         self._owner: int | None = None  # the thread holding _lock
 
     @contextlib.contextmanager

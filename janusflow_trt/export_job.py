@@ -29,7 +29,7 @@ from janusflow_trt.export.variants import (
 from janusflow_trt.export.views import add_views
 from janusflow_trt.files import check_out_dir, dir_transaction
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.recording import record
+from janusflow_trt.recording import check_prompts, record
 
 
 def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, inputs: InputSet,
@@ -68,16 +68,19 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     check_opset(opset)
     model_dir = Path(model_dir)
     load_config(model_dir)  # a missing or bad config fails before OUT is touched
+    inputs = None
+    if precs != ["fp32"]:
+        inputs = calib_inputs if calib_inputs is not None else calibration_set()
+        check_prompts(model_dir, inputs)  # a prompt beyond the context: refused now, not after the FP32 export
     vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
     protected = [("model", model_dir)] + ([("VAE", vae)] if vae is not None else [])
     out = check_out_dir(out_dir, "--out", force, is_export_dir, "an earlier export (manifest.json)", protected)
     with dir_transaction(out, "--out") as tmp:
         cfg, specs, entries = export_fp32(model_dir, vae, tmp, names, opset, force_legacy, progress)
         manifest = build_manifest(cfg, entries)
-        if precs != ["fp32"]:
+        if inputs is not None:
             plan = calib_plan or PLANS["default"]
             t0 = time.perf_counter()
-            inputs = calib_inputs if calib_inputs is not None else calibration_set()
             calib, reused = calibration_data(model_dir, vae, tmp, out, inputs, plan, progress)
             record_s = time.perf_counter() - t0
             if progress:

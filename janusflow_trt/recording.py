@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from janusflow_trt.calibration.data import InputSet
 from janusflow_trt.calibration.record import CHAT_TOKENS, RECORDER_VERSION, Plan, recording_key, subset
+from janusflow_trt.errors import InputError
 from janusflow_trt.export.specs import VIEWS
 from janusflow_trt.fingerprint import sha256_file
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.janusflow_ref.generation import initial_latents
+from janusflow_trt.janusflow_ref.generation import initial_latents, prompt_ids
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.runtime import text2img
@@ -31,6 +32,7 @@ from janusflow_trt.runtime.backends import Backend, SeamWrapper
 from janusflow_trt.runtime.chat import chat_tokens
 from janusflow_trt.runtime.euler_step import euler_loop
 from janusflow_trt.runtime.factory import make_backend
+from janusflow_trt.validation import text
 
 EULER_GRAPHS = frozenset({"gen_enc", "llm", "gen_dec"})  # what one Euler step calls (llm_gen records as llm)
 
@@ -84,6 +86,20 @@ def record_t2i(rec: Recorder, cfg, processor: Processor, prompt: str, z0: torch.
     loop.close()
     rec.active = set()
     return z
+
+
+def check_prompts(model_dir: str | Path, inputs: InputSet) -> None:
+    """Refuse, before any work, every prompt the recording would refuse or misread: beyond the model's
+    context with its image tokens (generation.prompt_ids' rule), blank, or holding a special token; the
+    message names the prompt's file and line (InputSet.origin)."""
+    cfg, processor = load_config(model_dir), Processor(model_dir)
+    special = processor.special_tokens
+    for i, prompt in enumerate(inputs.prompts):
+        try:
+            text("the prompt", prompt, special)
+            prompt_ids(processor, prompt, cfg)
+        except InputError as e:
+            raise InputError(f"{inputs.origin(i)}: {e}") from None
 
 
 def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, inputs: InputSet,

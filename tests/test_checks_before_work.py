@@ -23,3 +23,31 @@ def test_export_paths(tiny_dir, tmp_path, capfd, extra, needle):
 def test_quality_ranges(tiny_dir, tmp_path, capfd, flag, value):
     assert_refused(["quality", "--model", tiny_dir, "--artifacts", tmp_path, "--out", tmp_path / "q", flag, value],
                    capfd, [tmp_path], flag)
+
+
+# -- calibration prompts: every line checked against the context before the FP32 export -------------------
+@pytest.mark.parametrize("line,needle", [
+    ("a red fox " * 2000, "line 3: prompt is"),  # beyond the context with its image tokens
+    ("a red fox <begin_of_image> in snow", "line 3: the prompt contains the special token"),
+])
+def test_calib_prompt_refused_before_export(tiny_dir, tmp_path, capfd, monkeypatch, line, needle):
+    import janusflow_trt.export_job as job
+
+    def no_export(*a, **k):
+        raise AssertionError("the FP32 export started before the prompts were checked")
+
+    monkeypatch.setattr(job, "export_fp32", no_export)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"a lighthouse at dusk\n\n{line}\na bowl of ramen\n")
+    err = assert_refused(["export", "--model", tiny_dir, "--out", tmp_path / "o", "--graphs", "embed", "--quiet",
+                          "--precision", "fp32,fp16", "--calib-prompts", prompts], capfd, [tmp_path, tiny_dir],
+                         f"--calib-prompts {prompts} {needle}")
+    assert "AssertionError" not in err
+
+
+def test_calib_prompts_not_utf8_names_line(tiny_dir, tmp_path, capfd):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"a red fox\n\na caf\xe9\n")
+    assert_refused(["export", "--model", tiny_dir, "--out", tmp_path / "o", "--graphs", "embed", "--quiet",
+                    "--precision", "fp16", "--calib-prompts", prompts], capfd, [tmp_path, tiny_dir],
+                   f"{prompts} line 3: not UTF-8")
