@@ -51,3 +51,64 @@ def test_calib_prompts_not_utf8_names_line(tiny_dir, tmp_path, capfd):
     assert_refused(["export", "--model", tiny_dir, "--out", tmp_path / "o", "--graphs", "embed", "--quiet",
                     "--precision", "fp16", "--calib-prompts", prompts], capfd, [tmp_path, tiny_dir],
                    f"{prompts} line 3: not UTF-8")
+
+
+# -- gpu-check: existing reports need --force; the pytest run writes nothing into the checkout ---------------
+def _no_cuda_check(monkeypatch):
+    import janusflow_trt.export.trt_build as trt_build
+
+    monkeypatch.setattr(trt_build, "require_cuda", lambda what: None)
+
+
+def test_gpu_check_refuses_existing_reports(tmp_path, capfd, monkeypatch):
+    import janusflow_trt.runtime.gpu_check as gpu_check
+
+    _no_cuda_check(monkeypatch)
+
+    def no_run(*a, **k):
+        raise AssertionError("the GPU tests ran before --out was checked")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", no_run)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "gpu.md").write_text("my notes")
+    assert_refused(["gpu-check", "--out", out], capfd, [tmp_path], "--force")
+
+
+GPU_TESTS = '''import pytest
+
+@pytest.mark.gpu
+def test_fine():
+    assert True
+
+@pytest.mark.gpu
+def test_needs_more():
+    pytest.skip("no such GPU here")
+'''
+
+
+def test_gpu_check_force_replaces_reports_and_writes_nothing_into_the_checkout(tmp_path, capfd, monkeypatch):
+    import json
+
+    from contract import run_cli, snapshot
+
+    import janusflow_trt.runtime.gpu_check as gpu_check
+
+    _no_cuda_check(monkeypatch)
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # gpu-check must set it, not rely on ours
+    checkout = tmp_path / "src"
+    (checkout / "tests").mkdir(parents=True)
+    (checkout / "tests" / "test_gpu.py").write_text(GPU_TESTS)
+    monkeypatch.setattr(gpu_check, "TESTS", checkout / "tests" / "test_gpu.py")
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "gpu.json").write_text("[]")
+    (out / "notes.txt").write_text("keep me")
+    before = snapshot(checkout)
+    rc, err = run_cli(["gpu-check", "--out", out, "--force"], capfd)
+    assert rc == 0, err
+    assert snapshot(checkout) == before  # no .pytest_cache, no __pycache__
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.md", "gpu.xml", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+    rows = json.loads((out / "gpu.json").read_text())
+    assert [(r["test"], r["outcome"]) for r in rows] == [("test_fine", "passed"), ("test_needs_more", "skipped")]
