@@ -3,13 +3,15 @@
 Networks are strongly typed (the only kind TensorRT 11 builds): precision comes from the ONNX graph,
 so `--precision` picks which exported variant is parsed, not a builder flag. Profiles come from
 export/trt_plan.py (derived from the specs). The timing cache is read before and written after the
-builds, atomically, so an interrupted build never leaves a truncated cache. Everything that needs
-TensorRT (optional, GPU machines only) is imported inside the functions that need it; `--dry-run` needs
-neither TensorRT nor a GPU.
+builds, atomically, so an interrupted build never leaves a truncated cache; an existing cache is read
+only if we wrote it (its sidecar FILE.janusflow records its sha256), never a foreign file replaced.
+Everything that needs TensorRT (optional, GPU machines only) is imported inside the functions that need
+it; `--dry-run` needs neither TensorRT nor a GPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -21,8 +23,7 @@ import onnx
 import torch
 
 from janusflow_trt.errors import CheckpointError, JanusFlowError
-from janusflow_trt.files import dir_transaction, recover_dir
-from janusflow_trt.images import write_atomic
+from janusflow_trt.files import check_out_dir, dir_transaction, write_all
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, parse_config
 
 from .engine_manifest import (
@@ -135,15 +136,43 @@ def format_plan(plans: list[EnginePlan], precision: str) -> list[str]:
 
 
 # -- the build (TensorRT) --------------------------------------------------------------------------
-def _read_cache(path: Path | None) -> bytes:
-    return path.read_bytes() if path is not None and path.is_file() else b""
+CACHE_SIDECAR = ".janusflow"  # FILE + this: {"writer", "sha256", "size"} of the cache we last wrote
 
 
-def _save_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_bytes(data)
+def read_timing_cache(path: Path | None) -> bytes:
+    """Before the work: the cache bytes (b"" when there is none yet). An existing file is read only if
+    its sidecar says we wrote exactly these bytes; anything else is refused, not read and replaced."""
+    if path is None or not (path.exists() or path.is_symlink()):
+        return b""
+    if path.is_symlink() or not path.is_file():
+        raise JanusFlowError(f"--timing-cache {path} exists and is not a regular file")
+    side = path.with_name(path.name + CACHE_SIDECAR)
+    try:
+        data = path.read_bytes()
+        mark = json.loads(side.read_text())
+        ours = mark["writer"] == "janusflow build" and mark["sha256"] == hashlib.sha256(data).hexdigest()
+    except FileNotFoundError:
+        ours = False
+    except OSError as e:
+        raise JanusFlowError(f"--timing-cache {path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise JanusFlowError(f"--timing-cache {path} exists but is not a timing cache janusflow build wrote (no "
+                             f"matching {side.name}); choose another path or remove it")
+    return data
 
-    write_atomic(path, write)
+
+def save_timing_cache(path: Path, data: bytes) -> None:
+    """The cache and its sidecar, committed together (files.write_all)."""
+    mark = {"writer": "janusflow build", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    write_all([(path, lambda t: Path(t).write_bytes(data)),
+               (path.with_name(path.name + CACHE_SIDECAR), lambda t: Path(t).write_text(json.dumps(mark)))],
+              what=f"--timing-cache {path}")
+
+
+def is_engines_dir(d: Path) -> bool:
+    return (d / FILE).is_file()
 
 
 def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache: bytes, opt_level: int,
@@ -179,10 +208,12 @@ def build_engine(onnx_path: Path, profiles: list[Profile], precision: str, cache
 
 
 def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_cache: Path | None,
-          opt_level: int, workspace_gb: float, progress: bool = True) -> dict[str, Any]:
-    recover_dir(out)  # an earlier build killed mid-swap is finished first
-    if out.exists() and not (out / FILE).is_file():  # never replace a directory we did not write
-        raise JanusFlowError(f"--out {out} exists and is not an engines directory; choose another path")
+          opt_level: int, workspace_gb: float, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """An existing OUT is replaced only if it is an engines directory and force is set."""
+    # before TensorRT: an earlier build killed mid-swap is finished, and OUT and the cache are checked
+    out = check_out_dir(out, "--out", force, is_engines_dir, f"an engines directory ({FILE})",
+                        [("artifacts", artifacts)])
+    cache = read_timing_cache(timing_cache)
     trt = require_tensorrt("janusflow build")
     require_cuda("janusflow build")
     cfg, plans = plan(artifacts, precision, graphs)
@@ -192,7 +223,6 @@ def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_
         raise CheckpointError(f"the export has no {precision} variant of {missing[0]} (export with --precision "
                               f"{precision})")
     target = target_here(str(trt.__version__))
-    cache = _read_cache(timing_cache)
     with dir_transaction(out, "--out") as tmp:  # swapped in atomically; a crash keeps the old or the new
         engines = {}
         for i, p in enumerate(plans):
@@ -212,7 +242,7 @@ def build(artifacts: Path, out: Path, precision: str, graphs: list[str], timing_
             engines[p.graph] = engine_entry(f"{p.graph}.plan", tmp, p.source, p.profiles, mem,
                                             time.perf_counter() - t0)
             if timing_cache is not None:  # saved after every engine: a later failure keeps what was learnt
-                _save_bytes(timing_cache, cache)
+                save_timing_cache(timing_cache, cache)
         m = build_engine_manifest(target, precision, export_manifest["config_sha256"], artifacts, engines)
         write_json_atomic(tmp / FILE, m)
     return m

@@ -79,7 +79,8 @@ def cmd_build(args) -> int:
     cache = Path(args.timing_cache) if args.timing_cache else None
     if cache is not None and not cache.parent.is_dir():
         raise JanusFlowError(f"--timing-cache: directory does not exist: {cache.parent}")
-    m = build(artifacts, out, args.precision, graphs, cache, args.opt_level, args.workspace, progress=not args.quiet)
+    m = build(artifacts, out, args.precision, graphs, cache, args.opt_level, args.workspace, progress=not args.quiet,
+              force=args.force)
     for name, e in m["engines"].items():
         print(f"{name:8} {e['seconds']:7.1f} s  device memory {e['device_memory_bytes'] / 2**20:8.1f} MiB  {e['file']}")
     print(f"wrote {len(m['engines'])} engine(s) and engines.json to {out} (TensorRT {m['tensorrt_version']}, "
@@ -166,9 +167,13 @@ def register(subparsers) -> None:
     p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True,
                    help="which exported variant to parse (networks are strongly typed: no builder precision flags)")
-    p.add_argument("--out", required=True, help="engines directory (replaced atomically if it holds engines)")
+    p.add_argument("--out", required=True, help="engines directory, written atomically (an existing one is "
+                   "replaced only with --force, and only if it is an engines directory)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an earlier engines directory")
     p.add_argument("--graphs", default=None, help="comma list of graphs (default all)")
-    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file, read and rewritten atomically")
+    p.add_argument("--timing-cache", default=None,
+                   help="TensorRT timing cache file, rewritten atomically with a sidecar FILE.janusflow holding its "
+                        "sha256; an existing FILE is read only if that sidecar matches it (one we wrote), else refused")
     p.add_argument("--opt-level", type=_int_in(0, 5), default=3, help="builder optimisation level 0..5")
     p.add_argument("--workspace", type=_gb, default=8.0, help="workspace memory pool limit, GB")
     p.add_argument("--dry-run", action="store_true", help="print the plan and buffer budget; needs no TensorRT")

@@ -112,3 +112,86 @@ def test_gpu_check_force_replaces_reports_and_writes_nothing_into_the_checkout(t
     assert (out / "notes.txt").read_text() == "keep me"
     rows = json.loads((out / "gpu.json").read_text())
     assert [(r["test"], r["outcome"]) for r in rows] == [("test_fine", "passed"), ("test_needs_more", "skipped")]
+
+
+# -- build: OUT and --timing-cache checked before TensorRT ------------------------------------------------
+def _no_tensorrt(monkeypatch):
+    import janusflow_trt.export.trt_build as trt_build
+
+    def reached(what):
+        raise AssertionError("reached TensorRT before the checks")
+
+    monkeypatch.setattr(trt_build, "require_tensorrt", reached)
+
+
+def _engines(tmp_path):
+    d = tmp_path / "engines"
+    d.mkdir()
+    (d / "engines.json").write_text("{}")
+    (d / "llm.plan").write_bytes(b"an engine")
+    return d
+
+
+@pytest.mark.parametrize("case,needle", [("engines", "--force"), ("foreign", "is not an engines directory"),
+                                         ("foreign-force", "is not an engines directory"),
+                                         ("artifacts", "artifacts directory")])
+def test_build_out_checked(tmp_path, capfd, monkeypatch, case, needle):
+    _no_tensorrt(monkeypatch)
+    art = tmp_path / "onnx"
+    art.mkdir()
+    out = _engines(tmp_path) if case == "engines" else tmp_path / "mine"
+    if case.startswith("foreign"):
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    if case == "artifacts":
+        out = art / "engines"
+    argv = ["build", "--artifacts", art, "--precision", "fp16", "--out", out, *(["--force"] if "force" in case else [])]
+    assert_refused(argv, capfd, [tmp_path], needle)
+
+
+@pytest.mark.parametrize("case", ["foreign", "modified", "bad-sidecar", "directory"])
+def test_build_timing_cache_not_ours_refused(tmp_path, capfd, monkeypatch, case):
+    from janusflow_trt.export.trt_build import save_timing_cache
+
+    _no_tensorrt(monkeypatch)
+    cache = tmp_path / "timing.cache"
+    if case == "directory":
+        cache.mkdir()
+    else:
+        save_timing_cache(cache, b"learnt tactics")
+        if case == "foreign":
+            (tmp_path / "timing.cache.janusflow").unlink()
+        elif case == "modified":
+            cache.write_bytes(b"someone else's file")
+        else:
+            (tmp_path / "timing.cache.janusflow").write_text("not json")
+    (tmp_path / "onnx").mkdir()
+    assert_refused(["build", "--artifacts", tmp_path / "onnx", "--precision", "fp16", "--out", tmp_path / "engines",
+                    "--timing-cache", cache], capfd, [tmp_path], "--timing-cache")
+
+
+def test_timing_cache_round_trip(tmp_path):
+    from janusflow_trt.export.trt_build import read_timing_cache, save_timing_cache
+
+    cache = tmp_path / "timing.cache"
+    assert read_timing_cache(cache) == b"" and read_timing_cache(None) == b""
+    save_timing_cache(cache, b"learnt tactics")
+    assert read_timing_cache(cache) == b"learnt tactics"
+    save_timing_cache(cache, b"more tactics")  # replaced as a unit: no temporary or journal left
+    assert read_timing_cache(cache) == b"more tactics"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.cache", "timing.cache.janusflow"]
+
+
+def test_build_force_reaches_tensorrt_over_our_engines(tmp_path, capfd, monkeypatch):
+    """The positive side: --force over an engines directory, and a cache we wrote, pass the checks."""
+    from contract import run_cli
+
+    from janusflow_trt.export.trt_build import save_timing_cache
+
+    _no_tensorrt(monkeypatch)
+    out = _engines(tmp_path)
+    save_timing_cache(tmp_path / "t.cache", b"x")
+    (tmp_path / "onnx").mkdir()
+    with pytest.raises(AssertionError, match="reached TensorRT"):
+        run_cli(["build", "--artifacts", tmp_path / "onnx", "--precision", "fp16", "--out", out, "--force",
+                 "--timing-cache", tmp_path / "t.cache"], capfd)
