@@ -108,16 +108,13 @@ def _gb(s: str) -> float:
 
 
 def cmd_quality(args) -> int:
-    from janusflow_trt.export.variants import parse_precisions
-    from janusflow_trt.quality import run_quality, summary_lines
+    from janusflow_trt.quality import parse_precisions, run_quality, summary_lines
 
-    precisions = [p for p in parse_precisions(args.precision) if p != "fp32"]
-    if not precisions:
-        raise JanusFlowError("--precision: name a precision to compare with fp32 (e.g. fp16)")
+    precisions = parse_precisions(args.precision)
     if args.tokens < 1 or args.steps < 1:
         raise JanusFlowError("--tokens and --steps must be >= 1")
     r = run_quality(args.model, args.artifacts, precisions, args.out, tokens=args.tokens, steps=args.steps,
-                    progress=not args.quiet, force=args.force)
+                    progress=not args.quiet, force=args.force, backend=args.backend)
     for line in summary_lines(r):
         print(line)
     print(f"wrote {args.out}/quality.json, quality.md, quality.png")
@@ -180,10 +177,14 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_build)
 
-    p = subparsers.add_parser("quality", help="an exported precision vs FP32 on held-out inputs (quality.json/md/png)")
+    p = subparsers.add_parser("quality", help="a precision vs FP32 on held-out inputs (quality.json/md/png)")
     p.add_argument("--model", required=True, help="checkpoint directory the artifacts were exported from")
-    p.add_argument("--artifacts", required=True, help="export directory with manifest.json")
-    p.add_argument("--precision", default="fp16", help="comma list of precisions to compare with fp32")
+    p.add_argument("--artifacts", default=None, help="export directory with manifest.json (exported precisions)")
+    p.add_argument("--precision", default="fp16",
+                   help="comma list of precisions to compare with fp32 on the same backend: fp16,int8,int8-cpu "
+                        "(exported, over ort) or bf16 (torch-fast, from the checkpoint)")
+    p.add_argument("--backend", default=None,
+                   help="the backend that runs both sides (default: ort for exported precisions, torch-fast for bf16)")
     p.add_argument("--tokens", type=int_range(1, 4096), default=32, help="chat tokens per held-out pair")
     p.add_argument("--steps", type=int_range(1, 1000), default=30, help="Euler steps per held-out prompt (as generate)")
     p.add_argument("--out", default="quality_out", help="directory for quality.json, quality.md, quality.png")

@@ -1,9 +1,16 @@
-"""`janusflow quality`: an exported precision vs FP32, on held-out inputs (calibration/data.py keeps
-them apart from the calibration set), per graph and end to end. Writes quality.json, quality.md and
+"""`janusflow quality`: a precision vs FP32 on the same backend, on held-out inputs (calibration/data.py
+keeps them apart from the calibration set), per graph and end to end. Writes quality.json, quality.md and
 quality.png (rows: prompts; columns: FP32 | each precision).
 
+Both sides are runtime backends by registry name (runtime/factory.make_backend), the reference at fp32:
+ort for the exported variants (fp16, int8, int8-cpu), torch-fast for bf16 (the torch backends' dtype,
+from the checkpoint; no export needed). Every loop below is the runtime's own, whichever backend runs it.
+
 - per graph: the FP32 runtime's actual inputs during the held-out runs below (recorded as in
-  calibration, fewer calls), through the FP32 and the other graph: worst max abs / max rel / cosine;
+  calibration, fewer calls), through the FP32 and the other graph: worst max abs / max rel / cosine.
+  Exported variants: the ONNX files through ONNX Runtime sessions (the graph as exported, whichever
+  backend ran the loops); torch backends: the graph modules through each backend's run (BF16 vs FP32
+  modules), so a BF16 loss is located per graph as an exported one is;
 - chat: per held-out (photo, question) pair, the FP32 greedy answer (N new tokens); the other
   precision with that answer fed back (teacher forcing): top-1 agreement; and free-running greedy:
   agreement and first divergence;
@@ -24,6 +31,7 @@ from tqdm import tqdm
 
 from janusflow_trt.calibration.data import InputSet, builtin_heldout
 from janusflow_trt.calibration.record import RECORDER_VERSION, CalibrationData
+from janusflow_trt.errors import InputError
 from janusflow_trt.export.manifest import resolve_graph
 from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
@@ -34,17 +42,25 @@ from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.janusflow_ref.generation import initial_latents
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
+from janusflow_trt.precision import Precision
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.backends import Backend, OrtBackend, read_manifest
+from janusflow_trt.runtime.backends import Backend, read_manifest
 from janusflow_trt.runtime.chat import chat_prefill, chat_tokens
 from janusflow_trt.runtime.decode import Decoder
+from janusflow_trt.runtime.factory import make_backend
+from janusflow_trt.runtime.registry import BACKENDS, check_request
 
 from .recording import Recorder, record_chat, record_t2i
 
 TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99},
            **{p: {"latent_cosine": 0.995, "psnr_db": 35.0, "chat_top1_teacher_forced": 0.90, "graph_cosine": 0.995}
-              for p in ("int8", "int8-cpu")}}
+              for p in ("int8", "int8-cpu")},
+           "bf16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.98}}  # issue 25
 GRAPH_STEPS = (0, 10, 20, 29)  # Euler steps whose graph inputs the per-graph comparison uses
+# per graph, by whether the backend runs an export (BackendInfo.needs_artifacts)
+GRAPHS_COMPARED = {True: "the exported ONNX graphs through ONNX Runtime sessions",
+                   False: "the graph modules through each backend's run"}
 
 
 def teacher_forced_top1(backend: Backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
@@ -74,18 +90,56 @@ def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: in
 OUTPUTS = ("quality.json", "quality.md", "quality.png")
 
 
-def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[str], out: str | Path,
+def parse_precisions(s: str) -> list[str]:
+    """`--precision`: the precisions to compare with fp32 (fp32 itself dropped), in the enum's order."""
+    names = {p.strip() for p in s.split(",") if p.strip()}
+    bad = sorted(names - set(Precision))
+    if bad:
+        raise InputError(f"--precision: unknown precision {bad[0]!r}; choose from {','.join(Precision)}")
+    out = [p.value for p in Precision if p in names and p != Precision.FP32]
+    if not out:
+        raise InputError("--precision: name a precision to compare with fp32 (e.g. fp16)")
+    return out
+
+
+def quality_backend(precisions: list[str], artifacts: str | Path | None, backend: str | None = None) -> str:
+    """The backend that runs both sides, FP32 and each precision (refused in one line where it does not
+    run one of them, or needs --artifacts that were not given). None: the CPU backend that runs them (ort
+    for the exported variants, torch-fast for bf16); a list that needs two is refused, since each is
+    compared with its own backend's FP32 and the report has one FP32 column."""
+    if backend is None:
+        runs = {p: next(b.name for b in BACKENDS.values() if not b.gpu and p in b.precisions) for p in precisions}
+        if len(set(runs.values())) > 1:
+            raise InputError(f"--precision {','.join(precisions)}: "
+                             + ", ".join(f"{p} runs on {b}" for p, b in runs.items())
+                             + "; each is compared with its own backend's fp32: run quality once per backend")
+        backend = runs[precisions[0]]
+    for p in (Precision.FP32, *precisions):
+        check_request(backend, p, artifacts)
+    return backend
+
+
+def run_quality(model_dir: str | Path, artifacts: str | Path | None, precisions: list[str], out: str | Path,
                 heldout: InputSet | None = None, tokens: int = 32, steps: int = 30,
-                progress: bool = True, force: bool = False) -> dict[str, Any]:
+                progress: bool = True, force: bool = False, backend: str | None = None) -> dict[str, Any]:
     """-> the report; OUT/quality.{json,md,png} are checked before the work (an existing one is replaced
-    only with force) and renamed into place together at the end (janusflow_trt/files.py)."""
+    only with force) and renamed into place together at the end (janusflow_trt/files.py). backend: the
+    registry name that runs both sides (None: quality_backend's choice)."""
+    name = quality_backend(precisions, artifacts, backend)
     out = check_output_dir(out, "--out", force, OUTPUTS)
     cfg, processor = load_config(model_dir), Processor(model_dir)
     held = heldout or builtin_heldout()
-    b32 = OrtBackend(artifacts, cfg)
-    others = {p: OrtBackend(artifacts, cfg, precision=p) for p in precisions}  # refuses a missing precision
+    exported = BACKENDS[name].needs_artifacts  # the VAE is among the artifacts; else MODEL/vae
+    vae_dir = None if exported else resolve_vae_dir(model_dir, None)
+
+    def load(p: str) -> Backend:  # refuses a precision the artifacts lack
+        return make_backend(name, model_dir, artifacts, cfg, vae_dir=vae_dir, precision=p)
+
+    others = {p: load(p) for p in precisions}  # first: a refusal (CPU without BF16, precision not exported)
+    b32 = load(Precision.FP32)                   # comes before the FP32 weights are loaded
     params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
-    report: dict[str, Any] = {"precisions": precisions, "tokens": tokens, "steps": steps,
+    report: dict[str, Any] = {"precisions": precisions, "backend": name, "tokens": tokens, "steps": steps,
+                              "graphs_compared": GRAPHS_COMPARED[exported],
                               "heldout_sha256": held.sha256(), "chat": {}, "t2i": {}, "graphs": {}}
     with owned_tempdir("janusflow-quality") as tmp:  # removed on every exit path
         rec = Recorder(b32, Path(tmp))
@@ -114,7 +168,8 @@ def run_quality(model_dir: str | Path, artifacts: str | Path, precisions: list[s
             images.append(row)
         rec_data = _as_calibration(rec, Path(tmp))
         for p in precisions:
-            report["graphs"][p] = _per_graph(artifacts, cfg, rec_data, p)
+            report["graphs"][p] = (_per_graph(artifacts, cfg, rec_data, p) if exported
+                                   else _per_graph_modules(b32, others[p], rec_data))
             report["chat"][p] = _summary_chat(chats[p])
             report["t2i"][p] = _summary_t2i(rows[p])
     report["targets"] = {p: _targets(report, p) for p in precisions}
@@ -149,6 +204,23 @@ def _per_graph(artifacts, cfg, data: CalibrationData, precision: str) -> dict[st
     return res
 
 
+def _per_graph_modules(ref: Backend, other: Backend, data: CalibrationData) -> dict[str, Any]:
+    """The torch backends' graph modules: `other` vs `ref` on the recorded feeds, each through its run
+    (the backend casts the feeds to its dtype, as in the loops)."""
+    res = {}
+    for name, spec in ref.specs.items():
+        if data.count(name) == 0:
+            continue
+        per_out: dict[str, list] = {o: [] for o in spec.output_names}
+        for feeds in data.samples(name):
+            t = {k: torch.from_numpy(v).to(ref.device) for k, v in feeds.items()}
+            a, b = ref.run(name, t), other.run(name, t)
+            for o in spec.output_names:
+                per_out[o].append(tensor_metrics(b[o].float().cpu().numpy(), a[o].float().cpu().numpy()))
+        res[name] = {o: worst(v) for o, v in per_out.items()}
+    return res
+
+
 def _summary_chat(rows: list[dict]) -> dict[str, Any]:
     divs = [r["first_divergence"] for r in rows]
     return {"pairs": rows, "teacher_forced_top1": float(np.mean([r["teacher_forced_top1"] for r in rows])),
@@ -179,7 +251,9 @@ def _targets(report: dict, p: str) -> dict[str, Any]:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Quality vs FP32 (held-out inputs; {r['tokens']} chat tokens, {r['steps']} Euler steps)", ""]
+    lines = [f"# Quality vs FP32 (held-out inputs; {r['tokens']} chat tokens, {r['steps']} Euler steps)", "",
+             f"Both sides on `{r['backend']}` (reference: its fp32). Per graph: {r['graphs_compared']}, on the "
+             "FP32 run's recorded inputs.", ""]
     for p in r["precisions"]:
         c, g, t = r["chat"][p], r["t2i"][p], r["targets"][p]
         lines += [f"## {p}", "", "| end to end | value | target |", "|---|---|---|",

@@ -6,6 +6,8 @@
 - on the tiny checkpoint, through the runtime's own chat and Euler loops (tests/rt.py): BF16 against
   FP32 within the quality bars (greedy tokens equal, latent cosine >= 0.9995, PSNR >= 45 dB), the KV
   cache in BF16, the Euler carry and update in FP32, the timestep's sin/cos argument in FP32.
+- `quality --precision bf16`: the report over torch-fast BF16 vs FP32 (a planted BF16 Euler carry lowers
+  its latent cosine); a precision / backend mismatch or a mixed list refused in one line.
 Tests that compute in BF16 are skipped, with the reason, on a CPU without BF16 instructions (emulated
 BF16 is refused there, not run).
 """
@@ -215,3 +217,77 @@ def test_bench_bf16_refused_on_a_cpu_without_it(tiny_dir, tmp_path, monkeypatch,
                "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "AVX-512 BF16" in err, err
+
+
+# -- the quality report: BF16 vs FP32 on torch-fast, through the runtime's own loops ----------------
+
+def _heldout():
+    from janusflow_trt.calibration.data import InputSet, builtin_heldout
+
+    h = builtin_heldout()
+    return InputSet(h.prompts[:1], h.pairs[:1])
+
+
+@pytest.fixture(scope="module")
+def bf16_report(tiny_dir, tmp_path_factory):
+    from janusflow_trt.quality import run_quality
+
+    return run_quality(tiny_dir, None, ["bf16"], tmp_path_factory.mktemp("q") / "q", heldout=_heldout(), tokens=6,
+                       steps=4, progress=False)
+
+
+@needs_bf16
+def test_quality_bf16_report(bf16_report):
+    """`quality --precision bf16` without artifacts: both sides on torch-fast, BF16 really run (figures
+    below 1 / finite PSNR, the VAE identical because it stays FP32), the issue's targets."""
+    from janusflow_trt.quality import TARGETS
+
+    r = bf16_report
+    assert r["backend"] == "torch-fast" and r["graphs_compared"] == "the graph modules through each backend's run"
+    g, c, graphs = r["t2i"]["bf16"], r["chat"]["bf16"], r["graphs"]["bf16"]
+    assert 0.9995 <= g["latent_cosine_min"] < 1.0 and 45.0 <= g["psnr_db_min"] < float("inf"), g
+    assert 0.0 <= c["teacher_forced_top1_min"] <= 1.0 and len(c["pairs"][0]["fp32_tokens"]) == 6
+    assert set(graphs) == {"siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec"}
+    assert 0.999 <= graphs["gen_dec"]["velocity"]["cosine"] < 1.0 and graphs["llm"]["logits"]["max_abs"] > 0
+    assert graphs["vae_dec"]["image"]["max_abs"] == 0.0  # the VAE runs FP32 in the BF16 backend
+    assert r["targets"]["bf16"]["thresholds"] == TARGETS["bf16"] == {
+        "latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.98}
+
+
+@needs_bf16
+def test_quality_bf16_sees_a_bf16_carry(bf16_report, tiny_dir, tmp_path, monkeypatch):
+    """Planted: the Euler carry z fed to gen_dec in BF16 (dropped from the FP32 feeds). The report, run
+    through the same backends' loops, shows a lower final-latent cosine and a worse z_next."""
+    from janusflow_trt.quality import run_quality
+    from janusflow_trt.runtime import torch_backend
+
+    monkeypatch.setitem(torch_backend.FP32_FEEDS, "gen_dec", {"cfg_weight", "dt"})
+    bad = run_quality(tiny_dir, None, ["bf16"], tmp_path / "q", heldout=_heldout(), tokens=6, steps=4,
+                      progress=False)
+    clean = bf16_report
+    assert bad["t2i"]["bf16"]["latent_cosine_min"] < clean["t2i"]["bf16"]["latent_cosine_min"]
+    assert (bad["graphs"]["bf16"]["gen_dec"]["z_next"]["max_abs"]
+            > clean["graphs"]["bf16"]["gen_dec"]["z_next"]["max_abs"])
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--precision", "fp16,bf16"], "fp16 runs on ort, bf16 runs on torch-fast"),
+    (["--precision", "bf16", "--backend", "ort", "--artifacts", "."], "runs on torch-fast or torch-cuda"),
+    (["--precision", "fp16", "--backend", "torch-fast"], "backend torch-fast runs fp32, bf16"),
+    (["--precision", "fp16"], "needs an export directory"),
+    (["--precision", "bf8"], "unknown precision 'bf8'"),
+    (["--precision", "fp32"], "name a precision to compare with fp32"),
+])
+def test_quality_refusals(tiny_dir, tmp_path, capfd, extra, needle):
+    from contract import assert_refused
+
+    assert_refused(["quality", "--model", tiny_dir, "--out", tmp_path / "q", "--quiet", *extra], capfd, [tmp_path],
+                   needle)
+
+
+def test_quality_bf16_refused_on_a_cpu_without_it(tiny_dir, tmp_path, capfd, monkeypatch):
+    from contract import assert_refused
+
+    monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: SKX)
+    assert_refused(["quality", "--model", tiny_dir, "--out", tmp_path / "q", "--precision", "bf16"], capfd,
+                   [tmp_path], "AVX-512 BF16")
