@@ -59,9 +59,12 @@ class Loads:
         import onnxruntime
 
         from janusflow_trt.janusflow_ref import vae, weights
+        from janusflow_trt.runtime import torch_backend
 
         self.n = {"model": 0, "vae": 0, "session": 0}
-        for mod, name, key in ((weights, "load_model", "model"), (vae, "load_vae", "vae")):
+        # each loader wherever it was imported by name (the reference's modules, the torch backend's)
+        for mod, name, key in ((weights, "load_model", "model"), (vae, "load_vae", "vae"),
+                               (torch_backend, "load_model", "model"), (torch_backend, "load_vae", "vae")):
             monkeypatch.setattr(mod, name, self._counted(getattr(mod, name), key))
         monkeypatch.setattr(onnxruntime, "InferenceSession",
                             self._counted(onnxruntime.InferenceSession, "session"))
