@@ -54,3 +54,17 @@ def tiny_onnx(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "onnx"
     export_graphs(tiny_dir, None, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def fp16_onnx(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint exported at fp32,fp16 with test_fp16's small calibration, once per session
+    (test_fp16, and quality in test_signals / test_full_disk)."""
+    from test_fp16 import PLAN, small_inputs
+
+    from janusflow_trt.export_job import export_graphs
+
+    out = tmp_path_factory.mktemp("export16") / "onnx"
+    export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16", calib_inputs=small_inputs(),
+                  calib_plan=PLAN)
+    return out

@@ -27,14 +27,7 @@ def small_inputs() -> InputSet:
     return InputSet(b.prompts[:4], b.pairs[:2])
 
 
-@pytest.fixture(scope="session")
-def fp16_onnx(tiny_dir, tmp_path_factory):
-    from janusflow_trt.export_job import export_graphs
-
-    out = tmp_path_factory.mktemp("export16") / "onnx"
-    export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16", calib_inputs=small_inputs(),
-                  calib_plan=PLAN)
-    return out
+# fp16_onnx (the tiny checkpoint exported at fp32,fp16 with PLAN, small_inputs()): tests/conftest.py
 
 
 # -- metrics vs hand-computed values -------------------------------------------------------------

@@ -67,3 +67,20 @@ def test_sigterm_during_bench_removes_its_work_dir(tmp_path):
     stopped(proc, signal.SIGTERM)
     assert not any(w.exists() for w in work)
     assert snapshot(out) == before
+
+
+def test_sigterm_during_quality_keeps_the_old_report(tiny_dir, fp16_onnx, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    for name in ("quality.json", "quality.md", "quality.png"):
+        (out / name).write_text(f"old {name}")
+    before = snapshot(out)
+    proc = start(["quality", "--model", tiny_dir, "--artifacts", fp16_onnx, "--precision", "fp16", "--tokens", 4,
+                  "--steps", 2, "--out", out, "--force", "--quiet"])
+    wait_for(lambda: mine("janusflow-quality", proc.pid), proc)
+    work = mine("janusflow-quality", proc.pid)
+    wait_for(lambda: any(any(w.iterdir()) for w in work if w.exists()), proc)  # inside the work: inputs recorded
+    line = stopped(proc, signal.SIGTERM)
+    assert line.startswith("janusflow quality:"), line
+    assert not any(w.exists() for w in work) and not mine("janusflow-quality", proc.pid)
+    assert snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["q"]  # nothing beside it
