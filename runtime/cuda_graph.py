@@ -66,5 +66,7 @@ class StepRunner:
         if self.graph is None:
             self.work()
             return
+        # the step sees what the caller wrote between steps (a row filled or freed, teacher-forced ids)
+        self.graph.stream.wait_stream(torch.cuda.current_stream())
         self.graph()
         torch.cuda.current_stream().wait_stream(self.graph.stream)

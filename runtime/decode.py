@@ -7,6 +7,11 @@ Per token, on the device: embed(ids) -> llm(embeds, mask, positions, K/V) -> K/V
 time, so a capturable backend captures it once per KV-capacity bucket as a CUDA graph and replays it
 (runtime/cuda_graph.py); a bucket change reallocates the cache and captures anew.
 Teacher forcing (the quality report) is the same step with `ids` written by the caller between steps.
+
+Batching is rows (DecodeRows): each row its own position, cache slot index, mask row and sampler
+(a seeded request owns its torch.Generator, so its tokens do not depend on its companions); a
+scheduler starts and stops rows between steps (janusflow_trt/batch.py). One request (Decoder) is the
+B = 1 case of the same step, drawing from the default RNG as the official demo does.
 """
 
 from __future__ import annotations
@@ -24,37 +29,85 @@ from .device_sampling import NONFINITE, OVERFLOW, sample_on_device
 from .kv_cache import KVCache
 
 
-class Decoder:
-    """Per-request decode state on backend.device: the cache, the next input id [1, 1], its position."""
+class DecodeRows:
+    """Decode state of B rows over one KVCache, on backend.device: each row's next input id [B, 1], its
+    position [B, 1], whether it is live [B] (int64 0/1) and its sampler. The step runs every row (the
+    buffers stay static); a free row computes a token nobody reads and writes nothing it will attend to.
+    Rows start and stop between steps (`start`, `stop`): the step itself knows nothing of requests."""
 
-    def __init__(self, backend: Backend, cache: KVCache, logits: torch.Tensor, params: SamplingParams):
-        """logits [1, V]: the prefill's last position; the first token is sampled from it."""
-        self.b, self.cache, self.params = backend, cache, params
-        self.ids = sample_on_device(logits, params).view(1, 1).to(torch.int64).clone()
-        self.pos = torch.full((1, 1), cache.length, dtype=torch.int64, device=backend.device)
-        self.logits = logits
+    def __init__(self, backend: Backend, cache: KVCache):
+        n, dev = cache.batch, backend.device
+        self.b, self.cache = backend, cache
+        self.ids = torch.zeros((n, 1), dtype=torch.int64, device=dev)
+        self.pos = torch.zeros((n, 1), dtype=torch.int64, device=dev)
+        self.live = torch.zeros((n,), dtype=torch.int64, device=dev)
+        # per row: its SamplingParams and generator (None: the device's default RNG), None when free
+        self.samplers: list[tuple[SamplingParams, torch.Generator | None] | None] = [None] * n
+        self.logits = torch.zeros((n, 0))  # [B, V] after a step: a backend buffer, valid until the next one
         self.runner = StepRunner(backend, self._step)
+
+    def start(self, r: int, logits: torch.Tensor, params: SamplingParams,
+              generator: torch.Generator | None = None) -> None:
+        """Row r decodes from here: its cache row holds its prompt, `logits` [1, V] its last position, from
+        which its first token is sampled (into ids[r]) with its own generator."""
+        dev = self.b.device
+        self.runner.write(self.ids[r], sample_on_device(logits, params, generator).to(torch.int64))
+        self.runner.write(self.pos[r], torch.full((1,), self.cache.lengths[r], dtype=torch.int64, device=dev))
+        self.runner.write(self.live[r:r + 1], torch.ones((1,), dtype=torch.int64, device=dev))
+        self.samplers[r] = (params, generator)
+        self.runner.reset()  # the rows' samplers are part of what a capture records
+
+    def stop(self, r: int) -> None:
+        """Row r is free: nothing of it is attended to or counted any more."""
+        self.runner.write(self.live[r:r + 1], torch.zeros((1,), dtype=torch.int64, device=self.b.device))
+        self.samplers[r] = None
+        self.cache.free_row(r)
+        self.runner.reset()
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> ids [B, 1]: each live row by its own sampler, free rows 0."""
+        free = torch.zeros((1,), dtype=torch.int64, device=logits.device)
+        return torch.cat([free if s is None else sample_on_device(logits[r:r + 1], *s)
+                          for r, s in enumerate(self.samplers)]).view(-1, 1)
 
     def _step(self) -> None:
         emb = self.b.run("embed", {"input_ids": self.ids})["inputs_embeds"]
         out = self.b.run("llm", {"inputs_embeds": emb, "attention_mask": self.cache.decode_mask,
                                  "position_ids": self.pos, **self.cache.feeds()})
-        self.cache.write_one(out)
-        self.pos += 1
-        self.logits = out["logits"]  # [1, V]: a backend buffer, valid until the next step (teacher forcing reads it)
-        self.ids.copy_(sample_on_device(self.logits, self.params).view(1, 1))
+        self.cache.write_one(out, self.live)
+        self.pos += self.live.view(-1, 1)
+        self.logits = out["logits"]  # [B, V]: a backend buffer, valid until the next step (teacher forcing reads it)
+        self.ids.copy_(self._sample(self.logits))
 
     def step(self) -> None:
-        """One token on the device: self.ids in, the next sampled id in self.ids."""
+        """One token for every live row on the device: self.ids in, the next sampled ids in self.ids."""
         if self.cache.reserve(self.cache.length + 1):
             self.runner.reset()  # new buffers: the next step captures anew
         self.runner()
-        self.cache.length += 1
+        for r, s in enumerate(self.samplers):
+            if s is not None:
+                self.cache.lengths[r] += 1
+
+
+class Decoder(DecodeRows):
+    """One request: the B = 1 case, sampling from the device's default RNG (torch.manual_seed), as the
+    official demo does."""
+
+    def __init__(self, backend: Backend, cache: KVCache, logits: torch.Tensor, params: SamplingParams):
+        """logits [1, V]: the prefill's last position; the first token is sampled from it."""
+        assert cache.batch == 1, "Decoder is one row; DecodeRows decodes several"
+        super().__init__(backend, cache)
+        self.logits = logits
+        self.start(0, logits, params)
 
 
 def token_id(tok: torch.Tensor, position: int, params: SamplingParams) -> int:
     """THE host read of a decode step: the sampled id, or the sampler's sentinel turned into one line."""
-    t = int(tok.reshape(-1)[0])
+    return checked_id(int(tok.reshape(-1)[0]), position, params)
+
+
+def checked_id(t: int, position: int, params: SamplingParams) -> int:
+    """A sampled id read by the host, or its sentinel (device_sampling.py) as one InputError line."""
     if t == NONFINITE:
         raise InputError(f"the model produced non-finite logits (NaN or Inf) for answer token {position + 1}; "
                          "check the weights")

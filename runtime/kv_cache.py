@@ -4,8 +4,13 @@ Capacity C grows in buckets (BUCKET tokens) so attention reads at most BUCKET-1 
 bucket change (one device-to-device copy, amortised over BUCKET tokens) is the only time it moves.
 The mask buffer [B, C + 1] is slot validity followed by a constant 1 for the one new token of a
 decode step, so a decode step's attention_mask is that buffer as it stands. A decode step writes
-[B, n_kv, 1, hd] per layer at the device-side `index` (no host value inside the step, so the step can
-be captured as a CUDA graph); a prefill writes its S tokens at the host-known `length`.
+[B, n_kv, 1, hd] per layer, each row at its own device-side `index[b]` (no host value inside the step,
+so the step can be captured as a CUDA graph); a prefill writes its S tokens at the host-known
+`length` on every row.
+
+Rows are independent (continuous batching, runtime/decode.py): each has its own host count
+`lengths[b]` and device `index[b]`; a row is filled from a prefilled one-row cache (`fill_row`) and
+freed (`free_row`) between steps. `length` is the longest row (what the capacity must hold).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class KVCache:
         kv = [(i, n) for i in range(cfg.num_layers) for n in ("key", "value")]
         self.past_names = [f"past_key_values.{i}.{n}" for i, n in kv]
         self.present_names = [f"present.{i}.{n}" for i, n in kv]
-        self.length = 0  # host count of written slots (the device mirror is `index`)
+        self.lengths = [0] * batch  # host count of written slots per row (the device mirror is `index`)
+        self.index = torch.zeros((batch,), dtype=torch.int64, device=device)  # [B], kept across growth
         self._alloc(capacity if exact else bucket(capacity))
 
     def _alloc(self, cap: int) -> None:
@@ -41,7 +47,11 @@ class KVCache:
         self.decode_mask = torch.zeros((b, cap + 1), dtype=torch.int64, device=self.device)
         self.decode_mask[:, cap] = 1
         self.valid = self.decode_mask[:, :cap]  # a view: 1 where a slot holds an attendable key
-        self.index = torch.full((1,), self.length, dtype=torch.int64, device=self.device)
+
+    @property
+    def length(self) -> int:
+        """The longest row's written slots."""
+        return max(self.lengths)
 
     def reserve(self, needed: int) -> bool:
         """Room for `needed` slots in total, contents kept (bucketed growth); True if the buffers moved
@@ -65,17 +75,40 @@ class KVCache:
     def append(self, out: dict[str, torch.Tensor], new_mask: torch.Tensor) -> None:
         """A prefill's present.{i} [B, n_kv, S, hd] written at `length` (host-known: not captured)."""
         s, at = new_mask.shape[1], self.length
+        assert self.lengths == [at] * self.batch, f"a prefill writes rows of one length, got {self.lengths}"
         assert at + s <= self.capacity, "reserve() before running the graph"
         for buf, name in zip(self.buffers, self.present_names, strict=True):
             buf[:, :, at:at + s] = out[name]
         self.valid[:, at:at + s] = new_mask
-        self.length += s
-        self.index.fill_(self.length)
+        self.lengths = [at + s] * self.batch
+        self.index.fill_(at + s)
 
-    def write_one(self, out: dict[str, torch.Tensor]) -> None:
-        """A decode step's present.{i} [B, n_kv, 1, hd] at slot `index`, the slot made valid, index += 1:
-        all on the device, so it can be captured. The host counts the token with `length += 1`."""
+    def write_one(self, out: dict[str, torch.Tensor], live: torch.Tensor) -> None:
+        """A decode step's present.{i} [B, n_kv, 1, hd], row b at slot `index[b]`, the slot made valid
+        and index advanced where live [B] (int64 0/1) is 1; a free row (0) writes into a slot it leaves
+        invalid and stays put. All on the device, so it can be captured. The host counts each live row's
+        token in `lengths`."""
+        b, h, _, d = self.shape
+        at = self.index.view(b, 1, 1, 1).expand(b, h, 1, d)
         for buf, name in zip(self.buffers, self.present_names, strict=True):
-            buf.index_copy_(2, self.index, out[name].to(buf.dtype))
-        self.decode_mask.index_fill_(1, self.index, 1)
-        self.index += 1
+            buf.scatter_(2, at, out[name].to(buf.dtype))
+        self.decode_mask.scatter_(1, self.index.view(b, 1), live.view(b, 1))
+        self.index += live
+
+    def fill_row(self, r: int, src: KVCache) -> None:
+        """Row r <- a prefilled one-row cache's K/V, validity and length (between steps)."""
+        n = src.length
+        assert src.batch == 1 and src.shape[1:] == self.shape[1:], "fill_row takes a one-row cache of this model"
+        self.reserve(n)
+        self.lengths[r] = n
+        for buf, s in zip(self.buffers, src.buffers, strict=True):
+            buf[r, :, :n] = s[0, :, :n]
+        self.valid[r] = 0
+        self.valid[r, :n] = src.valid[0, :n]
+        self.index[r] = n
+
+    def free_row(self, r: int) -> None:
+        """Row r holds nothing: no slot valid, length 0."""
+        self.valid[r] = 0
+        self.lengths[r] = 0
+        self.index[r] = 0

@@ -71,7 +71,8 @@ MUTANTS = [
     # the runtime's one KV cache and its step functions (what every caller runs)
     M("positions-arange", "runtime/llm.py", "torch.arange(start, start + s,", "torch.arange(start + 1, start + s + 1,",
       "prefill / step positions off by one", CHAT_RT),
-    M("positions-decode", "runtime/decode.py", "torch.full((1, 1), cache.length,", "torch.full((1, 1), cache.length + 1,",
+    M("positions-decode", "runtime/decode.py", "torch.full((1,), self.cache.lengths[r],",
+      "torch.full((1,), self.cache.lengths[r] + 1,",
       "decode positions off by one", CHAT_RT),
     M("positions-step", "runtime/euler_step.py", "positions=positions(cache.capacity, rows, s, dev)",
       "positions=positions(0, rows, s, dev)", "Euler step tokens at positions 0.. (the prefix's)", STEPS_RT),
@@ -80,7 +81,7 @@ MUTANTS = [
     M("decode-mask", "runtime/kv_cache.py", "self.decode_mask[:, cap] = 1", "self.decode_mask[:, cap] = 0",
       "decode token cannot see itself", CHAT_RT,
       "tests/test_runtime_ort.py::test_kv_cache_prefill_plus_decode_equals_one_forward"),
-    M("kv-index", "runtime/kv_cache.py", "        self.index += 1\n", "        self.index += 0\n",
+    M("kv-index", "runtime/kv_cache.py", "        self.index += live\n", "        self.index += 0\n",
       "every decode step overwrites the same slot", CHAT_RT),
     M("kv-grow", "runtime/kv_cache.py", "new[:, :, :n] = o[:, :, :n]", "new[:, :, :n - 1] = o[:, :, :n - 1]",
       "a bucket change loses the last slot", "tests/test_runtime_ort.py::test_kv_cache_prefill_plus_decode_equals_one_forward"),

@@ -1,0 +1,130 @@
+"""Continuous batching of chat (janusflow_trt/batch.py over runtime/decode.py's DecodeRows): the KV
+cache's row operations against hand-built tensors, and batched answers against each request's solo
+Pipeline.chat (greedy and seeded sampling, requests joining and leaving mid-way)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from janusflow_trt.api import Pipeline
+from janusflow_trt.batch import ChatBatch, ChatRequest
+from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.runtime.kv_cache import BUCKET, KVCache
+
+
+def _present(cache: KVCache, rows: int, s: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    _, h, _, d = cache.shape
+    return {n: torch.randn((rows, h, s, d), generator=g) for n in cache.present_names}
+
+
+def test_kv_rows_fill_write_free_and_grow(tiny_dir):
+    cfg = load_config(tiny_dir)
+    cpu = torch.device("cpu")
+    src = KVCache(cfg, 1, 5, cpu, torch.float32)
+    src.append(_present(src, 1, 5, 0), torch.tensor([[1, 1, 0, 1, 1]]))
+    cache = KVCache(cfg, 3, 1, cpu, torch.float32)
+    cache.fill_row(1, src)
+    assert cache.lengths == [0, 5, 0] and cache.index.tolist() == [0, 5, 0]
+    for buf, s in zip(cache.buffers, src.buffers, strict=True):
+        assert torch.equal(buf[1, :, :5], s[0, :, :5]) and not buf[[0, 2]].any() and not buf[1, :, 5:].any()
+    want = torch.zeros((3, cache.capacity + 1), dtype=torch.int64)
+    want[:, -1] = 1
+    want[1, :5] = torch.tensor([1, 1, 0, 1, 1])
+    assert torch.equal(cache.decode_mask, want)
+
+    # a decode write: each row at its own index; a free row (live 0) marks nothing and stays put
+    out = _present(cache, 3, 1, 1)
+    cache.write_one(out, torch.tensor([1, 1, 0]))
+    for buf, name in zip(cache.buffers, cache.present_names, strict=True):
+        assert torch.equal(buf[0, :, 0], out[name][0, :, 0]) and torch.equal(buf[1, :, 5], out[name][1, :, 0])
+    for buf, s in zip(cache.buffers, src.buffers, strict=True):
+        assert torch.equal(buf[1, :, :5], s[0, :, :5])
+    want[0, 0] = want[1, 5] = 1
+    assert torch.equal(cache.decode_mask, want) and cache.index.tolist() == [1, 6, 0]
+
+    # growth keeps every row; freeing a row clears its validity and index only
+    cache.lengths = [1, 6, 0]
+    big = KVCache(cfg, 1, BUCKET + 3, cpu, torch.float32)
+    big.append(_present(big, 1, BUCKET + 3, 2), torch.ones((1, BUCKET + 3), dtype=torch.int64))
+    before = [b.clone() for b in cache.buffers]
+    cache.fill_row(2, big)
+    assert cache.capacity == 2 * BUCKET and cache.lengths == [1, 6, BUCKET + 3]
+    for buf, old, s in zip(cache.buffers, before, big.buffers, strict=True):
+        assert torch.equal(buf[:2, :, :6], old[:2, :, :6]) and torch.equal(buf[2, :, :BUCKET + 3], s[0, :, :BUCKET + 3])
+    assert torch.equal(cache.valid[:2, :6], want[:2, :6]) and cache.valid[2].sum() == BUCKET + 3
+    assert cache.index.tolist() == [1, 6, BUCKET + 3]
+    cache.free_row(1)
+    assert not cache.valid[1].any() and cache.lengths == [1, 0, BUCKET + 3]
+    assert cache.index.tolist() == [1, 0, BUCKET + 3]
+    assert cache.decode_mask[1, -1] == 1 and cache.valid[0, 0] == 1
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir, tiny_onnx):
+    return Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx, threads=2)
+
+
+# (question, temperature, top_p, seed, max_new_tokens): prompts of different lengths, greedy and sampled
+REQUESTS = [("What is in the picture?", 0.0, 1.0, 42, 9), ("Describe it.", 0.8, 0.9, 7, 12),
+            ("Is there a cat here, and what colour is it?", 0.0, 1.0, 1, 6), ("Count.", 1.0, 1.0, 42, 10)]
+
+
+def _solo(pipe: Pipeline, image, q, temperature, top_p, seed, n) -> list[int]:
+    return pipe.chat(image, q, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed).token_ids
+
+
+def _request(pipe: Pipeline, image, q, temperature, top_p, seed, n) -> ChatRequest:
+    return ChatRequest(pipe.processor.chat_inputs(image, q),
+                       SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=n), seed)
+
+
+@pytest.fixture(scope="module")
+def solo(pipe, test_image):
+    image = Image.open(test_image)
+    return [_solo(pipe, image, *r) for r in REQUESTS]
+
+
+def _batch(pipe: Pipeline, max_batch: int) -> ChatBatch:
+    return ChatBatch(pipe.engine.backend, pipe.cfg, pipe.processor.eos_id, max_batch)
+
+
+def _drain(batch: ChatBatch, rounds: int = 1000) -> None:
+    for _ in range(rounds):
+        if not batch.busy:
+            return
+        batch.step()
+
+
+def test_batched_answers_equal_solo(pipe, test_image, solo):
+    image = Image.open(test_image)
+    batch = _batch(pipe, 4)
+    reqs = [_request(pipe, image, *r) for r in REQUESTS]
+    for q in reqs:
+        batch.submit(q)
+    _drain(batch)
+    assert [q.tokens for q in reqs] == solo
+    assert [q.finish for q in reqs] == ["length"] * 4 and batch.cache.lengths == [0] * 4
+
+
+def test_joining_and_leaving_mid_way_change_nobody(pipe, test_image, solo):
+    """Two rows run; a third joins after 3 rounds, a fourth waits for a free row (max_batch 3); one row
+    is cancelled after its 4th token: the others' answers are their solo ones."""
+    image = Image.open(test_image)
+    batch = _batch(pipe, 3)
+    a, b, c, d = (_request(pipe, image, *r) for r in REQUESTS)
+    batch.submit(a)
+    batch.submit(b)
+    for _ in range(3):
+        batch.step()
+    batch.submit(c)
+    batch.submit(d)
+    while len(b.tokens) < 4:
+        batch.step()
+    batch.cancel(b)
+    assert b.finish == "cancelled" and b.tokens == solo[1][:4]
+    _drain(batch)
+    assert [a.tokens, c.tokens, d.tokens] == [solo[0], solo[2], solo[3]]
