@@ -35,7 +35,7 @@ from janusflow_trt.export.specs import build_specs, max_images
 from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig, load_config
 from janusflow_trt.janusflow_ref.generation import check_generation_args, initial_latents, prompt_ids
-from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, Processor, load_image
+from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT, ChatInputs, Processor, load_image
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.understanding import ChatResult, check_context
 from janusflow_trt.latents_io import check_finite_latents
@@ -116,7 +116,10 @@ class Pipeline:
         return cls(cfg, processor, engine, backend)
 
     # -- understanding ---------------------------------------------------------------------------
-    def _chat_request(self, image, question, max_new_tokens, temperature, top_p, seed, system_prompt):
+    def chat_request(self, image, question, max_new_tokens, temperature, top_p, seed, system_prompt
+                     ) -> tuple[ChatInputs, SamplingParams]:
+        """The arguments of chat / chat_stream checked and turned into the runtime's inputs (the
+        scheduler of janusflow_trt/batch.py takes the same)."""
         V.chat_args(max_new_tokens, temperature, top_p, seed)
         V.text("the question", question, self._special)
         V.text("system_prompt", system_prompt, self._special)
@@ -131,13 +134,11 @@ class Pipeline:
                     top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> Iterator[str]:
         """Text pieces as the answer is sampled; joined, they equal chat(...).text. Bad input raises
         before the first piece."""
-        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, seed, system_prompt)
+        inputs, params = self.chat_request(image, question, max_new_tokens, temperature, top_p, seed, system_prompt)
         return self._stream(inputs, params, seed)
 
     def _stream(self, inputs, params, seed) -> Iterator[str]:
-        tok = self.processor.tokenizer
-        detok = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True),
-                                   self.processor.clean_up_spaces)
+        detok = self.detokenizer()
         with self._exclusive():  # held across the yields: the stream owns the KV cache until it ends
             torch.manual_seed(seed)  # sampling draws from torch's global RNG, as the official demo
             for t in self.engine.chat_tokens(inputs, params):
@@ -148,10 +149,15 @@ class Pipeline:
         if rest:
             yield rest
 
+    def detokenizer(self) -> IncrementalDecoder:
+        """Answer ids -> text pieces, as chat_stream yields them."""
+        tok = self.processor.tokenizer
+        return IncrementalDecoder(lambda ids: tok.decode(ids, skip_special_tokens=True), self.processor.clean_up_spaces)
+
     def chat(self, image: ImageLike, question: str, *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 42, system_prompt: str = SYSTEM_PROMPT) -> ChatResult:
         """-> text, token_ids, prompt_tokens, timings (ttft_s, total_s, decode_ms_per_token)."""
-        inputs, params = self._chat_request(image, question, max_new_tokens, temperature, top_p, seed, system_prompt)
+        inputs, params = self.chat_request(image, question, max_new_tokens, temperature, top_p, seed, system_prompt)
         ids: list[int] = []
         with self._exclusive():
             t0 = time.perf_counter()  # a call that waited for the lock times its own work

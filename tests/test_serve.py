@@ -30,11 +30,10 @@ QUESTION = "What is in this image?"
 MAX_BODY = 2 * 2**20
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir, tiny_onnx):
-    """-> (base URL, app). The model loads before the port opens, as `janusflow serve` does."""
-    pipe = Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx)
-    app = create_app(pipe, Settings(model_name="tiny", api_key=KEY, max_body_bytes=MAX_BODY, request_timeout_s=60))
+def _serve(pipe: Pipeline, **settings):
+    """-> (base URL, app) of a server started in-process; stopped when the generator is closed."""
+    app = create_app(pipe, Settings(model_name="tiny", api_key=KEY, max_body_bytes=MAX_BODY, request_timeout_s=60,
+                                    **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held from here on (no race with another process)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
@@ -48,6 +47,12 @@ def server(tiny_dir, tiny_onnx):
     srv.should_exit = True
     thread.join(10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tiny_onnx):
+    """The model loads before the port opens, as `janusflow serve` does."""
+    yield from _serve(Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +129,47 @@ def test_concurrent_requests_each_equal_their_solo_run(client, image_url, ref, t
     for t in threads:
         t.join(60)
     assert got == want
+
+
+def test_batched_chats_each_equal_their_solo_run(tiny_dir, tiny_onnx, image_url, ref, test_image):
+    """--max-batch 4: six clients at once (greedy and seeded, plain and streamed, different questions and
+    limits, one with a stop string) decode as rows of one batch; each answer is its solo Pipeline.chat."""
+    image = Image.open(test_image)
+    asks = [(QUESTION, 0.0, 1.0, 42, 9, False), ("Describe it.", 0.9, 0.95, 1, 12, True),
+            ("Which colours?", 0.9, 0.95, 2, 7, False), ("Count.", 0.0, 1.0, 42, 10, True),
+            (QUESTION, 0.9, 0.95, 3, 8, False), ("And?", 1.0, 1.0, 4, 5, True)]
+    want = [ref.chat(image, q, max_new_tokens=n, temperature=t, top_p=p, seed=s) for q, t, p, s, n, _ in asks]
+    full = want[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    got: dict[int, tuple] = {}
+
+    def ask(client: OpenAI, i: int) -> None:
+        q, t, p, s, n, stream = asks[i]
+        r = client.chat.completions.create(model="tiny", messages=user(image_url, q), max_tokens=n, temperature=t,
+                                           top_p=p, seed=s, stream=stream, stop=[stop] if i == 0 else None)
+        if stream:
+            r = list(r)
+            got[i] = ("".join(c.choices[0].delta.content or "" for c in r if c.choices), r[-1].choices[0].finish_reason)
+        else:
+            got[i] = (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens)
+
+    pipe = Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx)
+    gen = _serve(pipe, max_batch=4)
+    url, _ = next(gen)
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key=KEY, timeout=60, max_retries=0)
+        threads = [threading.Thread(target=ask, args=(client, i)) for i in range(len(asks))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+    finally:
+        gen.close()
+    expect = {i: (w.text, "length") if asks[i][5] else (w.text, "length", len(w.token_ids))
+              for i, w in enumerate(want)}
+    expect[0] = (full[:full.find(stop)], "stop", got.get(0, (0, 0, -1))[2])
+    assert got == expect
 
 
 def test_stop_string_ends_the_answer(client, image_url, ref, test_image):

@@ -23,7 +23,7 @@ from janusflow_trt.api import Pipeline
 from janusflow_trt.errors import JanusFlowError
 from janusflow_trt.export.specs import build_specs, max_images
 
-from .chat import Reply, chat_call, chat_work
+from .chat import Reply, batched_chat, chat_call, chat_work
 from .engine import EngineLoop, Job
 from .images import image_call, image_work, images_response, png_b64
 from .metrics import Metrics
@@ -40,6 +40,7 @@ class Settings:
     max_queue: int = 64
     max_body_bytes: int = 32 * 2**20  # a base64 image of a few tens of megapixels
     request_timeout_s: float = 600.0
+    max_batch: int = 1  # chat answers decoded together (engine.py); 1: one job at a time
 
 
 def error_response(e: ServeError) -> JSONResponse:
@@ -74,7 +75,7 @@ class Observe:
 def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
     """pipe: loaded once, before the app serves (the engine thread owns it from here on)."""
     metrics = Metrics()
-    engine = EngineLoop(pipe, settings.max_queue, metrics)
+    engine = EngineLoop(pipe, settings.max_queue, metrics, settings.max_batch)
     limit_images = max_images(build_specs(pipe.cfg))
 
     @asynccontextmanager
@@ -138,8 +139,9 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
             raise ServeError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
                              param="model", code="model_not_found")
 
-    def job(endpoint: str, work) -> Job:
-        j = Job(endpoint, work, asyncio.get_running_loop(), time.monotonic() + settings.request_timeout_s)
+    def job(endpoint: str, work, batched=None) -> Job:
+        j = Job(endpoint, work, asyncio.get_running_loop(), time.monotonic() + settings.request_timeout_s,
+                batched=batched)
         engine.submit(j)
         return j
 
@@ -150,7 +152,7 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
         req = parse(ChatCompletionRequest, await body(request))
         check_model(req.model)
         call = await run_in_threadpool(chat_call, req)  # decodes the image off the event loop
-        j = job("chat", chat_work(call))
+        j = job("chat", chat_work(call), batched_chat(call))
         first = await j.next()  # errors before the first piece (bad input) are plain 4xx responses
         reply = Reply(settings.model_name, metrics, t0)
         if not req.stream:

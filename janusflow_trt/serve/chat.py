@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from janusflow_trt.api import Pipeline
+from janusflow_trt.batch import ChatRequest
 from janusflow_trt.janusflow_ref.processor import SYSTEM_PROMPT
 
 from .engine import Job, TokenTap
@@ -142,6 +143,45 @@ def chat_work(call: ChatCall):
         job.post("done", (usage, "stop" if hit or eos else "length"))
 
     return work
+
+
+class BatchedChat:
+    """A chat job run by the engine's scheduler (--max-batch > 1): its ChatRequest, and chat_work's
+    detokenisation, stop strings and events for the tokens the scheduler hands it."""
+
+    def __init__(self, pipe: Pipeline, call: ChatCall, job: Job):
+        inputs, params = pipe.chat_request(call.image, call.question, max_tokens(pipe, call), call.temperature,
+                                           call.top_p, call.seed, call.system_prompt)
+        self.req, self.job, self.eos_id = ChatRequest(inputs, params, call.seed), job, pipe.processor.eos_id
+        self.detok, self.stop = pipe.detokenizer(), StopMatcher(call.stops)
+
+    def _feed(self, piece: str) -> bool:
+        text, hit = self.stop.feed(piece)
+        if text:
+            self.job.post("delta", text)
+        return hit
+
+    def token(self, tok: int) -> bool:
+        """Posts the text the token completes; True when a stop string ended the answer."""
+        return self._feed(self.detok.put(tok))
+
+    def done(self, hit: bool) -> None:
+        """The answer's rest, then ("done", usage, finish), as chat_work posts them."""
+        if not hit:
+            hit = self._feed(self.detok.end())
+            if not hit and (rest := self.stop.flush()):
+                self.job.post("delta", rest)
+        ids, prompt = self.req.tokens, int(self.req.inputs.input_ids.shape[1])
+        eos = bool(ids) and ids[-1] == self.eos_id
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
+        self.job.post("done", (usage, "stop" if hit or eos else "length"))
+
+
+def batched_chat(call: ChatCall):
+    def start(pipe: Pipeline, job: Job) -> BatchedChat:
+        return BatchedChat(pipe, call, job)
+
+    return start
 
 
 class Reply:

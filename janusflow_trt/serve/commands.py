@@ -19,8 +19,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=threads, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_range(0, 65535), default=8000)
-    p.add_argument("--max-batch", type=int_range(1, 1), default=1,
-                   help="requests run together per step; this version runs one at a time (1)")
+    p.add_argument("--max-batch", type=int_range(1, 1024), default=1,
+                   help="chat answers decoded together, up to the llm graph's batch limit (1: one request "
+                        "at a time); images run one request at a time")
     p.add_argument("--max-queue", type=int_range(1, 100_000), default=64,
                    help="requests waiting beyond it are refused with 429 and Retry-After")
     p.add_argument("--request-timeout", type=finite(float), default=600.0, help="seconds per request")
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     precision=args.precision, threads=args.threads)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(pipe, Settings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                    request_timeout_s=args.request_timeout))
+                                    request_timeout_s=args.request_timeout, max_batch=args.max_batch))
     print(f"serving {name} ({args.backend}, {args.precision}) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
