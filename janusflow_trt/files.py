@@ -209,7 +209,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_all(items: Sequence[tuple[str | Path, Callable[[str], None]]], what: str | None = None) -> list[Path]:
+def write_all(items: Sequence[tuple[str | Path, Callable[[str], object]]], what: str | None = None) -> list[Path]:
     """Each write(tmp) goes to a temp file beside its path; only when all succeeded are they renamed
     into place, as one unit (a journal commits a set of several). A failure leaves the old files and no
     temporary; an OSError (a full disk) becomes one JanusFlowError line naming the file."""
@@ -292,7 +292,7 @@ def recover_files(dirs: Iterable[Path]) -> None:
             p.unlink()
 
 
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     """write(tmp) to a temp file beside `path`, then rename: no half-written file is ever left."""
     return write_all([(path, write)])[0]
 
@@ -319,7 +319,7 @@ def check_output_dir(out: str | Path, flag: str, force: bool, names: Sequence[st
     return out
 
 
-def write_into(out: str | Path, items: Sequence[tuple[str, Callable[[str], None]]]) -> list[Path]:
+def write_into(out: str | Path, items: Sequence[tuple[str, Callable[[str], object]]]) -> list[Path]:
     """write_all of OUT/name for each (name, write), creating OUT (and parents) first; the directories
     created here are removed again if a write fails."""
     out = Path(out)
