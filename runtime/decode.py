@@ -44,6 +44,7 @@ class DecodeRows:
         # per row: its SamplingParams and generator (None: the device's default RNG), None when free
         self.samplers: list[tuple[SamplingParams, torch.Generator | None] | None] = [None] * n
         self.logits = torch.zeros((n, 0))  # [B, V] after a step: a backend buffer, valid until the next one
+        self.free_id = torch.zeros((1,), dtype=torch.int64, device=dev)  # what a free row "samples"
         self.runner = StepRunner(backend, self._step)
 
     def start(self, r: int, logits: torch.Tensor, params: SamplingParams,
@@ -66,8 +67,9 @@ class DecodeRows:
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> ids [B, 1]: each live row by its own sampler, free rows 0."""
-        free = torch.zeros((1,), dtype=torch.int64, device=logits.device)
-        return torch.cat([free if s is None else sample_on_device(logits[r:r + 1], *s)
+        if len(self.samplers) == 1 and self.samplers[0] is not None:  # one request: no per-row split
+            return sample_on_device(logits, *self.samplers[0]).view(1, 1)
+        return torch.cat([self.free_id if s is None else sample_on_device(logits[r:r + 1], *s)
                           for r, s in enumerate(self.samplers)]).view(-1, 1)
 
     def _step(self) -> None:
