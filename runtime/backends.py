@@ -87,6 +87,11 @@ class SeamWrapper:
         return self.inner.graph_file(graph)
 
 
+def spec_kv_dtype(specs: dict[str, GraphSpec]) -> torch.dtype:
+    """The LLM graph's K/V dtype at a precision variant of the specs (FP16 for fp16 graphs)."""
+    return getattr(torch, next(t.dtype for t in specs["llm"].inputs if t.name.startswith("past_")))
+
+
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
@@ -127,7 +132,7 @@ class OrtBackend:
         self.manifest = read_manifest_at(artifacts, cfg, [precision])
         self.precision = Precision(precision)
         self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}  # I/O dtypes
-        self.kv_dtype = getattr(torch, next(t.dtype for t in self.specs["llm"].inputs if t.name.startswith("past_")))
+        self.kv_dtype = spec_kv_dtype(self.specs)
         # a view the export lacks (older export): its parent runs, and only the view's outputs are returned
         self.view_parent = {v: p for v, (p, _) in VIEWS.items() if not has_view(self.manifest, v, precision)}
         self.cfg = cfg

@@ -28,6 +28,8 @@ from janusflow_trt.export.trt_plan import engine_profiles
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.precision import Precision
 
+from .backends import spec_kv_dtype
+
 
 def export_sources(m: dict[str, Any]) -> dict[str, str] | None:
     """graph -> sha256 of the source ONNX the export directory holds now; None if that directory is gone
@@ -64,7 +66,7 @@ class TrtBackend:
         m = read_engine_manifest(self.dir)
         self.precision = Precision(precision)
         self.specs = {n: precision_variant(s, precision) for n, s in build_specs(cfg).items()}
-        self.kv_dtype = getattr(torch, next(t.dtype for t in self.specs["llm"].inputs if t.name.startswith("past_")))
+        self.kv_dtype = spec_kv_dtype(self.specs)
         graphs = list(m["engines"])
         wanted = {g: engine_profiles(self.specs, g) for g in graphs}
         check_engine_manifest(m, target_here(str(trt.__version__)), cfg.sha256, precision, wanted,
