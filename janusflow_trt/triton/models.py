@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import janusflow_trt
 from janusflow_trt.api import Pipeline
 from janusflow_trt.engines import RuntimeEngine
 from janusflow_trt.errors import InputError, JanusFlowError
@@ -67,7 +68,10 @@ class BlsBackend:
 
 
 def load_pipeline(pb: Any, args: dict[str, str]) -> Pipeline:
-    """The Pipeline of a loop model: its checkpoint copy, the repository's precision, BLS for every graph."""
+    """The Pipeline of a loop model: its checkpoint copy, the repository's precision, BLS for every graph.
+    Logs the versions the stub's Python runs (numpy < 2 with the bundled server)."""
+    pb.Logger.log_info(f"{args['model_name']}: janusflow_trt {janusflow_trt.__version__} from "
+                       f"{Path(janusflow_trt.__file__).parent}, numpy {np.__version__}, torch {torch.__version__}")
     config = json.loads(args["model_config"])
     ckpt = Path(args["model_repository"]) / args["model_version"] / CHECKPOINT
     cfg, processor = load_config(ckpt), Processor(ckpt)

@@ -127,7 +127,7 @@ def server_command(env: Env, repo: str | Path, http_port: int, grpc_port: int, m
     argv = [str(env.tritonserver), "--model-repository", str(Path(repo).absolute()),
             "--backend-directory", str(env.backends), "--http-address", host, "--http-port", str(http_port),
             "--grpc-address", host, "--grpc-port", str(grpc_port), "--metrics-address", host,
-            "--metrics-port", str(metrics_port), "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10"]
+            "--metrics-port", str(metrics_port), "--allow-gpu-metrics", "false", "--exit-timeout-secs", "5"]
     environ = dict(os.environ)
     environ["PATH"] = f"{env.root / 'bin'}{os.pathsep}{environ.get('PATH', '')}"
     libs = [str(env.site / "nvidia_pytriton.libs"), str(libpython().parent)]
