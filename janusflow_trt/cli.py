@@ -56,7 +56,7 @@ def cmd_make_tiny(args) -> int:
 def _check_precision(args) -> None:
     """The backend / precision / artifacts combination, before anything is loaded (the API's own check)."""
     if args.model is None:
-        raise InputError(f"{args.command}: --model is required (or --triton URL)")
+        raise InputError("--model is required (or --triton URL)")
     check_request(args.backend, args.precision, args.artifacts)
 
 

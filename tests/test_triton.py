@@ -139,6 +139,44 @@ def test_bad_input_is_refused_and_writes_nothing(tiny_dir, tiny_onnx, tmp_path, 
     assert json.loads((ours / MARKER).read_text())["backend"] == "python-ort"
 
 
+def test_trt_configs_declare_the_engines_io(onnx_repo, tiny_dir, tiny_onnx, tmp_path, capfd):
+    """--backend trt over an engines.json as `janusflow build` writes it (the plan files here are stand-ins:
+    no TensorRT on this machine; what is checked is the repository's layout and configs, not the engines)."""
+    cfg = load_config(tiny_dir)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    for g in GRAPH_MODELS:
+        (engines / f"{g}.plan").write_bytes(b"not an engine")
+    manifest = {"format_version": 1, "precision": "fp16", "config_sha256": cfg.sha256,
+                "engines": {g: {"file": f"{g}.plan"} for g in GRAPH_MODELS}}
+    (engines / "engines.json").write_text(json.dumps(manifest))
+    assert_refused(["triton-repo", "--model", tiny_dir, "--artifacts", engines, "--out", tmp_path / "r",
+                    "--backend", "trt"], capfd, [tmp_path], "are fp16, not fp32")
+    trt = write_repo(tiny_dir, engines, tmp_path / "trt_repo", "trt", "fp16", 1)
+    for g in GRAPH_MODELS:
+        a, b = config(onnx_repo / f"janusflow_{g}"), config(trt / f"janusflow_{g}")
+        assert b.platform == "tensorrt_plan" and (trt / f"janusflow_{g}" / "1" / "model.plan").is_file()
+        # fp16 engines carry the KV cache in FP16, everything else as the fp32 graphs
+        for x, y in zip(list(a.input) + list(a.output), list(b.input) + list(b.output), strict=True):
+            assert (x.name, list(x.dims)) == (y.name, list(y.dims))
+            kv = x.name.startswith(("past_key_values.", "present."))
+            assert model_config_pb2.DataType.Name(y.data_type) == ("TYPE_FP16" if kv else
+                                                                   model_config_pb2.DataType.Name(x.data_type))
+
+
+def test_client_errors_are_one_line(tmp_path, test_image, capfd):
+    (port,) = free_ports(1)
+    for url in (f"grpc://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
+        assert_refused(["chat", "--triton", url, "--image", test_image, "--question", QUESTION], capfd, [tmp_path],
+                       "cannot reach")
+        assert_refused(["generate", "--triton", url, "--prompt", PROMPT, "--out", tmp_path / "x.png"], capfd,
+                       [tmp_path], "cannot reach")
+    assert_refused(["chat", "--triton", "127.0.0.1:8001", "--image", test_image, "--question", QUESTION], capfd,
+                   [tmp_path], "expected grpc://HOST:PORT")
+    assert_refused(["chat", "--image", test_image, "--question", QUESTION], capfd, [tmp_path],
+                   "--model is required")
+
+
 # -- the bundled server, for real ----------------------------------------------------------------------------
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]

@@ -76,6 +76,17 @@ def _one_line(e: InferenceServerException) -> JanusFlowError:
     return JanusFlowError(f"triton: {msg[0] if msg else type(e).__name__}")
 
 
+def _check_live(c: Any, url: str) -> None:
+    try:
+        live = c.is_server_live()
+    except InferenceServerException as e:
+        raise JanusFlowError(f"triton: cannot reach {url}: {(e.message() or str(e)).splitlines()[0]}") from None
+    except OSError as e:  # the HTTP client's socket errors (a refused connection)
+        raise JanusFlowError(f"triton: cannot reach {url}: {e.strerror or e}") from None
+    if not live:
+        raise JanusFlowError(f"triton: the server at {url} is not live")
+
+
 def _piece(result: Any) -> tuple[list[int], str]:
     return ([int(i) for i in result.as_numpy("token_ids").reshape(-1)],
             result.as_numpy("text").reshape(-1)[0].decode("utf-8"))
@@ -92,6 +103,7 @@ def chat_stream(url: str, image: bytes, question: str, max_new_tokens: int = 512
             return
         got: queue.Queue = queue.Queue()
         c = _client(t)
+        _check_live(c, url)  # else a refused connection surfaces only as "the stream is no longer valid"
         c.start_stream(callback=lambda result, error: got.put((result, error)))
         try:
             c.async_stream_infer(CHAT, inputs, enable_empty_final_response=True)
@@ -128,6 +140,8 @@ def _sse_chat(t: Target, image: bytes, question: str, max_new_tokens: int, tempe
                     raise JanusFlowError(f"triton: {str(event['error']).splitlines()[0]}")
                 ids = event.get("token_ids", [])
                 yield [int(i) for i in (ids if isinstance(ids, list) else [ids])], str(event.get("text", ""))
+    except httpx.ConnectError as e:
+        raise JanusFlowError(f"triton: cannot reach http://{t.address}: {e}") from None
     except httpx.HTTPError as e:
         raise JanusFlowError(f"triton: {url}: {e}") from None
 
@@ -146,6 +160,7 @@ def generate(url: str, prompt: str, num_images: int = 1, steps: int = 30, cfg_we
     try:
         c = _client(t)
         try:
+            _check_live(c, url)
             r = c.infer(T2I, inputs)
         finally:
             c.close()
