@@ -37,7 +37,8 @@ from janusflow_trt.errors import JanusFlowError
 from janusflow_trt.export.specs import build_specs, compare
 from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.triton import client
-from janusflow_trt.triton.repo import MARKER, write_repo
+from janusflow_trt.triton.marker import MARKER
+from janusflow_trt.triton.repo import write_repo
 from janusflow_trt.triton.server import build_env, unsupported
 
 ROOT = Path(__file__).resolve().parents[1]

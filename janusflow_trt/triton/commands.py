@@ -64,7 +64,7 @@ def cmd_triton_env(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_server(args: argparse.Namespace) -> int:
-    from .repo import repo_variant
+    from .marker import repo_variant
     from .server import Env, server_command
 
     variant = repo_variant(Path(args.repo))

@@ -28,10 +28,10 @@ from janusflow_trt.runtime.backends import read_manifest_at
 
 from . import VARIANTS
 from .configs import graph_config, model_name, python_config
+from .marker import MARKER, is_repo
 from .models import CHECKPOINT
 from .readme import repo_readme
 
-MARKER = "janusflow_triton.json"
 # what the loop models read of the checkpoint (no weights: every graph is among the artifacts)
 CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "processor_config.json", "preprocessor_config.json")
@@ -45,21 +45,6 @@ from janusflow_trt.triton.{module} import {cls}
 class TritonPythonModel({cls}):
     pb = pb_utils
 '''
-
-
-def is_repo(d: Path) -> bool:
-    """A repository this command wrote (its marker names our version)."""
-    try:
-        return "janusflow_trt_version" in json.loads((d / MARKER).read_text())
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def repo_variant(d: Path) -> str:
-    """The variant of a repository this command wrote; refuses anything else in one line."""
-    if not is_repo(d):
-        raise InputError(f"{d} is not a Triton repository written by janusflow triton-repo")
-    return str(json.loads((d / MARKER).read_text()).get("backend"))
 
 
 def graph_files(cfg: JanusFlowConfig, artifacts: Path, variant: str, precision: str
