@@ -275,6 +275,18 @@ def test_chat_tokens_equal_the_cli_over_http_and_grpc(server, cli_chat, test_ima
         assert triton_chat(url, test_image) == (want["token_ids"], want["text"]), url
 
 
+def test_sampled_chat_with_a_seed_equals_the_cli(server, tiny_dir, tiny_onnx, test_image, capsys):
+    """temperature > 0: the chat model seeds torch's RNG in its own process as Pipeline.chat does."""
+    http, grpc, *_ = server
+    want = cli_json(capsys, ["chat", "--json", "--model", tiny_dir, "--backend", "ort", "--artifacts", tiny_onnx,
+                             "--image", test_image, "--question", QUESTION, "--max-new-tokens", 10,
+                             "--temperature", 1.5, "--top-p", 0.9, "--seed", 7])
+    for url in (grpc, http):
+        ids = [i for piece, _ in client.chat_stream(url, test_image.read_bytes(), QUESTION, max_new_tokens=10,
+                                                    temperature=1.5, top_p=0.9, seed=7) for i in piece]
+        assert ids == want["token_ids"], url
+
+
 def test_chat_cli_with_triton_flag(server, cli_chat, test_image, capsys):
     got = cli_json(capsys, ["chat", "--json", "--triton", server[1], "--image", test_image, "--question", QUESTION,
                             "--max-new-tokens", 12])

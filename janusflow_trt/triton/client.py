@@ -103,21 +103,23 @@ def chat_stream(url: str, image: bytes, question: str, max_new_tokens: int = 512
             return
         got: queue.Queue = queue.Queue()
         c = _client(t)
-        _check_live(c, url)  # else a refused connection surfaces only as "the stream is no longer valid"
-        c.start_stream(callback=lambda result, error: got.put((result, error)))
         try:
-            c.async_stream_infer(CHAT, inputs, enable_empty_final_response=True)
-            while True:
-                result, error = got.get(timeout=timeout_s)
-                if error is not None:
-                    raise error
-                final = result.get_response().parameters["triton_final_response"].bool_param
-                if result.get_response().outputs:
-                    yield _piece(result)
-                if final:
-                    return
+            _check_live(c, url)  # else a refused connection surfaces only as "the stream is no longer valid"
+            c.start_stream(callback=lambda result, error: got.put((result, error)))
+            try:
+                c.async_stream_infer(CHAT, inputs, enable_empty_final_response=True)
+                while True:
+                    result, error = got.get(timeout=timeout_s)
+                    if error is not None:
+                        raise error
+                    final = result.get_response().parameters["triton_final_response"].bool_param
+                    if result.get_response().outputs:
+                        yield _piece(result)
+                    if final:
+                        return
+            finally:
+                c.stop_stream()
         finally:
-            c.stop_stream()
             c.close()
     except InferenceServerException as e:
         raise _one_line(e) from None
