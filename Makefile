@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo_out
 TRT_STUBS := 10.13.0.35.1
 
-.PHONY: demo test lint typecheck bench gpu-check mutation clean
+.PHONY: demo test lint typecheck bench gpu-check mutation clean triton-env
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,10 +53,15 @@ gpu-check: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/janusflow bench --size small --out bench_out
 
+# the bundled Triton server's environment (docs/triton.md): a venv with numpy<2 and nvidia-pytriton over this
+# venv's packages; tests/test_triton.py makes it too when it is missing
+triton-env: $(VENV)/.installed
+	$(VENV)/bin/janusflow triton-env --env .venv-triton
+
 # plants one-line numerics bugs in a temporary copy and runs the suite on each (slow; not in CI)
 mutation: $(VENV)/.installed
 	mkdir -p mutation_out
 	$(PY) tools/mutants.py --baseline --json mutation_out/mutation.json
 
 clean:
-	rm -rf $(VENV) $(OUT) bench_out mutation_out
+	rm -rf $(VENV) $(OUT) bench_out mutation_out .venv-triton

@@ -29,7 +29,10 @@ _finite, _seed = finite, seed  # names the subcommand modules used before argtyp
 
 
 def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (official JanusFlow layout)")
+    p.add_argument("--model", default=None, help="checkpoint directory (official JanusFlow layout); required "
+                   "unless --triton")
+    p.add_argument("--triton", default=None, metavar="URL", help="ask a Triton server instead (grpc://HOST:PORT or "
+                   "http://HOST:PORT; a repository from `janusflow triton-repo`): docs/triton.md")
     if vae:
         p.add_argument("--vae", default=None, help="SDXL-VAE directory in diffusers layout (default MODEL/vae)")
     p.add_argument("--backend", choices=tuple(BACKENDS), default="torch",
@@ -52,6 +55,8 @@ def cmd_make_tiny(args) -> int:
 
 def _check_precision(args) -> None:
     """The backend / precision / artifacts combination, before anything is loaded (the API's own check)."""
+    if args.model is None:
+        raise InputError("--model is required (or --triton URL)")
     check_request(args.backend, args.precision, args.artifacts)
 
 
@@ -60,6 +65,10 @@ def cmd_chat(args) -> int:
     from janusflow_trt.janusflow_ref.processor import load_image
     from janusflow_trt.janusflow_ref.sampling import SamplingParams
 
+    if args.triton:
+        from janusflow_trt.triton.commands import client
+
+        return client("chat")(args)
     _check_precision(args)
     SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)  # fail fast
     image = load_image(args.image)
@@ -100,9 +109,14 @@ def cmd_generate(args) -> int:
     from janusflow_trt.images import output_paths, save_images
     from janusflow_trt.latents_io import load_latents, npy_writer
 
-    _check_precision(args)
+    if not args.triton:
+        _check_precision(args)
     check_generate_outputs(args.out, args.num_images, args.save_latents, args.force)
     init = load_latents(args.init_latents) if args.init_latents else None
+    if args.triton:  # the run on a Triton server (a repository from `janusflow triton-repo`)
+        from janusflow_trt.triton.commands import client
+
+        return client("generate")(args, init)
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, backend=args.backend, artifacts=args.artifacts, vae=args.vae,
                                     threads=args.threads, precision=args.precision)
@@ -173,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     from janusflow_trt.benchmarks import commands as bench_commands
     from janusflow_trt.runtime import gpu_check
     from janusflow_trt.serve import commands as serve_commands
+    from janusflow_trt.triton import commands as triton_commands
 
-    for module in (export_commands, bench_commands, gpu_check, serve_commands):
+    for module in (export_commands, bench_commands, gpu_check, serve_commands, triton_commands):
         module.register(sub)
     return parser
 

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("janusflow_trt.api", "janusflow_trt.engines", "janusflow_trt.quality", "janusflow_trt.batch",
      "janusflow_trt.recording", "janusflow_trt.tiny", "janusflow_trt.tokenizer_factory",
      "janusflow_trt.export_job", "janusflow_trt.export_commands"),  # 5 api: runs pipelines, orchestrates
-    ("janusflow_trt.serve",),  # 6 the HTTP server over the api; imported by nothing but the CLI
+    ("janusflow_trt.serve", "janusflow_trt.triton"),  # 6 the HTTP server; the Triton repository, its models and
+    # client (uses the api and runtime); imported by nothing but the CLI
     ("janusflow_trt.benchmarks",),  # 7 never imported by the above
     ("janusflow_trt.cli",),  # 8 the entry point: registers every layer's subcommands, imported by nothing
 ]
@@ -54,6 +55,8 @@ LAZY_MODULES = {
                                          "loads the model stack only when it runs",
     "janusflow_trt.serve.commands": "registered by the CLI on every call: the web stack (FastAPI, uvicorn) and "
                                     "the model load only when `serve` runs",
+    "janusflow_trt.triton.commands": "registered by the CLI on every call: the repository writer, the model "
+                                     "stack and the server's environment load only when a triton command runs",
     "janusflow_trt.runtime.gpu_check": "registered by the CLI on every call: CUDA checks load only when it runs",
     "janusflow_trt.runtime.factory": "a torch backend's module loads the model code (transformers' modeling, "
                                      "diffusers), torch-cuda CUDA, trt TensorRT: only the one asked for",
