@@ -34,6 +34,7 @@ class ChatRequest:
     inputs: ChatInputs  # Processor.chat_inputs, checked against the context by the caller
     params: SamplingParams
     seed: int
+    ignore_eos: bool = False  # EOS is sampled and kept as any token: the answer ends at its limit
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     error: InputError | None = None
@@ -97,7 +98,7 @@ class ChatBatch:
             req.error, req.finish, tok = e, "error", None
         if tok is not None:
             req.tokens.append(tok)
-            if tok == self.eos_id:
+            if tok == self.eos_id and not req.ignore_eos:
                 req.finish = "stop"
             elif len(req.tokens) == req.params.max_new_tokens:
                 req.finish = "length"
