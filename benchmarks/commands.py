@@ -183,8 +183,8 @@ def cmd_bench_serve(args) -> int:
             with sl.started_server(model, artifacts, args.max_batch, work / "server.log", args.threads) as (url, p):
                 res = asyncio.run(sl.run_plan(url, plan, p))
             server = f"`janusflow serve --backend ort --max-batch {args.max_batch}` started by the command"
-    res["meta"] = {"command": shlex.join(["janusflow", "bench-serve", *sys.argv[2:]]) if sys.argv[1:2] == ["bench-serve"]
-                   else "janusflow bench-serve", "model_desc": desc, "server": server,
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench-serve"] else []  # as typed, when run from the shell
+    res["meta"] = {"command": shlex.join(["janusflow", "bench-serve", *argv]), "model_desc": desc, "server": server,
                    "machine": sl.machine(), "versions": {"openai": sl.openai.__version__},
                    "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "image_ms": slo.image_ms},
                    "max_tokens": args.max_tokens, "image_steps": args.image_steps, "image_every": args.image_every,

@@ -6,10 +6,12 @@ It starts the server itself (`janusflow serve` as a subprocess on a free 127.0.0
 each sends its next request when its last one ended) or an open loop at a Poisson request rate, bounded by
 a request count AND a time; warm-up requests run first and are not counted.
 
-Per request: TTFT (request sent -> first content chunk), ITL (gaps between content chunks, pooled),
-TPOT ((E2E - TTFT) / (output tokens - 1)), E2E latency; per run: output tokens/s, requests/s,
-images/min (all over the run's wall time), goodput (requests/s that met the SLO) and the server's time to
-first Euler step (its /metrics histogram, scraped before and after the run).
+Per request: TTFT (request sent -> the first token's chunk), ITL (gaps between token chunks, pooled, as
+vLLM's ITL; the server streams one chunk per token, "" where a token completes no text yet), TPOT
+((E2E - TTFT) / (output tokens - 1): vLLM's TPOT, AIPerf's "inter token latency"), E2E latency; per
+run: output tokens/s, requests/s, images/min (all over the run's wall time), goodput (requests/s that
+met the SLO) and the server's time to first Euler step (its /metrics histogram, scraped before and
+after the run).
 
 Chat answers have a fixed length: each request sends `max_tokens` and the server's `ignore_eos`
 extension (as vLLM's), so a random-weight model's early end-of-sentence token does not shorten them; a
@@ -147,11 +149,11 @@ async def chat_once(client: AsyncOpenAI, model: str, image_url: str, max_tokens:
         async for chunk in stream:
             now = time.perf_counter() - t0
             if chunk.choices:
-                piece = chunk.choices[0].delta.content
-                if piece:
+                delta = chunk.choices[0].delta
+                if delta.content is not None and delta.role is None:  # a token's chunk (not the role chunk)
                     s.ttft = now if s.ttft is None else s.ttft
                     s.chunks.append(now)
-                    text.append(piece)
+                    text.append(delta.content)
                 finish = chunk.choices[0].finish_reason or finish
             if chunk.usage is not None:
                 s.output_tokens = chunk.usage.completion_tokens

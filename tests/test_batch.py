@@ -128,3 +128,23 @@ def test_joining_and_leaving_mid_way_change_nobody(pipe, test_image, solo):
     assert b.finish == "cancelled" and b.tokens == solo[1][:4]
     _drain(batch)
     assert [a.tokens, c.tokens, d.tokens] == [solo[0], solo[2], solo[3]]
+
+
+def test_ignore_eos_answers_run_to_their_limit(pipe, test_image):
+    """ignore_eos (the server's fixed-length load-test extension): the end-of-sentence token is kept as any
+    token and the answer runs to max_new_tokens; up to that EOS it is the ordinary answer."""
+    image = Image.open(test_image)
+    q = "What is in this image?"
+    plain = _solo(pipe, image, q, 0.0, 1.0, 42, 3000)
+    eos = pipe.processor.eos_id
+    assert plain[-1] == eos and len(plain) < 3000  # this tiny model ends its answer early (353 tokens)
+    n = len(plain) + 20
+    batch = _batch(pipe, 2)
+    req = _request(pipe, image, q, 0.0, 1.0, 42, n)
+    req.ignore_eos = True
+    stops = _request(pipe, image, q, 0.0, 1.0, 42, n)  # beside it, without: ends at EOS as before
+    batch.submit(req)
+    batch.submit(stops)
+    _drain(batch)
+    assert req.finish == "length" and len(req.tokens) == n and req.tokens[:len(plain)] == plain
+    assert stops.finish == "stop" and stops.tokens == plain

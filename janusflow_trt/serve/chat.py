@@ -1,5 +1,7 @@
-"""POST /v1/chat/completions: an OpenAI chat request -> one Pipeline.chat_stream call on the engine
-thread -> a chat.completion, or server-sent chat.completion.chunk events.
+"""POST /v1/chat/completions: an OpenAI chat request -> a row of the engine's chat scheduler (on the
+`torch` reference backend: one Pipeline.chat_stream call) -> a chat.completion, or server-sent
+chat.completion.chunk events (on the runtime backends one per sampled token, its content "" when the
+token completes no text yet).
 
 JanusFlow's chat is one image and one question under a system prompt (Processor.chat_inputs), so a
 request holds system / developer messages (joined into the system prompt; the model's default when
@@ -160,15 +162,17 @@ class BatchedChat:
         self.job = job
         self.detok, self.stop = pipe.detokenizer(), StopMatcher(call.stops)
 
-    def _feed(self, piece: str) -> bool:
+    def _feed(self, piece: str, always: bool = False) -> bool:
         text, hit = self.stop.feed(piece)
-        if text:
+        if text or always:
             self.job.post("delta", text)
         return hit
 
     def token(self, tok: int) -> bool:
-        """Posts the text the token completes; True when a stop string ended the answer."""
-        return self._feed(self.detok.put(tok))
+        """Posts the text the token completes, "" when it completes none (a character or a stop string
+        still open, a special token): one event per token, so a stream's chunks time the tokens. True
+        when a stop string ended the answer."""
+        return self._feed(self.detok.put(tok), always=True)
 
     def done(self, hit: bool) -> None:
         """The answer's rest, then ("done", usage, finish), as chat_work posts them."""
@@ -195,8 +199,8 @@ class Reply:
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.metrics, self.t0, self.first = metrics, t0, True
 
-    def _seen(self, text: str) -> None:
-        if self.first and text:
+    def _seen(self, text: str) -> None:  # the first token's event ("" when it shows no text yet)
+        if self.first:
             self.first = False
             self.metrics.ttft.observe(time.perf_counter() - self.t0)
 
