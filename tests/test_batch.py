@@ -148,3 +148,30 @@ def test_ignore_eos_answers_run_to_their_limit(pipe, test_image):
     _drain(batch)
     assert req.finish == "length" and len(req.tokens) == n and req.tokens[:len(plain)] == plain
     assert stops.finish == "stop" and stops.tokens == plain
+
+
+def test_chunked_prefill_does_not_stall_running_rows(pipe, test_image, solo):
+    """A request joins while another decodes: every round still gives the running row its token, the
+    joining prompt goes in `prefill_chunk` tokens per round (after a round of its own for SigLIP), and
+    both answers are their solo ones."""
+    image = Image.open(test_image)
+    chunk = 16
+    batch = ChatBatch(pipe.engine.backend, pipe.cfg, pipe.processor.eos_id, 2, prefill_chunk=chunk)
+    long = (*REQUESTS[0][:4], 80)
+    want_a = _solo(pipe, image, *long)
+    a, b = _request(pipe, image, *long), _request(pipe, image, *REQUESTS[2])
+    a.ignore_eos = True  # a decodes all through b's prefill
+    batch.submit(a)
+    assert batch.step() == [(a, want_a[0])]  # alone: the whole prompt in one round, its first token
+    batch.submit(b)
+    prompt = b.inputs.input_ids.shape[1]
+    rounds = 1 + -(-prompt // chunk)  # SigLIP round + chunks; b's first token comes in its last one
+    seen = []
+    for i in range(rounds):
+        events = batch.step()
+        assert [q for q, _ in events if q is a] == [a], i  # a got its token this round
+        assert batch.joining is not None and batch.joining.done == min(i * chunk, prompt) or i == rounds - 1, i
+        seen += [q for q, _ in events if q is b]
+    assert seen == [b] and b.tokens == [solo[2][0]] and len(a.tokens) == 1 + rounds
+    _drain(batch)
+    assert a.tokens[:len(want_a)] == want_a and len(a.tokens) == 80 and b.tokens == solo[2]
