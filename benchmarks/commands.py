@@ -144,10 +144,11 @@ def _list(flag: str, s: str, kind, lo) -> tuple:
 
 def cmd_bench_serve(args) -> int:
     import asyncio
+    import json
     import shlex
     import sys
 
-    from janusflow_trt.files import check_output_dir, owned_tempdir
+    from janusflow_trt.files import check_output_dir, owned_tempdir, write_into
 
     from . import serve_load as sl
 
@@ -166,22 +167,30 @@ def cmd_bench_serve(args) -> int:
     if args.slo and len(args.slo.split(",")) != 3:
         raise InputError(f"--slo: expected TTFT_MS,TPOT_MS,IMAGE_MS, got {args.slo!r}")
     out = Path(args.out)
-    names = [f"{args.name}.{x}" for x in ("json", "md", "png")]
+    name = args.name or ("serve_soak_small" if args.soak else "serve_small")
+    names = [f"{name}.{x}" for x in (("json", "md") if args.soak else ("json", "md", "png"))]
     check_output_dir(out, "--out", args.force, names)
     plan = sl.Plan(workloads, conc, rates, args.requests, args.duration, args.warmup, args.max_tokens,
                    args.image_steps, args.image_every, slo)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    def drive(url: str, proc) -> dict:
+        if args.soak:
+            return asyncio.run(sl.soak(url, proc, args.requests, args.soak_concurrency, args.soak_malformed,
+                                       args.max_tokens, args.image_steps, args.image_every))
+        return asyncio.run(sl.run_plan(url, plan, proc))
+
     with owned_tempdir("janusflow-bench-serve") as work:
         if args.url:
             url = sl.check_url(args.url)
             sl.wait_ready(url)
-            res = asyncio.run(sl.run_plan(url, plan, None))
+            res = drive(url, None)
             server, desc = f"{url} (--url)", f"server at {url}"
         else:
             model, artifacts = (Path(args.model), Path(args.artifacts)) if args.model else _made(args.size, work)
             desc = f"{args.model or args.size + ' preset'}, ORT FP32, --max-batch {args.max_batch}"
             with sl.started_server(model, artifacts, args.max_batch, work / "server.log", args.threads) as (url, p):
-                res = asyncio.run(sl.run_plan(url, plan, p))
+                res = drive(url, p)
             server = f"`janusflow serve --backend ort --max-batch {args.max_batch}` started by the command"
     argv = sys.argv[2:] if sys.argv[1:2] == ["bench-serve"] else []  # as typed, when run from the shell
     res["meta"] = {"command": shlex.join(["janusflow", "bench-serve", *argv]), "model_desc": desc, "server": server,
@@ -189,10 +198,21 @@ def cmd_bench_serve(args) -> int:
                    "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "image_ms": slo.image_ms},
                    "max_tokens": args.max_tokens, "image_steps": args.image_steps, "image_every": args.image_every,
                    "requests": args.requests, "duration_s": args.duration, "warmup": args.warmup,
-                   "euler_note": None if any(r["first_euler_step_ms"] for r in res["runs"]) else
-                   f"Time to first Euler step: TODO, the server exports no {sl.EULER_METRIC} histogram yet."}
+                   "concurrency": args.soak_concurrency if args.soak else None}
+    if args.soak:
+        written = write_into(out, [(f"{name}.json", lambda p: Path(p).write_text(json.dumps(res, indent=1) + "\n")),
+                                   (f"{name}.md", lambda p: Path(p).write_text(sl.soak_markdown(res)))])
+        print(sl.soak_markdown(res))
+        print("wrote " + ", ".join(str(p) for p in written))
+        failed_checks = [k for k, ok in res["checks"].items() if ok is False]
+        if failed_checks:
+            print(f"janusflow bench-serve: soak failed: {'; '.join(failed_checks)}", file=sys.stderr)
+            return 1
+        return 0
+    res["meta"]["euler_note"] = None if any(r["first_euler_step_ms"] for r in res["runs"]) else \
+        f"Time to first Euler step: TODO, the server exports no {sl.EULER_METRIC} histogram yet."
     res["targets"] = sl.targets(res["runs"])
-    written = sl.write_results(res, out, args.name)
+    written = sl.write_results(res, out, name)
     print(sl.markdown(res))
     print("wrote " + ", ".join(str(p) for p in written))
     failed = sum(r["failed"] for r in res["runs"])
@@ -236,6 +256,11 @@ def register_bench_serve(sub) -> None:
     p.add_argument("--image-every", type=int_range(2, 1000), default=4, help="mixed: every Nth request an image")
     p.add_argument("--slo", default="", help="goodput SLO as TTFT_MS,TPOT_MS,IMAGE_MS (default 2000,100,30000)")
     p.add_argument("--out", default="docs/results", help="directory for NAME.json, NAME.md, NAME.png")
-    p.add_argument("--name", default="serve_small", help="file name stem of the results")
+    p.add_argument("--name", default=None, help="file name stem of the results (default serve_small; with --soak "
+                                                "serve_soak_small)")
+    p.add_argument("--soak", action="store_true", help="instead of the load levels: --requests valid requests "
+                   "(mixed) and --soak-malformed malformed ones at --soak-concurrency; every answer checked")
+    p.add_argument("--soak-concurrency", type=int_range(1, 1024), default=16)
+    p.add_argument("--soak-malformed", type=int_range(0, 100_000), default=64)
     p.add_argument("--force", action="store_true", help="replace existing NAME.* files in --out")
     p.set_defaults(func=cmd_bench_serve)

@@ -516,3 +516,162 @@ def wait_ready(url: str) -> None:
     if r.status_code != 200:
         raise JanusFlowError(f"--url {url}: /ready answered {r.status_code}")
 
+
+
+# -- soak: many mixed requests with malformed ones among them ------------------------------------------------
+def malformed(image_url: str, model: str) -> list[tuple[str, str, str, bytes | dict | None]]:
+    """(name, method, path, body) of requests the server must refuse with a 4xx error object."""
+    chat = {"model": model, "messages": chat_messages(image_url), "max_tokens": 4}
+    img = {"model": model, "prompt": "a fox"}
+    b64 = base64.b64encode
+    return [
+        ("bad json", "POST", "/v1/chat/completions", b"{bad"),
+        ("not an object", "POST", "/v1/chat/completions", b"[1]"),
+        ("wrong type", "POST", "/v1/chat/completions", {**chat, "max_tokens": "4"}),
+        ("unknown model", "POST", "/v1/chat/completions", {**chat, "model": "gpt-9"}),
+        ("remote image", "POST", "/v1/chat/completions", {**chat, "messages": chat_messages("https://x/cat.png")}),
+        ("not an image", "POST", "/v1/chat/completions",
+         {**chat, "messages": chat_messages("data:image/png;base64," + b64(b"hello").decode())}),
+        ("gif", "POST", "/v1/chat/completions", {**chat, "messages": chat_messages("data:image/gif;base64,R0lG")}),
+        ("bad base64", "POST", "/v1/chat/completions", {**chat, "messages": chat_messages("data:image/png;base64,@@")}),
+        ("no image", "POST", "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "hi"}]}),
+        ("multi-turn", "POST", "/v1/chat/completions",
+         {**chat, "messages": chat_messages(image_url) + [{"role": "assistant", "content": "x"}]}),
+        ("max_tokens beyond context", "POST", "/v1/chat/completions", {**chat, "max_tokens": 1_000_000}),
+        ("prompt beyond context", "POST", "/v1/chat/completions",
+         {**chat, "messages": chat_messages(image_url, "word " * 20_000)}),
+        ("temperature", "POST", "/v1/chat/completions", {**chat, "temperature": 5}),
+        ("image size", "POST", "/v1/images/generations", {**img, "size": "512x512"}),
+        ("image n", "POST", "/v1/images/generations", {**img, "n": 10_000}),
+        ("image steps", "POST", "/v1/images/generations", {**img, "num_inference_steps": 0}),
+        ("empty prompt", "POST", "/v1/images/generations", {**img, "prompt": "  "}),
+        ("unknown route", "POST", "/v1/completions", {}),
+        ("wrong method", "GET", "/v1/chat/completions", None),
+    ]
+
+
+async def refused(http: httpx.AsyncClient, method: str, path: str, body: bytes | dict | None) -> str | None:
+    """None when the server refused the request properly (a 4xx with an OpenAI error object holding a
+    message, no traceback), else what was wrong."""
+    kw: dict[str, Any] = {}
+    if isinstance(body, bytes):
+        kw = {"content": body, "headers": {"content-type": "application/json"}}
+    elif body is not None:
+        kw = {"json": body}
+    try:
+        r = await http.request(method, path, **kw)
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}"
+    if not 400 <= r.status_code < 500:
+        return f"status {r.status_code}"
+    try:
+        err = r.json()["error"]
+        ok = isinstance(err.get("message"), str) and len(err["message"]) > 5 and "Traceback" not in r.text
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    return None if ok else f"status {r.status_code} without an error object: {r.text[:120]!r}"
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+PIXEL_TOL = 2  # uint8 levels: batched Euler steps change GEMM shapes, hence the last bits of the latents
+
+
+async def soak(url: str, server: psutil.Process | None, n: int, concurrency: int, n_bad: int, max_tokens: int,
+               image_steps: int, image_every: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """n valid requests (chat about 4 images, every image_every-th an image of 2 seeds) and n_bad malformed
+    ones, shuffled, at `concurrency`. A valid answer is correct when it equals the same request's answer
+    run alone before the load (chat: the same text and max_tokens tokens; image: every pixel within
+    PIXEL_TOL); a malformed one when refused with a 4xx error object. Server RSS after the solo runs
+    (the warm-up) against the end."""
+    client = AsyncOpenAI(base_url=url + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "unused"), timeout=600,
+                         max_retries=0)
+    model = (await client.models.list()).data[0].id
+    images = test_images(4, seed)
+    w = Workload("mixed", max_tokens, image_steps, image_every, images)
+    refs: dict[tuple[str, int], Sample] = {}
+    for key, make in [(("chat", i), lambda i=i: chat_once(client, model, images[i], max_tokens)) for i in range(4)] + \
+                     [(("image", s), lambda s=s: image_once(client, model, image_steps, s)) for s in range(2)]:
+        refs[key] = await make()
+        if not refs[key].ok:
+            raise JanusFlowError(f"the solo {key[0]} request failed: {refs[key].error}")
+    burst = [request(client, model, w, i) for i in range(concurrency)]  # the batch at its size, uncounted
+    if not all(s.ok for s in await asyncio.gather(*burst)):
+        raise JanusFlowError("a warm-up request failed")
+    rss0 = rss_mb(server)
+    bad = malformed(images[0], model)
+    jobs: list[tuple[str, int]] = [("valid", i) for i in range(n)] + [("bad", i) for i in range(n_bad)]
+    random.Random(seed).shuffle(jobs)
+    samples: list[Sample] = []
+    wrong: dict[str, int] = {}
+    refusals: dict[str, int] = {}
+    rss: list[float | None] = []
+    headers = {"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'unused')}"}
+    t0, it = time.perf_counter(), iter(jobs)
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as http:
+        with tqdm(total=len(jobs), desc="soak", unit="req", disable=not progress) as bar:
+
+            async def worker() -> None:
+                for kind, i in it:
+                    if kind == "bad":
+                        name, method, path, body = bad[i % len(bad)]
+                        if (why := await refused(http, method, path, body)) is not None:
+                            wrong[f"malformed {name}: {why}"] = wrong.get(f"malformed {name}: {why}", 0) + 1
+                        else:
+                            refusals[name] = refusals.get(name, 0) + 1
+                    else:
+                        image = w.kind(i) == "image"
+                        s = await (image_once(client, model, image_steps, i % 2) if image
+                                   else chat_once(client, model, images[i % 4], max_tokens))
+                        ref = refs[("image", i % 2) if image else ("chat", i % 4)]
+                        if s.ok and image and np.abs(pixels(s.pngs[0]) - pixels(ref.pngs[0])).max() > PIXEL_TOL:
+                            s.ok, s.error = False, "image differs from its solo run"
+                        elif s.ok and not image and s.text != ref.text:
+                            s.ok, s.error = False, "answer differs from its solo run"
+                        samples.append(s)
+                    bar.update()
+                    if bar.n % 50 == 0:
+                        rss.append(rss_mb(server))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+        ready = (await http.get("/ready")).status_code
+    await client.close()
+    rss_end = rss_mb(server)
+    res = summarize(samples, wall, SLO())
+    valid_ok = res["failed"] == 0
+    bad_ok = sum(refusals.values()) == n_bad
+    growth = (rss_end - rss0) / rss0 if rss0 and rss_end else None
+    return {"model": model, "valid": res, "malformed": {"sent": n_bad, "refused_properly": sum(refusals.values()),
+                                                        "by_kind": refusals},
+            # how much of a reference answer is visible text: random weights sample ids the test tokenizer
+            # may decode to nothing, and then equal texts say little
+            "reference_text_chars": [len(refs[("chat", i)].text) for i in range(4)],
+            "wrong": wrong, "ready_status_at_end": ready, "server_rss_mb": {"after_warmup": rss0, "end": rss_end,
+                                                                          "every_50": rss},
+            "rss_growth": None if growth is None else round(growth, 4),
+            "checks": {"every valid request correct": valid_ok, "every malformed one a 4xx error object": bad_ok,
+                       "/ready 200 at the end": ready == 200,
+                       "RSS growth after warm-up < 10%": None if growth is None else growth < 0.10}}
+
+
+def soak_markdown(res: dict[str, Any]) -> str:
+    m, v = res["meta"], res["valid"]
+    rows = [f"| {k} | {'-' if ok is None else ('pass' if ok else 'FAIL')} |" for k, ok in res["checks"].items()]
+    return "\n".join([
+        f"# `janusflow bench-serve --soak`: {m['model_desc']}", "", f"Command: `{m['command']}`", "",
+        f"{m['requests']} valid requests (chat with `max_tokens` {m['max_tokens']} and `ignore_eos` about 4 "
+        f"images; every {m['image_every']}th an image of {m['image_steps']} Euler steps, 2 seeds) and "
+        f"{res['malformed']['sent']} malformed ones ({len(res['malformed']['by_kind'])} kinds), shuffled, at "
+        f"concurrency {m['concurrency']}. Correct: the same text / pixels (within {PIXEL_TOL} levels) as the "
+        f"same request run alone before the load.", f"Machine: {m['machine']}.", "",
+        "| check | result |", "|---|---|", *rows, "",
+        f"Valid: {v['completed']} / {v['requests']} correct ({v['chat_requests']} chats, "
+        f"{v['image_requests']} images) in "
+        f"{v['duration_s']:.0f} s; TTFT p50/p90/p99 {_ms(v['ttft_ms'])} ms, E2E {_ms(v['e2e_ms'])} ms. "
+        f"Malformed: {res['malformed']['refused_properly']} / {res['malformed']['sent']} refused with a 4xx error "
+        f"object. Server RSS {res['server_rss_mb']['after_warmup']} MB after warm-up, "
+        f"{res['server_rss_mb']['end']} MB at the end (growth {res['rss_growth']}).",
+        *(["", "Wrong: " + json.dumps(res["wrong"])] if res["wrong"] else []), ""])

@@ -92,3 +92,21 @@ def test_histogram_quantiles_between_two_scrapes():
     assert q["p50"] == pytest.approx((0.2 + 0.2 * 1 / 6) * 1e3, abs=1e-3)  # rank 5: 1 of the 6 in (0.2, 0.4]
     assert q["p90"] == pytest.approx((0.2 + 0.2 * 5 / 6) * 1e3, abs=1e-3)
     assert sl.histogram_quantiles(after, after)["p50"] is None
+
+
+def test_soak_counts_every_request(tiny_dir, tiny_onnx, tmp_path, capsys):
+    """--soak: valid requests checked against their solo runs, every malformed kind refused with a 4xx
+    error object, /ready at the end; the counts are the arguments'."""
+    rc = cli.main(["bench-serve", "--model", str(tiny_dir), "--artifacts", str(tiny_onnx), "--max-batch", "4",
+                   "--soak", "--requests", "12", "--soak-malformed", "19", "--soak-concurrency", "4",
+                   "--max-tokens", "5", "--image-steps", "2", "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "serve_soak_small.json").read_text())
+    assert res["checks"] == {"every valid request correct": True, "every malformed one a 4xx error object": True,
+                             "/ready 200 at the end": True, "RSS growth after warm-up < 10%": True}
+    v = res["valid"]
+    assert (v["requests"], v["completed"], v["chat_requests"], v["image_requests"]) == (12, 12, 9, 3)
+    assert v["output_tokens"] == 9 * 5 and v["images"] == 3 and res["wrong"] == {}
+    kinds = sl.malformed("data:,", "m")
+    assert res["malformed"]["by_kind"] == {name: 1 for name, *_ in kinds} and len(kinds) == 19
+    assert min(res["reference_text_chars"]) > 0  # the tiny model's answers are visible text: equality means something
