@@ -150,7 +150,10 @@ def cmd_bench_serve(args) -> int:
 
     from janusflow_trt.files import check_output_dir, owned_tempdir, write_into
 
-    from . import serve_load as sl
+    try:
+        from . import serve_load as sl
+    except ImportError as e:  # the client side: openai, httpx (dev extra); the server: the serve extra
+        raise InputError(f"janusflow bench-serve needs {e.name}: pip install 'janusflow-trt[serve,dev]'") from None
 
     workloads = tuple(dict.fromkeys(w.strip() for w in args.workloads.split(",") if w.strip()))
     if not workloads or any(w not in sl.WORKLOADS for w in workloads):
