@@ -162,6 +162,8 @@ def cmd_bench_serve(args) -> int:
     rates = _list("--rates", args.rates, float, 1e-6) if args.rates else ()
     if not conc and not rates:
         raise InputError("nothing to run: give --concurrency and/or --rates")
+    if not args.duration > 0:
+        raise InputError(f"--duration must be > 0 seconds, got {args.duration}")
     if args.url and (args.model or args.artifacts):
         raise InputError("--url targets a running server: drop --model / --artifacts")
     if bool(args.model) != bool(args.artifacts):

@@ -26,6 +26,7 @@ from janusflow_trt.benchmarks import serve_load as sl
     (["--slo", "1,2"], "--slo"),
     (["--url", "ftp://x"], "http"),
     (["--requests", "0"], "--requests"),
+    (["--duration", "-1"], "--duration"),
     (["--size", "full"], "--size"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, phrase, tmp_path, capsys):
