@@ -128,3 +128,50 @@ def test_joining_and_leaving_mid_way_change_nobody(pipe, test_image, solo):
     assert b.finish == "cancelled" and b.tokens == solo[1][:4]
     _drain(batch)
     assert [a.tokens, c.tokens, d.tokens] == [solo[0], solo[2], solo[3]]
+
+
+def test_ignore_eos_answers_run_to_their_limit(pipe, test_image):
+    """ignore_eos (the server's fixed-length load-test extension): the end-of-sentence token is kept as any
+    token and the answer runs to max_new_tokens; up to that EOS it is the ordinary answer."""
+    image = Image.open(test_image)
+    q = "What is in this image?"
+    plain = _solo(pipe, image, q, 0.0, 1.0, 42, 3000)
+    eos = pipe.processor.eos_id
+    assert plain[-1] == eos and len(plain) < 3000  # this tiny model ends its answer early (353 tokens)
+    n = len(plain) + 20
+    batch = _batch(pipe, 2)
+    req = _request(pipe, image, q, 0.0, 1.0, 42, n)
+    req.ignore_eos = True
+    stops = _request(pipe, image, q, 0.0, 1.0, 42, n)  # beside it, without: ends at EOS as before
+    batch.submit(req)
+    batch.submit(stops)
+    _drain(batch)
+    assert req.finish == "length" and len(req.tokens) == n and req.tokens[:len(plain)] == plain
+    assert stops.finish == "stop" and stops.tokens == plain
+
+
+def test_chunked_prefill_does_not_stall_running_rows(pipe, test_image, solo):
+    """A request joins while another decodes: every round still gives the running row its token, the
+    joining prompt goes in `prefill_chunk` tokens per round (after a round of its own for SigLIP), and
+    both answers are their solo ones."""
+    image = Image.open(test_image)
+    chunk = 16
+    batch = ChatBatch(pipe.engine.backend, pipe.cfg, pipe.processor.eos_id, 2, prefill_chunk=chunk)
+    long = (*REQUESTS[0][:4], 80)
+    want_a = _solo(pipe, image, *long)
+    a, b = _request(pipe, image, *long), _request(pipe, image, *REQUESTS[2])
+    a.ignore_eos = True  # a decodes all through b's prefill
+    batch.submit(a)
+    assert batch.step() == [(a, want_a[0])]  # alone: the whole prompt in one round, its first token
+    batch.submit(b)
+    prompt = b.inputs.input_ids.shape[1]
+    rounds = 1 + -(-prompt // chunk)  # SigLIP round + chunks; b's first token comes in its last one
+    seen = []
+    for i in range(rounds):
+        events = batch.step()
+        assert [q for q, _ in events if q is a] == [a], i  # a got its token this round
+        assert batch.joining is not None and batch.joining.done == min(i * chunk, prompt) or i == rounds - 1, i
+        seen += [q for q, _ in events if q is b]
+    assert seen == [b] and b.tokens == [solo[2][0]] and len(a.tokens) == 1 + rounds
+    _drain(batch)
+    assert a.tokens[:len(want_a)] == want_a and len(a.tokens) == 80 and b.tokens == solo[2]

@@ -1,5 +1,7 @@
-"""POST /v1/chat/completions: an OpenAI chat request -> one Pipeline.chat_stream call on the engine
-thread -> a chat.completion, or server-sent chat.completion.chunk events.
+"""POST /v1/chat/completions: an OpenAI chat request -> a row of the engine's chat scheduler (on the
+`torch` reference backend: one Pipeline.chat_stream call) -> a chat.completion, or server-sent
+chat.completion.chunk events (on the runtime backends one per sampled token, its content "" when the
+token completes no text yet).
 
 JanusFlow's chat is one image and one question under a system prompt (Processor.chat_inputs), so a
 request holds system / developer messages (joined into the system prompt; the model's default when
@@ -38,6 +40,7 @@ class ChatCall:
     top_p: float
     seed: int
     stops: list[str]
+    ignore_eos: bool = False
 
 
 def _text(m: Message, i: int) -> str:
@@ -78,7 +81,7 @@ def chat_call(req: ChatCompletionRequest) -> ChatCall:
                     max_tokens=req.max_completion_tokens or req.max_tokens,
                     temperature=0.0 if req.temperature is None else req.temperature,
                     top_p=1.0 if req.top_p is None else req.top_p, seed=42 if req.seed is None else req.seed,
-                    stops=stops)
+                    stops=stops, ignore_eos=req.ignore_eos)
 
 
 class StopMatcher:
@@ -123,6 +126,9 @@ def chat_work(call: ChatCall):
     """The job's work on the engine thread: posts ("delta", text) pieces, then ("done", usage, finish)."""
 
     def work(pipe: Pipeline, tap: TokenTap, job: Job) -> None:
+        if call.ignore_eos:  # the Pipeline's own loop ends at EOS; the scheduler's rows can go on
+            raise ServeError(400, f"ignore_eos needs a runtime backend (ort, trt, torch-fast, torch-cuda), not "
+                                  f"{pipe.backend}", param="ignore_eos")
         stream = pipe.chat_stream(call.image, call.question, max_new_tokens=max_tokens(pipe, call),
                                   temperature=call.temperature, top_p=call.top_p, seed=call.seed,
                                   system_prompt=call.system_prompt)
@@ -152,18 +158,21 @@ class BatchedChat:
     def __init__(self, pipe: Pipeline, call: ChatCall, job: Job):
         inputs, params = pipe.chat_request(call.image, call.question, max_tokens(pipe, call), call.temperature,
                                            call.top_p, call.seed, call.system_prompt)
-        self.req, self.job, self.eos_id = ChatRequest(inputs, params, call.seed), job, pipe.processor.eos_id
+        self.req = ChatRequest(inputs, params, call.seed, ignore_eos=call.ignore_eos)
+        self.job = job
         self.detok, self.stop = pipe.detokenizer(), StopMatcher(call.stops)
 
-    def _feed(self, piece: str) -> bool:
+    def _feed(self, piece: str, always: bool = False) -> bool:
         text, hit = self.stop.feed(piece)
-        if text:
+        if text or always:
             self.job.post("delta", text)
         return hit
 
     def token(self, tok: int) -> bool:
-        """Posts the text the token completes; True when a stop string ended the answer."""
-        return self._feed(self.detok.put(tok))
+        """Posts the text the token completes, "" when it completes none (a character or a stop string
+        still open, a special token): one event per token, so a stream's chunks time the tokens. True
+        when a stop string ended the answer."""
+        return self._feed(self.detok.put(tok), always=True)
 
     def done(self, hit: bool) -> None:
         """The answer's rest, then ("done", usage, finish), as chat_work posts them."""
@@ -172,9 +181,8 @@ class BatchedChat:
             if not hit and (rest := self.stop.flush()):
                 self.job.post("delta", rest)
         ids, prompt = self.req.tokens, int(self.req.inputs.input_ids.shape[1])
-        eos = bool(ids) and ids[-1] == self.eos_id
         usage = {"prompt_tokens": prompt, "completion_tokens": len(ids), "total_tokens": prompt + len(ids)}
-        self.job.post("done", (usage, "stop" if hit or eos else "length"))
+        self.job.post("done", (usage, "stop" if hit or self.req.finish == "stop" else "length"))
 
 
 def batched_chat(call: ChatCall):
@@ -191,8 +199,8 @@ class Reply:
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.metrics, self.t0, self.first = metrics, t0, True
 
-    def _seen(self, text: str) -> None:
-        if self.first and text:
+    def _seen(self, text: str) -> None:  # the first token's event ("" when it shows no text yet)
+        if self.first:
             self.first = False
             self.metrics.ttft.observe(time.perf_counter() - self.t0)
 

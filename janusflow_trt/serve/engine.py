@@ -1,17 +1,18 @@
 """The engine thread: the one place the model runs. It owns the Pipeline and takes jobs from a bounded
 queue, so requests never run the model on the event loop and never run it concurrently.
 
-With --max-batch N > 1, chat jobs are rows of one scheduler (janusflow_trt/batch.py): up to N answers
-decode together, a job joins between two decode steps and leaves at its end, a stop string, a
-disconnect or its deadline. Image jobs (and every job at --max-batch 1) run one at a time, alone; the
-chat rows wait for them.
+On the runtime backends, chat jobs are rows of one scheduler (janusflow_trt/batch.py) at every
+--max-batch N (N = 1 included: one chat path): up to N answers decode together, a job joins between two
+decode steps and leaves at its end, a stop string, a disconnect or its deadline. Image jobs (and chat
+on the `torch` reference backend) run one at a time, alone; the chat rows wait for them.
 
 A job posts its results back to its request's asyncio queue (call_soon_threadsafe). It checks, between
 two tokens or two Euler steps, whether its client went away or its time ran out, and then stops: the
 rows it held are free for the next job at the next step.
 
-Usage counts and finish reasons come from a tap on the Pipeline's engine (TokenTap), so the server
-runs the Pipeline's own chat path (validation, seeding, detokenisation) rather than a copy of it.
+A solo job (images; chat on `torch`) runs the Pipeline's own path; its usage counts and finish reasons
+come from a tap on the Pipeline's engine (TokenTap). A chat row takes the Pipeline's validation
+(`chat_request`) and detokeniser, and the scheduler runs the runtime's one decode step.
 """
 
 from __future__ import annotations
@@ -140,14 +141,14 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="janusflow-engine", daemon=True)
         self.max_batch, self.rows = max_batch, {}  # rows: ChatRequest -> its job's Rows
         self.batch: ChatBatch | None = None
-        if max_batch > 1:
-            if not isinstance(pipe.engine, RuntimeEngine):
-                raise InputError(f"--max-batch {max_batch} needs a runtime backend (ort, trt, torch-fast, "
-                                 f"torch-cuda), not {pipe.backend}")
+        if isinstance(pipe.engine, RuntimeEngine):  # chat rows at any --max-batch: one serve chat path
             if max_batch > (limit := max_batch_limit(pipe)):
                 raise InputError(f"--max-batch {max_batch} is beyond the llm graph's batch limit ({limit})")
             self.engine = pipe.engine
             self.batch = self._new_batch()
+        elif max_batch > 1:
+            raise InputError(f"--max-batch {max_batch} needs a runtime backend (ort, trt, torch-fast, "
+                             f"torch-cuda), not {pipe.backend}")
 
     def _new_batch(self) -> ChatBatch:
         return ChatBatch(self.engine.backend, self.pipe.cfg, self.pipe.processor.eos_id, self.max_batch)

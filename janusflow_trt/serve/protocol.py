@@ -73,6 +73,8 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
     logprobs: bool | None = None
+    # extension (as vLLM's): the end-of-sentence token does not end the answer (fixed-length load tests)
+    ignore_eos: bool = False
 
 
 # -- images ----------------------------------------------------------------------------------------
