@@ -127,3 +127,22 @@ def test_decode_bytes_uses_the_run_graphs_bytes():
     # in 2 layers of 2048 = 81,920 elements
     assert floors.decode_bytes(cfg, 10) == 4 * (37_748_736 + 81_920)
     assert floors.decode_bytes(cfg, 10, weight_bytes=1000, kv_bytes=2) == 1000 + 2 * 81_920
+
+
+def test_perf_tables_precision_table_against_both_baselines():
+    """The README's FP32 / BF16 / INT8 table: each runtime column over baseline AND baseline-bf16 (hand values)."""
+    spec = importlib.util.spec_from_file_location("perf_tables", Path(__file__).parents[1] / "tools" / "perf_tables.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+
+    def r(ms):
+        return {"siglip_ms": ms, "prefill_ms": ms, "prefill_tokens": 9, "ttft_ms": ms, "chat_decode_ms": ms,
+                "decode_ms": {"64": ms}, "euler_ms": {"step": ms, "enc": 1, "llm": 1, "dec": 1}, "vae_ms": ms,
+                "s_per_image": ms, "e2e_steps": 1}
+
+    res = {"contexts": [64], "backends": {"baseline": r(10.0), "ort": r(4.0), "baseline-bf16": r(5.0),
+                                          "torch-fast-bf16": r(2.5)}}
+    lines = pt.precision_table(res)
+    assert lines[0] == "| stage | baseline | baseline-bf16 | ort | torch-fast-bf16 |"
+    assert "| Euler step ms | 10 | 5 | 4 (2.50x / 1.25x) | 2.5 (4.00x / 2.00x) |" in lines
+    assert not any(ln.startswith("| SigLIP") for ln in lines)  # the summary's stages only
