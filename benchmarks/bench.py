@@ -46,7 +46,6 @@ from janusflow_trt.runtime.torch_backend import TorchBackend
 
 from . import floors
 
-NOISY_SPREAD = 0.25  # a floor probe whose repeats differ by more than this ran beside other work
 PROMPT = "A cute and adorable baby fox with big brown eyes, autumn leaves in the background, highly detailed."
 
 
@@ -291,6 +290,8 @@ def measure_floors(result: dict) -> None:
     if has_bf16(cpu_flags()):  # without BF16 instructions the emulated GEMM is slow to even measure (AVX2: minutes)
         g16 = floors.gemm_probe(dtype=torch.bfloat16)
         result["floors"].update(gemm_bf16_gflops=g16["best"], gemm_bf16_probe=g16)
+    # one verdict for the run (tools/perf_tables.py reads it): floor ratios are left out of a noisy one
+    result["floors"]["noisy"] = any(p["noisy"] for k, p in result["floors"].items() if k.endswith("_probe"))
 
 
 def add_floors(result: dict, cfg: JanusFlowConfig, prefix_len: int) -> None:
@@ -367,12 +368,14 @@ def markdown(result: dict) -> str:
         g, m = result["floors"]["gemm_probe"], result["floors"]["read_probe"]
         g16 = result["floors"].get("gemm_bf16_probe")
         isa = result["machine"].get("matrix_isa", {})
-        out += ["", f"Floors: GEMM {g['best']:.0f} GFLOP/s FP32 (median {g['median']:.0f}, spread {g['spread']:.0%}), "
-                    + (f"{g16['best']:.0f} GFLOP/s BF16 (median {g16['median']:.0f}, spread {g16['spread']:.0%}), "
-                       if g16 else "BF16 not measured (no BF16 instructions), ")
-                    + f"read {m['best']:.1f} GB/s (median {m['median']:.1f}, spread {m['spread']:.0%})"
-                    + (" - NOISY: the machine was busy, floor ratios are unreliable"
-                       if max(g["spread"], m["spread"], g16["spread"] if g16 else 0) > NOISY_SPREAD else ""),
+
+        def probe(p: dict, unit: str, fmt: str) -> str:
+            return (f"{p['best']:{fmt}} {unit} (median {p['median']:{fmt}}, noise {p['noise']:.0%}, CPU share "
+                    f"{p['cpu_share']:.0%})")
+
+        bf16 = f"{probe(g16, 'GFLOP/s', '.0f')} BF16, " if g16 else "BF16 not measured (no BF16 instructions), "
+        noisy = " - NOISY: the machine was busy, floor ratios are unreliable" if result["floors"]["noisy"] else ""
+        out += ["", f"Floors: GEMM {probe(g, 'GFLOP/s', '.0f')} FP32, {bf16}read {probe(m, 'GB/s', '.1f')}{noisy}",
                 "", "Matrix ISA: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa.items())
                     + ". Columns ending -bf16 compare with baseline-bf16 and with the BF16 GEMM floor."]
     weights = {n: r["decode_weights"] for n, r in b.items() if r.get("decode_weights")}

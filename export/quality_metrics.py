@@ -59,3 +59,17 @@ def worst(rows: list[dict[str, float | bool]]) -> dict[str, float | bool]:
     """Aggregate per-sample tensor_metrics: the worst of each."""
     return {"max_abs": max(r["max_abs"] for r in rows), "max_rel": max(r["max_rel"] for r in rows),
             "cosine": min(r["cosine"] for r in rows), "finite": all(r["finite"] for r in rows), "samples": len(rows)}
+
+
+def top2_margin(logits: np.ndarray) -> np.ndarray:
+    """logits [T, V] -> [T]: the top-1 logit minus the top-2 logit at each position."""
+    top = np.sort(np.asarray(logits, np.float64), axis=-1)[:, -2:]
+    return top[:, 1] - top[:, 0]
+
+
+def bf16_spacing(x: np.ndarray) -> np.ndarray:
+    """The distance between adjacent BF16 values at |x| (8 significant bits: 2^(floor(log2|x|) - 7));
+    two logits closer than this cannot be ordered once rounded to BF16. 0 at x = 0."""
+    x = np.abs(np.asarray(x, np.float64))
+    _, e = np.frexp(x)  # x = m * 2^e, m in [0.5, 1): floor(log2 x) = e - 1
+    return np.where(x > 0, np.ldexp(1.0, e - 8), 0.0)

@@ -34,7 +34,16 @@ from janusflow_trt.calibration.record import RECORDER_VERSION, CalibrationData
 from janusflow_trt.errors import InputError
 from janusflow_trt.export.manifest import resolve_graph
 from janusflow_trt.export.onnx_io import ort_session
-from janusflow_trt.export.quality_metrics import agreement, cosine, first_divergence, psnr, tensor_metrics, worst
+from janusflow_trt.export.quality_metrics import (
+    agreement,
+    bf16_spacing,
+    cosine,
+    first_divergence,
+    psnr,
+    tensor_metrics,
+    top2_margin,
+    worst,
+)
 from janusflow_trt.export.specs import build_specs, precision_variant
 from janusflow_trt.files import check_output_dir, owned_tempdir, write_into
 from janusflow_trt.images import to_uint8
@@ -57,23 +66,49 @@ TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher
            **{p: {"latent_cosine": 0.995, "psnr_db": 35.0, "chat_top1_teacher_forced": 0.90, "graph_cosine": 0.995}
               for p in ("int8", "int8-cpu")},
            "bf16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.98}}  # issue 25
+# precisions whose logits are rounded on the way out (the BF16 backend's LM head returns BF16 values, cast
+# to FP32 after): the spacing of that rounding, the margin below which two logits are a tie to it
+ROUNDED_LOGITS = {"bf16": bf16_spacing}
 GRAPH_STEPS = (0, 10, 20, 29)  # Euler steps whose graph inputs the per-graph comparison uses
 # per graph, by whether the backend runs an export (BackendInfo.needs_artifacts)
 GRAPHS_COMPARED = {True: "the exported ONNX graphs through ONNX Runtime sessions",
                    False: "the graph modules through each backend's run"}
 
 
-def teacher_forced_top1(backend: Backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
+def teacher_forced(backend: Backend, cfg, processor, image, question: str, ref: list[int]
+                   ) -> tuple[list[int], np.ndarray]:
     """The greedy pick of `backend` at every position of the reference answer, given the reference
-    prefix: the runtime's decode step with the reference token written as its input each time."""
+    prefix: the runtime's decode step with the reference token written as its input each time.
+    -> (picks, the logits behind them [T, V] FP32)."""
     cache, logits = chat_prefill(backend, cfg, processor.chat_inputs(image, question), capacity=len(ref))
     dec = Decoder(backend, cache, logits, SamplingParams())
     preds = [int(dec.ids)]  # a sampler sentinel (non-finite logits) counts as a disagreement
+    rows = [logits.to("cpu", torch.float32, copy=True)]  # dec.logits is a buffer the next step reuses
     for tok in ref[:-1]:
         dec.ids.fill_(tok)
         dec.step()
         preds.append(int(dec.ids))
-    return preds
+        rows.append(dec.logits.to("cpu", torch.float32, copy=True))
+    return preds, torch.cat(rows).numpy()
+
+
+def teacher_forced_top1(backend: Backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
+    return teacher_forced(backend, cfg, processor, image, question, ref)[0]
+
+
+def margin_rows(tf: list[int], ref: list[int], logits32: np.ndarray, precision: str) -> dict[str, Any]:
+    """Where the teacher-forced picks disagree, the FP32 top-1/top-2 margin there ([position, margin]);
+    for a precision whose logits leave the graph rounded (ROUNDED_LOGITS: bf16), the positions whose FP32
+    margin exceeds that rounding's spacing at the top logit (`decidable`: the rounded logits can still
+    order the two) and how many of them agree. A diagnostic beside the raw top-1, not a target."""
+    margin = top2_margin(logits32)
+    out: dict[str, Any] = {"fp32_margin_at_disagreements": [[i, float(margin[i])] for i, (a, b)
+                                                           in enumerate(zip(tf, ref, strict=True)) if a != b]}
+    if precision in ROUNDED_LOGITS:
+        ok = margin > ROUNDED_LOGITS[precision](logits32.max(-1))
+        out["decidable"] = int(ok.sum())
+        out["decidable_agree"] = int(sum(o and a == b for o, a, b in zip(ok, tf, ref, strict=True)))
+    return out
 
 
 def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: int, keep: set[int]):
@@ -147,12 +182,14 @@ def run_quality(model_dir: str | Path, artifacts: str | Path | None, precisions:
         for name, image, q in tqdm(held.pairs, desc="quality chat", disable=not progress):
             rec.active = {"siglip", "embed", "llm"}  # the prefill calls; decode calls are not kept
             ref = record_chat(rec, cfg, processor, image, q, tokens, None)
+            logits32 = teacher_forced(b32, cfg, processor, image, q, ref)[1]  # the FP32 margins
             for p, b in others.items():
                 tf = teacher_forced_top1(b, cfg, processor, image, q, ref)
                 free = list(chat_tokens(b, cfg, processor.chat_inputs(image, q), params, processor.eos_id))
                 chats[p].append({"pair": name, "question": q, "fp32_tokens": ref,
                                  "teacher_forced_top1": agreement(tf, ref), "free_agreement": agreement(free, ref),
-                                 "first_divergence": first_divergence(free, ref)})
+                                 "first_divergence": first_divergence(free, ref),
+                                 **margin_rows(tf, ref, logits32, p)})
         rows: dict[str, list] = {p: [] for p in precisions}
         images: list[list[np.ndarray]] = []
         for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i", disable=not progress)):
@@ -227,7 +264,9 @@ def _summary_chat(rows: list[dict]) -> dict[str, Any]:
             "teacher_forced_top1_min": min(r["teacher_forced_top1"] for r in rows),
             "free_agreement": float(np.mean([r["free_agreement"] for r in rows])),
             "identical_answers": sum(d is None for d in divs),
-            "first_divergence_min": min((d for d in divs if d is not None), default=None)}
+            "first_divergence_min": min((d for d in divs if d is not None), default=None),
+            "fp32_margin_at_disagreements": [m for r in rows for _, m in r["fp32_margin_at_disagreements"]],
+            **{k: sum(r[k] for r in rows) for k in ("decidable", "decidable_agree") if k in rows[0]}}
 
 
 def _summary_t2i(rows: list[dict]) -> dict[str, Any]:
@@ -265,6 +304,11 @@ def markdown(r: dict) -> str:
                   f"| chat free-running agreement (mean) | {c['free_agreement']:.4f} | |",
                   f"| answers identical / first divergence (min) | {c['identical_answers']}/{len(c['pairs'])} / "
                   f"{c['first_divergence_min']} | |",
+                  f"| FP32 top-1/top-2 margin at the teacher-forced disagreements | "
+                  f"{', '.join(f'{m:.4f}' for m in c['fp32_margin_at_disagreements']) or '-'} | |",
+                  *([f"| chat top-1, teacher forced, at positions whose FP32 margin exceeds one {p.upper()} spacing "
+                     f"of the top logit (diagnostic: below it the {p.upper()} logits tie) | {c['decidable_agree']}/"
+                     f"{c['decidable']} | |"] if "decidable" in c else []),
                   f"| all outputs finite | {t['met']['all_finite']} | yes |", "",
                   f"targets met: **{_met(t)}**",
                   "", "| graph | output | max abs | max rel | cosine | finite | samples |",
