@@ -144,3 +144,14 @@ def save_streamed(model: ir.Model, path: Path) -> str:
     (path.parent / data).unlink(missing_ok=True)
     ir.save(model, str(path), external_data=data, max_workers=1)
     return data
+
+
+def materialize(module: nn.Module, sources: dict[str, str], ckpt: CheckpointTensors) -> nn.Module:
+    """`module` (from fake_model) with real float32 parameters for its own weights only: one graph's torch
+    module without the rest of the model (a per-graph parity check: torch module + ORT session, then
+    both released)."""
+    for name, key in sources.items():
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        setattr(sub, attr, nn.Parameter(torch.from_numpy(ckpt.read(key)), requires_grad=False))
+    return module
