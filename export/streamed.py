@@ -18,6 +18,7 @@ The result equals the inline export: same initializers (names, dtypes, bytes), s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ def graph_keys(module: nn.Module, keys: dict[int, str]) -> dict[str, str]:
     return {n: keys[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if id(p) in keys}
 
 
+def _reader(ckpt: CheckpointTensors, key: str, perm: tuple[int, ...] | None = None) -> Callable[[], ir.Tensor]:
+    return lambda: ir.Tensor(ckpt.read(key, perm))
+
+
 def _fold_weight_transposes(graph: ir.Graph, sources: dict[str, str], ckpt: CheckpointTensors) -> int:
     """Transpose(W) -> a lazy initializer W^T named as the Transpose's output, where onnxscript's folder
     would fold it anyway (its _DEFAULT_ALWAYS_FOLD_OPS rule: W above the size limit, read by this node
@@ -108,12 +113,14 @@ def _fold_weight_transposes(graph: ir.Graph, sources: dict[str, str], ckpt: Chec
                 or w.const_value is None or w.const_value.size <= DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT:
             continue
         attr = node.attributes.get("perm")
-        perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(len(w.shape))))
+        dims = w.shape
+        assert dims is not None, w.name
+        perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(len(dims))))
         out = node.outputs[0]
         name, key = out.name, sources[w.name]
-        shape = ir.Shape([w.shape[i] for i in perm])
-        lazy = ir.LazyTensor(lambda key=key, perm=perm: ir.Tensor(ckpt.read(key, perm)), dtype=ir.DataType.FLOAT,
-                             shape=shape, name=name)
+        assert name is not None
+        shape = ir.Shape([dims[i] for i in perm])
+        lazy = ir.LazyTensor(_reader(ckpt, key, perm), dtype=ir.DataType.FLOAT, shape=shape, name=name)
         out.name = f"{name}__folded"
         folded = ir.Value(name=name, shape=shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=lazy)
         out.replace_all_uses_with(folded)
@@ -131,9 +138,9 @@ def attach_weights(model: ir.Model, sources: dict[str, str], ckpt: CheckpointTen
     folded = _fold_weight_transposes(model.graph, sources, ckpt)
     for name, v in model.graph.initializers.items():
         if name in sources:
-            assert v.dtype == ir.DataType.FLOAT, f"{name}: {v.dtype}"
-            v.const_value = ir.LazyTensor(lambda key=sources[name]: ir.Tensor(ckpt.read(key)),
-                                          dtype=ir.DataType.FLOAT, shape=v.shape, name=name)
+            assert v.dtype == ir.DataType.FLOAT and v.shape is not None, f"{name}: {v.dtype} {v.shape}"
+            v.const_value = ir.LazyTensor(_reader(ckpt, sources[name]), dtype=ir.DataType.FLOAT, shape=v.shape,
+                                          name=name)
     return folded
 
 

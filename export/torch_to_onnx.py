@@ -70,8 +70,9 @@ def resolve_vae(model_dir: str | Path, vae_dir: str | Path | None, needed: bool)
     return resolve_vae_dir(model_dir, vae_dir)
 
 
-GRAPH_MODULES = {"siglip": G.SigLIPGraph, "embed": G.EmbedGraph, "llm": G.LLMGraph, "gen_enc": G.GenEncGraph,
-                 "gen_dec": G.GenDecGraph}  # the JanusFlow model's graphs (vae_dec wraps the VAE)
+GRAPH_MODULES: dict[str, type[torch.nn.Module]] = {  # the JanusFlow model's graphs (vae_dec wraps the VAE)
+    "siglip": G.SigLIPGraph, "embed": G.EmbedGraph, "llm": G.LLMGraph, "gen_enc": G.GenEncGraph,
+    "gen_dec": G.GenDecGraph}
 
 
 def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[str]):
