@@ -174,3 +174,26 @@ def test_small_preset_streamed_equals_inline(tmp_path, monkeypatch):
         assert entries[name]["external_data"]
         assert_same_graph(ref / f"{name}.onnx", tmp_path / "streamed" / f"{name}.onnx")
         assert_same_outputs(ref / f"{name}.onnx", tmp_path / "streamed" / f"{name}.onnx", specs[name])
+
+
+def test_weightless_fp16_equals_inline(tiny_dir, fp16_onnx, tmp_path):
+    """The FP16 variant of a graph above the limit is converted on its weightless proto and its weights
+    streamed one at a time (export/fp16.py: stream_weights): the same graph as the inline conversion of
+    the session's fp32,fp16 export (fp16_onnx), from the same FP32 graph and calibration set."""
+    from test_fp16 import PLAN
+
+    from janusflow_trt.calibration.record import CalibrationData
+    from janusflow_trt.export.fp16 import derive_fp16
+
+    specs = build_specs(load_config(tiny_dir))
+    src = tmp_path / "llm.onnx"
+    onnx.save_model(onnx.load(str(fp16_onnx / "llm.onnx")), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="llm.onnx.data", size_threshold=256)
+    calib = CalibrationData(fp16_onnx / "calib")
+    r = derive_fp16(src, specs["llm"], calib, tmp_path / "llm.fp16.onnx", True, limit=PLAN.measure_samples,
+                    check=PLAN.check_samples)
+    assert r["data"] == "llm.fp16.onnx.data"
+    m = onnx.load(str(tmp_path / "llm.fp16.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.FLOAT16
+               for t in m.graph.initializer)
+    assert_same_graph(fp16_onnx / "llm.fp16.onnx", tmp_path / "llm.fp16.onnx")
