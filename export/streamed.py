@@ -29,6 +29,8 @@ from onnxscript.optimizer._constant_folding import DEFAULT_CONSTANT_FOLD_INPUT_S
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from janusflow_trt.errors import CheckpointError
 from janusflow_trt.fingerprint import checkpoint_files
@@ -153,10 +155,34 @@ def save_streamed(model: ir.Model, path: Path) -> str:
     return data
 
 
+class _ParameterReads(TorchFunctionMode):
+    """Records every parameter passed to a torch function (a linear's weight, an indexed embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.seen.update(id(a) for a in tree_leaves((args, kwargs)) if isinstance(a, nn.Parameter))
+        return func(*args, **kwargs)
+
+
+def used_keys(module: nn.Module, args: tuple, sources: dict[str, str]) -> dict[str, str]:
+    """The part of `sources` (graph_keys) that module(*args) reads, found by one run on fake tensors (a
+    graph module wraps the whole model: SigLIP's holds the LLM's weights too)."""
+    mode = next(module.parameters()).fake_mode
+    reads = _ParameterReads()
+    with mode, torch.no_grad(), reads:
+        module(*(mode.from_tensor(a) for a in args))
+    return {n: sources[n] for n, p in module.named_parameters(remove_duplicate=False)
+            if id(p) in reads.seen and n in sources}
+
+
 def materialize(module: nn.Module, sources: dict[str, str], ckpt: CheckpointTensors) -> nn.Module:
-    """`module` (from fake_model) with real float32 parameters for its own weights only: one graph's torch
-    module without the rest of the model (a per-graph parity check: torch module + ORT session, then
-    both released)."""
+    """`module` (from fake_model) with real float32 parameters for `sources` (used_keys: its own weights
+    only): one graph's torch module without the rest of the model (a per-graph parity check: torch module
+    + ORT session, then both released)."""
     for name, key in sources.items():
         owner, _, attr = name.rpartition(".")
         sub = module.get_submodule(owner) if owner else module

@@ -21,7 +21,14 @@ from janusflow_trt.export.memory import PeakRSS, release_memory
 from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.patches import export_patches
 from janusflow_trt.export.specs import build_specs, compare, dummy_inputs
-from janusflow_trt.export.streamed import STREAMED_GRAPHS, CheckpointTensors, fake_model, graph_keys, materialize
+from janusflow_trt.export.streamed import (
+    STREAMED_GRAPHS,
+    CheckpointTensors,
+    fake_model,
+    graph_keys,
+    materialize,
+    used_keys,
+)
 from janusflow_trt.export.torch_to_onnx import GRAPH_MODULES
 from janusflow_trt.janusflow_ref.config import load_config
 
@@ -41,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         with PeakRSS() as rss:
             jf, keys = fake_model(cfg)
             mod = GRAPH_MODULES[name](jf).eval()
-            materialize(mod, graph_keys(mod, keys), ckpt)
             spec = specs[name]
             feeds = dummy_inputs(spec, seed=0)
-            with torch.no_grad(), export_patches():  # the exported forms (same math; see patches.py)
-                ref = mod(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+            inputs = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+            with export_patches():  # the exported forms (same math; see patches.py)
+                materialize(mod, used_keys(mod, inputs, graph_keys(mod, keys)), ckpt)
+                with torch.no_grad():
+                    ref = mod(*inputs)
             ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
             del mod, jf
             got = ort_session(Path(args.artifacts) / f"{name}.onnx", lean=True).run(spec.output_names, feeds)
