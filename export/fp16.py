@@ -21,6 +21,7 @@ Islands (node -> reason, all written to the manifest's recipe):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,13 @@ import numpy as np
 import onnx
 from onnx import version_converter
 from onnx.external_data_helper import load_external_data_for_model
-from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+from onnxruntime.transformers import float16 as ort_float16
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16
 
 from janusflow_trt.calibration.ranges import FP16_MAX, Ranges, measure
 
 from .onnx_graph import graph_opset, name_nodes, tensor_readers
-from .onnx_io import ort_session, save_model
+from .onnx_io import external_files, ort_session, save_graph, save_model
 from .specs import GraphSpec, compare, fp16_boundary, precision_variant
 
 OVERFLOW_FRACTION = 0.5  # headroom: held-out inputs may reach 2x what calibration saw
@@ -114,7 +116,7 @@ def sincos_arguments(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return list(seen.values())
 
 
-def load_typed(path: Path, opset: int | None = None) -> onnx.ModelProto:
+def load_typed(path: Path, opset: int | None = None, weights: bool = True) -> onnx.ModelProto:
     """The graph file at `path` with every tensor's type inferred (value_info), raised to `opset` first if
     given, then its weights loaded. Inference and the version converter run on the weightless proto
     (external initializers keep their type and dims): both pass the model through protobuf
@@ -125,8 +127,56 @@ def load_typed(path: Path, opset: int | None = None) -> onnx.ModelProto:
     if opset is not None and graph_opset(model) < opset:
         model = version_converter.convert_version(model, opset)
     model = onnx.shape_inference.infer_shapes(model)
-    load_external_data_for_model(model, str(Path(path).parent))
+    if weights:
+        load_external_data_for_model(model, str(Path(path).parent))
     return model
+
+
+@contextlib.contextmanager
+def _weightless_converter():
+    """The float16 converter reads one thing of a weight that it does not convert itself: its shape, through
+    numpy_helper.to_array (make_value_info_from_tensor), which needs the data. On a weightless proto the
+    dims say the same. Restored on exit."""
+    saved = ort_float16.make_value_info_from_tensor
+    ort_float16.make_value_info_from_tensor = lambda t: onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                                          list(t.dims))
+    try:
+        yield
+    finally:
+        ort_float16.make_value_info_from_tensor = saved
+
+
+def _external(t: onnx.TensorProto) -> dict[str, str]:
+    return {kv.key: kv.value for kv in t.external_data}
+
+
+def stream_weights(model: onnx.ModelProto, src_dir: Path, types: dict[str, int], out_path: Path,
+                   align: int = 4096) -> str:
+    """`model`'s external initializers (still pointing at the FP32 data file in src_dir) written into
+    out_path.name + '.data' one at a time: as stored where their type is unchanged, converted by the
+    float16 converter's own convert_np_to_float16 where it turned FLOAT into FLOAT16 (types: each
+    initializer's type before conversion); -> the data file's name."""
+    data = out_path.name + ".data"
+    with open(out_path.parent / data, "wb") as f:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            ref = _external(t)
+            was = types[t.name]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(was)
+            a = np.fromfile(src_dir / ref["location"], dtype=dtype, count=int(np.prod(t.dims, dtype=np.int64)),
+                            offset=int(ref.get("offset", 0)))
+            if t.data_type != was:
+                assert (was, t.data_type) == (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16), t.name
+                a = convert_np_to_float16(a)
+            f.seek(-f.tell() % align, 1)  # page-aligned: ONNX Runtime maps such tensors instead of copying them
+            offset = f.tell()
+            f.write(a.tobytes())
+            del t.external_data[:]
+            for k, v in (("location", data), ("offset", str(offset)), ("length", str(a.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+    return data
 
 
 def convert(model: onnx.ModelProto, spec: GraphSpec, block: list[str]) -> onnx.ModelProto:
@@ -180,7 +230,8 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
     all_fp32: a reason to keep every node FP32 (then only the boundary changes). limit: at most this many
     samples (CalibrationData.select, spread) are measured; check: samples of the FP16-vs-FP32 check.
     Memory, in order: the range measurement (one ORT session of the FP32 graph), then the FP32 model
-    converted in place and saved, then the two sessions of the check: never all at once."""
+    converted in place and saved (big: converted weightless, the weights then streamed one at a time,
+    stream_weights), then the two sessions of the check: never all at once."""
     samples = lambda: calib.samples(spec.name, limit)  # noqa: E731
     if calib.count(spec.name) == 0:
         raise ValueError(f"no calibration samples recorded for graph {spec.name}")
@@ -188,15 +239,22 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
         ranges = Ranges(samples=len(calib.select(spec.name, limit)))
     else:
         ranges = measure(fp32_path, samples)
-    model = load_typed(fp32_path)
+    # big: converted on the weightless proto, then the weights streamed into the FP16 data file one at a time
+    model = load_typed(fp32_path, weights=not big)
+    types = {t.name: t.data_type for t in model.graph.initializer}
     name_nodes(model)
     if all_fp32:
         islands = Islands({n.name: f"request: {all_fp32}" for n in model.graph.node}, {})
     else:
         islands = choose_islands(model, ranges)
-    fp16 = convert(model, spec, sorted(islands.reasons))
+    with _weightless_converter() if big else contextlib.nullcontext():
+        fp16 = convert(model, spec, sorted(islands.reasons))
     del model
-    data = save_model(fp16, out_path, big)
+    if big and external_files(fp16):
+        stream_weights(fp16, Path(fp32_path).parent, types, out_path)
+        data = save_graph(fp16, out_path)
+    else:
+        data = save_model(fp16, out_path, big)
     del fp16
     checked = calibration_check(fp32_path, out_path, spec, lambda: calib.samples(spec.name, check), check)
     recipe = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import resource
 import threading
 
 import psutil
@@ -17,6 +18,13 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def max_rss_mb() -> dict[str, float]:
+    """The kernel's high-water marks so far (what `/usr/bin/time -v` reports as maximum resident set size):
+    this process, and the largest of its waited-for children (e.g. the ModelOpt worker)."""
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "children_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 class PeakRSS:

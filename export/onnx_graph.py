@@ -21,6 +21,29 @@ def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
+def hide_external_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Turn the initializers stored as external data into graph inputs of the same type and shape (for a
+    pass that would read their values, e.g. onnxslim, on a weightless proto); -> them by name, for
+    restore_initializers."""
+    hidden = {t.name: t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    keep = [t for t in model.graph.initializer if t.name not in hidden]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims))
+                             for n, t in hidden.items())
+    return hidden
+
+
+def restore_initializers(model: onnx.ModelProto, hidden: dict[str, onnx.TensorProto]) -> None:
+    """Undo hide_external_initializers on `model` (the pass's output): the hidden inputs become their
+    initializers again (those still read; external references untouched)."""
+    inputs = [i for i in model.graph.input if i.name not in hidden]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    model.graph.initializer.extend(t for n, t in hidden.items() if n in read)
+
+
 def name_nodes(model: onnx.ModelProto) -> None:
     """Give unnamed nodes a stable name: the FP16 converter blocks nodes by name, and the INT8 recipes and
     sensitivity tables refer to them."""

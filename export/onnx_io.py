@@ -7,8 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx.external_data_helper import load_external_data_for_model
 
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+# A graph whose weights exceed this keeps them in a data file beside it. Protobuf's hard limit is 2 GiB,
+# but a proto holding its weights is copied by every load, serialisation and onnxslim pass: the full-size
+# SigLIP (1.2 GB) checked inline peaked at 7.9 GB RSS; with its weights in a data file the export checks
+# it on the weightless proto (export/torch_to_onnx.py: finish_one), as the LLM.
+EXTERNAL_DATA_BYTES = 256 * 2**20
 
 
 def needs_external_data(nbytes: int) -> bool:
@@ -31,6 +36,27 @@ def save_model(model: onnx.ModelProto, path: Path, big: bool) -> str | None:
         return data
     onnx.save_model(model, str(path))
     return None
+
+
+def load_weights(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read `model`'s external tensors (paths relative to base_dir) into the proto."""
+    load_external_data_for_model(model, str(base_dir))
+
+
+def external_files(model: onnx.ModelProto) -> list[str]:
+    """The external-data files `model`'s initializers read, sorted."""
+    return sorted({kv.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                   for kv in t.external_data if kv.key == "location"})
+
+
+def save_graph(model: onnx.ModelProto, path: Path, data: str | None = None) -> str:
+    """Write `model` whose weights stay in their external-data file (`data`, default path.name + '.data',
+    left unchanged): the graph alone is serialised. -> that file's name."""
+    data = data or path.name + ".data"
+    files = external_files(model)
+    assert files == [data], f"{path.name}: weights in {files}, expected [{data}]"
+    onnx.save_model(model, str(path))
+    return data
 
 
 def ort_session(path: Path | str, threads: int = 0, lean: bool = False) -> ort.InferenceSession:

@@ -1,14 +1,20 @@
 """torch -> checked ONNX: each graph of export/graphs.py exported (dynamo first, the legacy exporter as
 fallback), then checked on the ONNX side (dims named as the spec, checker, shape inference, onnxslim kept
 only if ONNX Runtime's outputs still match, the op set against the TensorRT parser); export_fp32 does all
-the asked graphs into a directory, in two phases so that the torch model is freed before the checks."""
+the asked graphs into a directory, in two phases so that the torch modules are freed before the checks.
+
+Memory: the checkpoint's graphs are traced with fake parameters and their weights streamed from the
+safetensors into the external-data file (export/streamed.py: the weights are never all in memory); a
+graph above the protobuf limit is then checked without loading its weights into Python (renaming,
+GELU form, onnxslim on the weightless proto, checker and shape inference on the file); only ONNX
+Runtime's parity runs hold them, one session at a time. `streamed=False` is the inline export (the real
+modules traced; the reference of tests/test_streamed_export.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -30,10 +36,11 @@ from janusflow_trt.janusflow_ref.weights import load_model
 from . import graphs as G
 from .manifest import graph_entry
 from .memory import PeakRSS, release_memory
-from .onnx_graph import gelu_ort_form, graph_opset
-from .onnx_io import initializer_bytes, needs_external_data, ort_session, save_model
+from .onnx_graph import gelu_ort_form, graph_opset, hide_external_initializers, restore_initializers
+from .onnx_io import initializer_bytes, load_weights, needs_external_data, ort_session, save_graph, save_model
 from .patches import export_patches
 from .specs import GRAPH_NAMES, GraphSpec, build_specs, compare, dummy_inputs
+from .streamed import STREAMED_GRAPHS, CheckpointTensors, attach_weights, fake_model, graph_keys, save_streamed
 from .trt_ops import OPERATORS_MD, graph_ops, unsupported_ops
 
 MIN_OPSET, MAX_OPSET = 18, 21  # dynamo exports 18+; below it onnxscript's down-converter fails
@@ -63,6 +70,11 @@ def resolve_vae(model_dir: str | Path, vae_dir: str | Path | None, needed: bool)
     return resolve_vae_dir(model_dir, vae_dir)
 
 
+GRAPH_MODULES: dict[str, type[torch.nn.Module]] = {  # the JanusFlow model's graphs (vae_dec wraps the VAE)
+    "siglip": G.SigLIPGraph, "embed": G.EmbedGraph, "llm": G.LLMGraph, "gen_enc": G.GenEncGraph,
+    "gen_dec": G.GenDecGraph}
+
+
 def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[str]):
     """-> (cfg, {graph: eval-mode torch module}) in float32."""
     model_dir = Path(model_dir)
@@ -70,9 +82,7 @@ def load_modules(model_dir: str | Path, vae_dir: str | Path | None, names: list[
     mods: dict[str, torch.nn.Module] = {}
     if any(n != "vae_dec" for n in names):
         m = load_model(model_dir)
-        ctors = {"siglip": G.SigLIPGraph, "embed": G.EmbedGraph, "llm": G.LLMGraph, "gen_enc": G.GenEncGraph,
-                 "gen_dec": G.GenDecGraph}
-        mods.update({n: ctors[n](m).eval() for n in names if n in ctors})
+        mods.update({n: GRAPH_MODULES[n](m).eval() for n in names if n in GRAPH_MODULES})
     if "vae_dec" in names:
         mods["vae_dec"] = G.VAEDecGraph(load_vae(resolve_vae(model_dir, vae_dir, True))).eval()
     return cfg, mods
@@ -109,6 +119,18 @@ def export_dynamo(module, spec: GraphSpec, args: tuple, path: Path, opset: int, 
     torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset, input_names=spec.input_names,
                       output_names=spec.output_names, dynamic_shapes=_dynamic_shapes(spec), external_data=big,
                       optimize=True, verbose=False)
+
+
+def export_streamed(module, spec: GraphSpec, args: tuple, path: Path, opset: int,
+                    weights: tuple[dict[str, str], CheckpointTensors]) -> None:
+    """`module` holds fake parameters: trace unoptimised, attach the checkpoint's tensors lazily, run the
+    optimiser torch.onnx.export(optimize=True) runs, write the weights one tensor at a time."""
+    prog = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, input_names=spec.input_names,
+                             output_names=spec.output_names, dynamic_shapes=_dynamic_shapes(spec), optimize=False,
+                             verbose=False)
+    attach_weights(prog.model, *weights)
+    prog.optimize()
+    save_streamed(prog.model, path)
 
 
 def export_legacy(module, spec: GraphSpec, args: tuple, path: Path, opset: int, big: bool) -> None:
@@ -155,11 +177,28 @@ def _quiet_exporter():
         lg.setLevel(level)
 
 
-def export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False) -> dict:
-    """torch -> tmp/name.onnx (raw exporter output); -> {"exporter", ["dynamo_error"]}."""
+def export_one(name: str, module, spec: GraphSpec, tmp: Path, opset: int, force_legacy: bool = False,
+               weights: tuple[dict[str, str], CheckpointTensors] | None = None) -> dict | None:
+    """torch -> tmp/name.onnx (raw exporter output); -> {"exporter", ["dynamo_error"]}. weights: `module`
+    holds fake parameters (export/streamed.py), (initializer -> checkpoint key, the checkpoint); then
+    dynamo only, and a failure returns None: the caller exports the real module instead."""
     path = tmp / f"{name}.onnx"
     feeds = dummy_inputs(spec, seed=1)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    if weights is not None:
+        with export_patches(), torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            try:
+                export_streamed(module, spec, args, path, opset, weights)
+            except Exception as e:
+                if os_error_in(e) is not None:
+                    raise
+                log.warning("graph %s: streamed export failed (%s: %s); exporting the loaded module", name,
+                            type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+                for f in tmp.glob(f"{name}.onnx*"):
+                    f.unlink()
+                return None
+        return {"exporter": "dynamo", "streamed": True}
     # the modules hold the whole model; the graph's own size is known only after export, so dynamo
     # always writes external data first (no 2 GiB protobuf limit), and finish_one decides
     big_module = needs_external_data(sum(p.numel() * p.element_size() for p in module.parameters()))
@@ -195,15 +234,19 @@ def finish_one(name: str, spec: GraphSpec, tmp: Path, opset: int) -> dict:
     simplify + re-check, TensorRT op check; -> manifest fields."""
     path = tmp / f"{name}.onnx"
     feeds = dummy_inputs(spec, seed=1)
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     real = graph_opset(model)
     if real != opset:  # an exporter that quietly kept another opset would make the manifest lie
         raise ExportError(f"graph {name}: the exporter wrote opset {real}, not the requested {opset}")
     big = needs_external_data(initializer_bytes(model))
+    if not big:  # stored inline: its weights come into the proto
+        load_weights(model, tmp)
     _rename_dims(model, spec)
     gelus = gelu_ort_form(model)
-    data = save_model(model, path, big)
-    del model  # a full-size LLM proto is ~6 GB: do not hold it while ORT loads the file
+    # big: the graph alone is rewritten; its weights stay where the exporter put them (a full-size LLM
+    # proto with its weights is ~6 GB, and serialising it takes as much again)
+    data = save_graph(model, path) if big else save_model(model, path, False)
+    del model
     onnx.checker.check_model(str(path), full_check=True)
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     before = _run(path, spec, feeds)
@@ -214,10 +257,23 @@ def finish_one(name: str, spec: GraphSpec, tmp: Path, opset: int) -> dict:
             "opset": graph_opset(model)}
 
 
+def _slim(path: Path, big: bool) -> onnx.ModelProto:
+    """onnxslim on the file; big: on the weightless proto, the external weights shown to it as graph inputs
+    (it reads every initializer's values; folding into a weight this large is the exporter's job, which
+    did it: tests/test_streamed_export.py compares the result with onnxslim on the loaded graph)."""
+    if not big:
+        return onnxslim.slim(onnx.load(str(path)))
+    model = onnx.load(str(path), load_external_data=False)
+    hidden = hide_external_initializers(model)
+    slim = onnxslim.slim(model)
+    restore_initializers(slim, hidden)
+    return slim
+
+
 def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big: bool) -> bool | str:
     """onnxslim; kept only if it passes the checker and ORT outputs match the unsimplified graph."""
     try:
-        slim = onnxslim.slim(onnx.load(str(path)))
+        slim = _slim(path, big)
     except Exception as e:  # a simplifier bug must not lose a valid export
         if os_error_in(e) is not None:
             raise
@@ -226,12 +282,13 @@ def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big:
     # [1,1,S,S] annotated [B,4,S,S], which the checker rejects); its annotations are only hints, so
     # drop them and let ONNX infer again. The nodes themselves are checked by the ORT parity below.
     del slim.graph.value_info[:]
-    # the candidate goes to a side folder under the same file name, so its external-data reference
-    # stays valid when it is renamed into place
-    side = path.parent / ".slim"
-    side.mkdir(exist_ok=True)
-    cand = side / path.name
-    save_model(slim, cand, big)
+    # the candidate sits beside the graph under another name: inline (small), or reading the graph's
+    # own data file (big; its initializers name that file, whatever the candidate is called)
+    cand = path.with_name(f".slim.{path.name}")
+    if big:
+        save_graph(slim, cand, path.name + ".data")
+    else:
+        save_model(slim, cand, False)
     del slim
     try:
         onnx.checker.check_model(str(cand), full_check=True)
@@ -247,33 +304,51 @@ def _simplify(path: Path, spec: GraphSpec, feeds, before: list[np.ndarray], big:
             raise
         e = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         log.warning("graph %s: simplified graph rejected (%s); keeping the unsimplified graph", spec.name, e)
-        shutil.rmtree(side)
+        cand.unlink()
         return f"rejected: {e}"
-    for f in side.iterdir():
-        os.replace(f, path.parent / f.name)
-    side.rmdir()
+    os.replace(cand, path)
     return True
 
 
 # -- all graphs ------------------------------------------------------------------------------------
 def export_fp32(model_dir: Path, vae_dir: Path | None, out: Path, names: list[str], opset: int,
-                force_legacy: tuple[str, ...] = (), progress: bool = True
+                force_legacy: tuple[str, ...] = (), progress: bool = True, streamed: bool = True
                 ) -> tuple[JanusFlowConfig, dict[str, GraphSpec], dict[str, dict[str, Any]]]:
     """out/<graph>.onnx for each of `names`; -> (cfg, specs, {graph: manifest entry}). force_legacy: graphs
-    that skip dynamo. Phase 1 needs the torch model; phase 2 (checks, ORT, simplification) runs after it is
-    freed: at full size the fp32 model (~8 GB) plus the LLM graph loaded 2-3 times does not fit in 24 GB."""
-    cfg, mods = load_modules(model_dir, vae_dir, names)
+    that skip dynamo (and streaming). streamed: the checkpoint's graphs traced with fake parameters, their
+    weights streamed from the safetensors (False: the inline export of the loaded modules). Phase 1 needs
+    the torch modules; phase 2 (checks, ORT, simplification) runs after they are freed."""
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
     specs = build_specs(cfg)
+    fake = [n for n in names if streamed and n in STREAMED_GRAPHS and n not in force_legacy]
+    mods: dict[str, torch.nn.Module] = {}
+    weights: dict[str, tuple[dict[str, str], CheckpointTensors]] = {}
+    if fake:
+        ckpt = CheckpointTensors(model_dir, cfg)
+        jf, keys = fake_model(cfg)
+        mods = {n: GRAPH_MODULES[n](jf).eval() for n in fake}
+        weights = {n: (graph_keys(mods[n], keys), ckpt) for n in fake}
+        del jf
+    if len(fake) < len(names):
+        mods.update(load_modules(model_dir, vae_dir, [n for n in names if n not in fake])[1])
     entries: dict[str, dict] = {}
     bar = tqdm(names, desc="export", unit="graph", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
         with PeakRSS() as rss:
-            entries[name] = export_one(name, mods[name], specs[name], out, opset, name in force_legacy)
+            info = export_one(name, mods[name], specs[name], out, opset, name in force_legacy, weights.get(name))
+            if info is None:  # the streamed export failed (logged): the real module, loaded for this graph only
+                mods[name] = load_modules(model_dir, vae_dir, [name])[1][name]
+                info = export_one(name, mods[name], specs[name], out, opset, name in force_legacy)
+            del mods[name]
+        assert info is not None
+        entries[name] = info
         entries[name].update(export_seconds=round(time.perf_counter() - t0, 2), export_peak_rss_mb=rss.peak_mb,
                              export_start_rss_mb=rss.start_mb)
-    del mods
+        release_memory()
+    del mods, weights
     release_memory()
     bar = tqdm(names, desc="check", unit="graph", disable=not progress)
     for name in bar:

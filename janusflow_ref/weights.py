@@ -55,6 +55,16 @@ def expected_shapes(cfg: JanusFlowConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
+def rebuild_buffers(model: JanusFlow, cfg: JanusFlowConfig) -> None:
+    """Non-persistent buffers (RoPE inv_freq, pixel normalisation) are not in the file: rebuilt on CPU
+    (load_model, and the export's fake-parameter model, export/streamed.py)."""
+    model.language_model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg.llm)
+    tower = model.vision_und_enc_model
+    if tower._mean is not None:
+        tower._mean = torch.tensor(cfg.siglip.pixel_mean).view(1, -1, 1, 1)
+        tower._std = torch.tensor(cfg.siglip.pixel_std).view(1, -1, 1, 1)
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> JanusFlow:
     """Build JanusFlow from an official-layout directory; every key must be present with its shape."""
     model_dir = Path(model_dir)
@@ -65,12 +75,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Jan
     check_keys({k: v.shape for k, v in model.state_dict().items()}, state)
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (RoPE inv_freq, pixel normalisation) are not in the file: rebuild on CPU.
-    model.language_model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg.llm)
-    tower = model.vision_und_enc_model
-    if tower._mean is not None:
-        tower._mean = torch.tensor(cfg.siglip.pixel_mean).view(1, -1, 1, 1)
-        tower._std = torch.tensor(cfg.siglip.pixel_std).view(1, -1, 1, 1)
+    rebuild_buffers(model, cfg)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"tensors left on meta after loading: {leftover[:3]}"
     return model.eval()

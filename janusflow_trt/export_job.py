@@ -17,6 +17,7 @@ from janusflow_trt.calibration.data import InputSet, calibration_set
 from janusflow_trt.calibration.int8_calib import check_inputs
 from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, recording_key
 from janusflow_trt.export.manifest import build_manifest, is_export_dir, write_manifest
+from janusflow_trt.export.memory import max_rss_mb
 from janusflow_trt.export.torch_to_onnx import check_opset, export_fp32, parse_graphs, resolve_vae
 from janusflow_trt.export.variants import (
     CALIB_DIR,
@@ -59,6 +60,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     An existing out_dir is replaced only if it is an earlier export and force is set. precisions: fp32
     always; fp16 / int8 / int8-cpu derived from it on one calibration set recorded from calib_inputs
     (default: the built-in set) with calib_plan (default: PLANS['default'])."""
+    t_run = time.perf_counter()
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
     int8 = [p for p in precs if p.startswith("int8")]
@@ -91,5 +93,6 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
                 add_int8(tmp, specs, entries, calib, int8, calib_method, plan, progress)
             manifest["calibration"] = calibration_entry(calib, reused, record_s, entries)
         add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
+        manifest["run"] = {"seconds": round(time.perf_counter() - t_run, 1), **max_rss_mb()}
         write_manifest(tmp, manifest)
     return manifest

@@ -182,6 +182,7 @@ def test_legacy_fallback(tiny, tmp_path, monkeypatch):
         raise RuntimeError("simulated dynamo failure")
 
     monkeypatch.setattr(torch_to_onnx, "export_dynamo", broken)
+    monkeypatch.setattr(torch_to_onnx, "export_streamed", broken)  # both dynamo paths: the loaded module, then legacy
     out = tmp_path / "legacy"
     m = export_graphs(tiny, None, out, graphs="embed,gen_dec", progress=False)
     for g in ("embed", "gen_dec"):
