@@ -25,7 +25,7 @@ from janusflow_trt.export.specs import build_specs, max_images
 
 from .chat import Reply, batched_chat, chat_call, chat_work
 from .engine import EngineLoop, Job
-from .images import image_call, image_work, images_response, png_b64
+from .images import collect, image_call, image_events, image_work, images_response, png_b64
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, ImageGenerationRequest, ServeError, parse
 
@@ -166,10 +166,15 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
         authorize(request)
         req = parse(ImageGenerationRequest, await body(request))
         check_model(req.model)
-        j = job("images", image_work(image_call(req, limit_images)))
-        _, res = await j.next()
+        call = image_call(req, limit_images)
+        j = job("images", image_work(call))
+        _, use = await j.next()  # ("start", usage): errors before it (bad input) are plain 4xx responses
+        if call.stream:
+            return StreamingResponse(image_events(j, use, metrics, run_in_threadpool),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        res = await collect(j)
         metrics.images.inc(len(res.images))
-        return images_response(await run_in_threadpool(png_b64, res))
+        return images_response(await run_in_threadpool(png_b64, res), use)
 
     @app.get("/v1/models")
     async def models(request: Request):
