@@ -25,7 +25,7 @@ from janusflow_trt.export.specs import build_specs, max_images
 
 from .chat import Reply, batched_chat, chat_call, chat_work
 from .engine import EngineLoop, Job
-from .images import collect, image_call, image_events, image_work, images_response, png_b64
+from .images import batched_image, collect, image_call, image_events, image_work, images_response, png_b64
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, ImageGenerationRequest, ServeError, parse
 
@@ -139,9 +139,9 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
             raise ServeError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
                              param="model", code="model_not_found")
 
-    def job(endpoint: str, work, batched=None) -> Job:
+    def job(endpoint: str, work, batched=None, image_rows=None) -> Job:
         j = Job(endpoint, work, asyncio.get_running_loop(), time.monotonic() + settings.request_timeout_s,
-                batched=batched)
+                batched=batched, image_rows=image_rows)
         engine.submit(j)
         return j
 
@@ -163,12 +163,14 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
+        t0 = time.perf_counter()
         authorize(request)
         req = parse(ImageGenerationRequest, await body(request))
         check_model(req.model)
         call = image_call(req, limit_images)
-        j = job("images", image_work(call))
+        j = job("images", image_work(call), image_rows=batched_image(call))
         _, use = await j.next()  # ("start", usage): errors before it (bad input) are plain 4xx responses
+        metrics.first_step.observe(time.perf_counter() - t0)
         if call.stream:
             return StreamingResponse(image_events(j, use, metrics, run_in_threadpool),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from janusflow_trt.api import GenerateResult, Pipeline
+from janusflow_trt.image_batch import ImageRequest, predicted_x0
 from janusflow_trt.images import to_uint8
-from janusflow_trt.janusflow_ref.generation import prompt_ids
 
 from .engine import Job, TokenTap
 from .metrics import Metrics
@@ -83,15 +83,10 @@ def preview_steps(steps: int, partials: int) -> list[int]:
     return sorted(i for i in at if 1 <= i <= steps - 2)
 
 
-def predicted_x0(z_before: np.ndarray, z_after: np.ndarray, step: int, steps: int) -> np.ndarray:
-    """The clean latent predicted at Euler step `step` (module docstring): z_i + (steps - i) (z_{i+1} - z_i)."""
-    return z_before + np.float32(steps - step) * (z_after - z_before)
-
-
-def usage(pipe: Pipeline, call: ImageCall) -> dict[str, Any]:
-    """The OpenAI usage object: the prompt's tokens in, the image tokens (576 per image) out."""
-    text = len(prompt_ids(pipe.processor, call.prompt, pipe.cfg))
-    out = call.n * pipe.cfg.num_gen_tokens
+def usage(pipe: Pipeline, call: ImageCall, ids: list[int]) -> dict[str, Any]:
+    """The OpenAI usage object: the prompt's tokens in (`ids`: the generation prompt), the image tokens
+    (576 per image) out."""
+    text, out = len(ids), call.n * pipe.cfg.num_gen_tokens
     return {"input_tokens": text, "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
             "output_tokens": out, "total_tokens": text + out}
 
@@ -104,23 +99,46 @@ def image_work(call: ImageCall):
     previews = preview_steps(call.steps, call.partials)
 
     def work(pipe: Pipeline, tap: TokenTap, job: Job) -> None:
-        use = usage(pipe, call)  # refuses a prompt beyond the context before any work
-        before: list[np.ndarray] = []  # z before a preview step (the callback's z is the loop's buffer)
+        # refuses bad input (a prompt beyond the context) before any work
+        use = usage(pipe, call, pipe.generate_request(call.prompt, call.n, call.steps, call.cfg_weight, call.seed))
+        before: list[torch.Tensor] = []  # z before a preview step (the callback's z is the loop's buffer)
 
         def step(i: int, z: np.ndarray) -> None:
             job.check()
             if i == 0:
                 job.post("start", use)
             if i in previews:
-                job.post("partial", (previews.index(i), predicted_x0(before[0], z, i, call.steps)))
+                x0 = predicted_x0(before[0], torch.from_numpy(z), i, call.steps)
+                job.post("partial", (previews.index(i), x0.numpy()))
             if i + 1 in previews:
-                before[:] = [z.copy()]
+                before[:] = [torch.from_numpy(z.copy())]
 
         res = pipe.generate(call.prompt, num_images=call.n, steps=call.steps, cfg_weight=call.cfg_weight,
                             seed=call.seed, callback=step)
         job.post("done", res)
 
     return work
+
+
+class BatchedImage:
+    """An image job run by the engine's Euler-step scheduler (--max-batch > 1): its ImageRequest, checked
+    as Pipeline.generate checks it, and the scheduler's events posted as image_work posts them."""
+
+    def __init__(self, pipe: Pipeline, call: ImageCall, job: Job):
+        ids = pipe.generate_request(call.prompt, call.n, call.steps, call.cfg_weight, call.seed)
+        self.req = ImageRequest(ids, call.n, call.steps, call.cfg_weight, call.seed,
+                                previews=preview_steps(call.steps, call.partials))
+        self.job, self.use = job, usage(pipe, call, ids)
+
+    def event(self, kind: str, payload: Any) -> None:
+        self.job.post(kind, self.use if kind == "start" else payload)
+
+
+def batched_image(call: ImageCall):
+    def start(pipe: Pipeline, job: Job) -> BatchedImage:
+        return BatchedImage(pipe, call, job)
+
+    return start
 
 
 def preview_rgb(x0: np.ndarray) -> np.ndarray:
