@@ -9,9 +9,14 @@ The step knows nothing of requests.
   slots up to the longest). The uncond row's prefix (BOS, then pads that are masked) depends only on
   its length: prefilled once per length and shared (a small LRU).
 - Compatibility: gen_dec takes one dt (1/steps) and one CFG weight per call, so only requests with the
-  same `steps` and `cfg_weight` share a call (`ImageRequest.key`); each key is a group, and the groups
-  take turns, one step each. Images in flight (all groups) are at most `capacity` (the graphs' batch
-  limit: export.specs.max_images); a request that does not fit waits, first come first served.
+  same `steps` and `cfg_weight` share a call (`ImageRequest.key`).
+- Groups: the requests of one step call, one key, at most `step_images` images (a request's own n
+  images always share a call); the groups take turns, one step call each, and a group holding a request
+  that has not made its first step goes first (time to first step: the running call, then its own).
+  `step_images` < `capacity` time-slices instead of batching: where a bigger call costs more per image
+  (ORT on a small CPU: docs/serving.md), requests still interleave at step granularity.
+- Images in flight (all groups) are at most `capacity` (the graphs' batch limit:
+  export.specs.max_images); a request that does not fit waits, first come first served.
 - A request's latents do not depend on its companions beyond the summation order of the larger GEMMs
   (FP32: within the tolerance tests/test_image_batch.py states): its noise is seeded as the CLI's
   (initial_latents), its rows see only its own prefix, its t and its z.
@@ -74,6 +79,7 @@ class ImageRequest:
     uncond: KVCache | None = None
     z: torch.Tensor | None = None  # [n, 4, 48, 48] on the device; None while the group's state carries it
     slot: int = 0  # its first image in the group's state
+    group: Group | None = None
 
     @property
     def key(self) -> tuple[int, float]:
@@ -84,6 +90,7 @@ class ImageRequest:
 class Group:
     """Requests sharing one step call (one key), in row order; `state` None when it must be rebuilt."""
 
+    key: tuple[int, float]
     reqs: list[ImageRequest] = field(default_factory=list)
     state: EulerState | None = None
     runner: StepRunner | None = None
@@ -97,11 +104,12 @@ Event = tuple[ImageRequest, str, Any]
 
 
 class ImageBatch:
-    def __init__(self, engine: RuntimeEngine, capacity: int):
+    def __init__(self, engine: RuntimeEngine, capacity: int, step_images: int | None = None):
+        """capacity: images in flight; step_images: images per step call (default: capacity)."""
         self.engine, self.backend, self.cfg = engine, engine.backend, engine.cfg
         self.pad_id = engine.processor.pad_id
-        self.capacity = capacity
-        self.groups: OrderedDict[tuple[int, float], Group] = OrderedDict()
+        self.capacity, self.step_images = capacity, step_images or capacity
+        self.groups: list[Group] = []  # in turn order
         self.waiting: deque[ImageRequest] = deque()
         self.unconds: OrderedDict[tuple[int, int], KVCache] = OrderedDict()  # (BOS id, length) -> row
         self.last_images = 0  # images in the last step call
@@ -112,7 +120,7 @@ class ImageBatch:
 
     @property
     def running(self) -> int:
-        return sum(len(g.reqs) for g in self.groups.values())
+        return sum(len(g.reqs) for g in self.groups)
 
     def submit(self, req: ImageRequest) -> None:
         assert req.n <= self.capacity, f"{req.n} images is over the batch capacity {self.capacity}"
@@ -122,33 +130,38 @@ class ImageBatch:
         """The request leaves now (its rows leave the next step)."""
         if req in self.waiting:
             self.waiting.remove(req)
-        g = self.groups.get(req.key)
-        if g is not None and req in g.reqs:
-            self._leave(g, req)
+        if req.group is not None:
+            self._leave(req.group, req)
         req.finish = req.finish or "cancelled"
 
     def step(self) -> list[Event]:
         """One round: waiting requests admitted while there is room, then one Euler step of the next
-        group (the groups take turns). -> the events of that step, in row order."""
+        group (a group with a request yet to make its first step, else the one whose turn it is).
+        -> the events of that step, in row order."""
         self._admit()
         if not self.groups:
             return []
-        key, g = next(iter(self.groups.items()))
-        self.groups.move_to_end(key)  # the next round steps the next group
+        g = next((g for g in self.groups if any(r.done == 0 for r in g.reqs)), self.groups[0])
+        self.groups.remove(g)
+        self.groups.append(g)  # its next turn after every other group's
         self.last_images = g.images
         return self._step(g)
 
     # -- membership -----------------------------------------------------------------------------
     def _admit(self) -> None:
-        inflight = sum(g.images for g in self.groups.values())
+        inflight = sum(g.images for g in self.groups)
         while self.waiting and inflight + self.waiting[0].n <= self.capacity:
             req = self.waiting.popleft()
             req.cond = prefix_row(self.backend, self.cfg, req.ids, self.pad_id, uncond=False)
             req.uncond = self._uncond(req.ids)
             req.z = initial_latents(req.n, req.seed).to(self.backend.device)  # the CLI's seeded noise
-            g = self.groups.setdefault(req.key, Group())
+            g = next((g for g in self.groups if g.key == req.key and g.images + req.n <= self.step_images), None)
+            if g is None:
+                g = Group(req.key)
+                self.groups.append(g)
             self._freeze(g)
             g.reqs.append(req)
+            req.group = g
             inflight += req.n
 
     def _uncond(self, ids: list[int]) -> KVCache:
@@ -172,9 +185,9 @@ class ImageBatch:
     def _leave(self, g: Group, req: ImageRequest) -> None:
         self._freeze(g)
         g.reqs.remove(req)
-        req.cond = req.uncond = req.z = None
+        req.cond = req.uncond = req.z = req.group = None
         if not g.reqs:
-            del self.groups[req.key]
+            self.groups.remove(g)
 
     def _build(self, g: Group) -> EulerState:
         slot, zs, conds = 0, [], []

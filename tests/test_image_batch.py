@@ -116,3 +116,21 @@ def test_cancelled_request_leaves_and_the_others_go_on(pipe, solo):
     done = {r: p for rnd in run(batch, {b}) for r, k, p in rnd if k == "done"}
     assert list(done) == [b]
     close(done[b].latents, solo[13])
+
+
+def test_time_sliced_step_calls_put_a_newcomer_first(pipe, solo):
+    """step_images=1: each request its own step call, the calls in turn; a request that joins makes its
+    first step in the very next call, ahead of the others' turns. Results equal their solo runs."""
+    batch = ImageBatch(pipe.engine, capacity=8, step_images=1)
+    a, b = request(pipe, *ASKS[0]), request(pipe, *ASKS[2])
+    batch.submit(a)
+    batch.submit(b)
+    assert [(r, k) for r, k, _ in batch.step()] == [(a, "start")]
+    assert [(r, k) for r, k, _ in batch.step()] == [(b, "start")]
+    assert batch.step() == [] and (a.done, b.done) == (2, 1)
+    late = request(pipe, *JOIN)
+    batch.submit(late)
+    assert [(r, k) for r, k, _ in batch.step()] == [(late, "start")] and b.done == 1
+    done = {r: p for rnd in run(batch, {a, b, late}) for r, k, p in rnd if k == "done"}
+    for r in (a, b, late):
+        close(done[r].latents, solo[r.seed])

@@ -41,6 +41,7 @@ class Settings:
     max_body_bytes: int = 32 * 2**20  # a base64 image of a few tens of megapixels
     request_timeout_s: float = 600.0
     max_batch: int = 1  # chat answers decoded together (engine.py); 1: one job at a time
+    image_step_images: int | None = None  # images per Euler step call (engine.py; None: as many as fit)
 
 
 def error_response(e: ServeError) -> JSONResponse:
@@ -75,7 +76,7 @@ class Observe:
 def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
     """pipe: loaded once, before the app serves (the engine thread owns it from here on)."""
     metrics = Metrics()
-    engine = EngineLoop(pipe, settings.max_queue, metrics, settings.max_batch)
+    engine = EngineLoop(pipe, settings.max_queue, metrics, settings.max_batch, settings.image_step_images)
     limit_images = max_images(build_specs(pipe.cfg))
 
     @asynccontextmanager

@@ -143,7 +143,8 @@ def max_batch_limit(pipe: Pipeline) -> int:
 class EngineLoop:
     """A daemon thread running jobs from a bounded queue: full -> 429 with Retry-After."""
 
-    def __init__(self, pipe: Pipeline, max_queue: int, metrics: Metrics, max_batch: int = 1):
+    def __init__(self, pipe: Pipeline, max_queue: int, metrics: Metrics, max_batch: int = 1,
+                 image_step_images: int | None = None):
         self.tap = TokenTap(pipe.engine)
         # the same Pipeline over the tapped engine (Pipeline's public constructor; its calls are unchanged)
         self.pipe = Pipeline(pipe.cfg, pipe.processor, self.tap, pipe.backend)
@@ -156,6 +157,7 @@ class EngineLoop:
         self.images: ImageBatch | None = None
         self.image_jobs: dict[ImageRequest, ImageRows] = {}
         self._held: Job | None = None  # taken from the queue, waiting for room in its batch
+        self.image_step_images = image_step_images  # images per Euler step call (None: the image capacity)
         if max_batch > 1:
             if not isinstance(pipe.engine, RuntimeEngine):
                 raise InputError(f"--max-batch {max_batch} needs a runtime backend (ort, trt, torch-fast, "
@@ -170,7 +172,8 @@ class EngineLoop:
         return ChatBatch(self.engine.backend, self.pipe.cfg, self.pipe.processor.eos_id, self.max_batch)
 
     def _new_images(self) -> ImageBatch:
-        return ImageBatch(self.engine, min(self.max_batch, max_images(build_specs(self.pipe.cfg))))
+        return ImageBatch(self.engine, min(self.max_batch, max_images(build_specs(self.pipe.cfg))),
+                          self.image_step_images)
 
     def start(self) -> None:
         self.thread.start()
@@ -284,7 +287,9 @@ class EngineLoop:
             with self._errors(img.job, leave=lambda r=req: self._image_leave(r)):
                 img.job.check()
         try:
+            t0 = time.perf_counter()
             events = self.images.step()
+            self.metrics.euler_round.observe(time.perf_counter() - t0)
         except Exception:  # a bug: every job in the batch fails, the batch starts afresh
             log.exception("image batch step failed")
             for img in self.image_jobs.values():
