@@ -144,9 +144,11 @@ def main() -> None:
     ap.add_argument("--artifacts", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--reverse", action="store_true", help="run the server configurations in reverse order "
+                    "(a second pass that cancels a drift in the machine's load)")
     args = ap.parse_args()
     res: dict = {"solo": solo_costs(args), "steps": args.steps, "requests": args.requests}
-    for name, max_batch, conc, step_images in CONFIGS:
+    for name, max_batch, conc, step_images in CONFIGS[::-1] if args.reverse else CONFIGS:
         proc, base = serve(args, max_batch, step_images)
         try:
             res[name] = {"max_batch": max_batch, "concurrency": conc, "step_images": step_images or max_batch,
@@ -160,7 +162,7 @@ def main() -> None:
         res[name]["ttfes_p90_in_solo_steps"] = res[name]["ttfes_p90_s"] / step
         res[name]["images_per_min_vs_one_at_a_time"] = \
             res[name]["images_per_min"] / res["one_at_a_time"]["images_per_min"]
-    out = ROOT / "docs" / "results" / "serve_images.json"
+    out = ROOT / "docs" / "results" / f"serve_images{'_reverse' if args.reverse else ''}.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print("| server | concurrency | images/min (vs one at a time) | TTFES p50 | TTFES p90 | p90 / solo step |"
           " mean image round |\n|---|---|---|---|---|---|---|")
