@@ -123,7 +123,8 @@ class ImageBatch:
         return sum(len(g.reqs) for g in self.groups)
 
     def submit(self, req: ImageRequest) -> None:
-        assert req.n <= self.capacity, f"{req.n} images is over the batch capacity {self.capacity}"
+        """Queued; admitted when its images fit the capacity, or alone when it asks for more images than
+        the capacity (up to the graphs' limit, which Pipeline.generate_request checked)."""
         self.waiting.append(req)
 
     def cancel(self, req: ImageRequest) -> None:
@@ -150,7 +151,7 @@ class ImageBatch:
     # -- membership -----------------------------------------------------------------------------
     def _admit(self) -> None:
         inflight = sum(g.images for g in self.groups)
-        while self.waiting and inflight + self.waiting[0].n <= self.capacity:
+        while self.waiting and (inflight + self.waiting[0].n <= self.capacity or not inflight):
             req = self.waiting.popleft()
             req.cond = prefix_row(self.backend, self.cfg, req.ids, self.pad_id, uncond=False)
             req.uncond = self._uncond(req.ids)

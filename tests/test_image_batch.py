@@ -103,6 +103,15 @@ def test_incompatible_requests_take_turns_and_capacity_is_respected(pipe, solo):
     close(done[a].latents, solo[11])
     close(done[c].latents, solo[13])
     close(done[b].latents, pipe.generate("a red fox", num_images=1, steps=3, seed=11).latents)
+    # more images than the capacity (within the graphs' limit): admitted alone, once nothing else runs
+    d = request(pipe, *ASKS[1][:2], 15)
+    e = request(pipe, *ASKS[0])
+    batch = ImageBatch(pipe.engine, capacity=1)
+    batch.submit(e)
+    batch.submit(d)
+    assert [r for r, k, _ in batch.step() if k == "start"] == [e] and list(batch.waiting) == [d]
+    done = {r: p for rnd in run(batch, {d, e}) for r, k, p in rnd if k == "done"}
+    close(done[d].latents, pipe.generate(ASKS[1][0], num_images=2, steps=STEPS, seed=15).latents)
 
 
 def test_cancelled_request_leaves_and_the_others_go_on(pipe, solo):
