@@ -174,19 +174,25 @@ class Pipeline:
                           timings=timings)
 
     # -- generation ------------------------------------------------------------------------------
+    def generate_request(self, prompt: str, num_images: int, steps: int, cfg_weight: float, seed: int) -> list[int]:
+        """The arguments of generate checked (the scheduler of janusflow_trt/image_batch.py takes the
+        same) -> the generation prompt's ids; a prompt beyond the context is refused before any work."""
+        # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images), for every backend:
+        # they also bound the eager reference's memory
+        V.generate_args(num_images, steps, cfg_weight, seed, None)
+        V.text("the prompt", prompt, self._special)
+        check_generation_args(steps, cfg_weight, num_images, max_images(build_specs(self.cfg)))
+        return prompt_ids(self.processor, prompt, self.cfg)
+
     def generate(self, prompt: str, *, num_images: int = 1, steps: int = 30, cfg_weight: float = 2.0,
                  seed: int = 12345, init_latents: np.ndarray | None = None,
                  callback: Callable[[int, np.ndarray], None] | None = None) -> GenerateResult:
         """-> PIL images, final latents, timings. init_latents [n,4,48,48] replaces the seeded noise;
         callback(step, z) runs after each Euler step (z: [n,4,48,48], valid during the call)."""
-        # the graphs' batch limits (CFG rows = 2 x images; the VAE decodes images), for every backend:
-        # they also bound the eager reference's memory
-        V.generate_args(num_images, steps, cfg_weight, seed, callback)
-        V.text("the prompt", prompt, self._special)
+        V.callback(callback)
         if init_latents is not None and not isinstance(init_latents, np.ndarray):
             raise InputError(f"init_latents must be a numpy array or None, got {type(init_latents).__name__}")
-        check_generation_args(steps, cfg_weight, num_images, max_images(build_specs(self.cfg)))
-        prompt_ids(self.processor, prompt, self.cfg)  # refuses a prompt beyond the context before any work
+        self.generate_request(prompt, num_images, steps, cfg_weight, seed)
         with self._exclusive():
             z0 = initial_latents(num_images, seed, init_latents)
             self.engine.ensure_vae()  # the first generate loads the VAE, before any step

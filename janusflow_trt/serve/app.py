@@ -25,7 +25,7 @@ from janusflow_trt.export.specs import build_specs, max_images
 
 from .chat import Reply, batched_chat, chat_call, chat_work
 from .engine import EngineLoop, Job
-from .images import image_call, image_work, images_response, png_b64
+from .images import batched_image, collect, image_call, image_events, image_work, images_response, png_b64
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, ImageGenerationRequest, ServeError, parse
 
@@ -41,6 +41,7 @@ class Settings:
     max_body_bytes: int = 32 * 2**20  # a base64 image of a few tens of megapixels
     request_timeout_s: float = 600.0
     max_batch: int = 1  # chat answers decoded together (engine.py); 1: one job at a time
+    image_step_images: int | None = None  # images per Euler step call (engine.py; None: as many as fit)
 
 
 def error_response(e: ServeError) -> JSONResponse:
@@ -75,7 +76,7 @@ class Observe:
 def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
     """pipe: loaded once, before the app serves (the engine thread owns it from here on)."""
     metrics = Metrics()
-    engine = EngineLoop(pipe, settings.max_queue, metrics, settings.max_batch)
+    engine = EngineLoop(pipe, settings.max_queue, metrics, settings.max_batch, settings.image_step_images)
     limit_images = max_images(build_specs(pipe.cfg))
 
     @asynccontextmanager
@@ -139,9 +140,9 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
             raise ServeError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
                              param="model", code="model_not_found")
 
-    def job(endpoint: str, work, batched=None) -> Job:
+    def job(endpoint: str, work, batched=None, image_rows=None) -> Job:
         j = Job(endpoint, work, asyncio.get_running_loop(), time.monotonic() + settings.request_timeout_s,
-                batched=batched)
+                batched=batched, image_rows=image_rows)
         engine.submit(j)
         return j
 
@@ -163,13 +164,20 @@ def create_app(pipe: Pipeline, settings: Settings) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
+        t0 = time.perf_counter()
         authorize(request)
         req = parse(ImageGenerationRequest, await body(request))
         check_model(req.model)
-        j = job("images", image_work(image_call(req, limit_images)))
-        _, res = await j.next()
+        call = image_call(req, limit_images)
+        j = job("images", image_work(call), image_rows=batched_image(call))
+        _, use = await j.next()  # ("start", usage): errors before it (bad input) are plain 4xx responses
+        metrics.first_step.observe(time.perf_counter() - t0)
+        if call.stream:
+            return StreamingResponse(image_events(j, use, metrics, run_in_threadpool),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        res = await collect(j)
         metrics.images.inc(len(res.images))
-        return images_response(await run_in_threadpool(png_b64, res))
+        return images_response(await run_in_threadpool(png_b64, res), use)
 
     @app.get("/v1/models")
     async def models(request: Request):

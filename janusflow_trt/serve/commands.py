@@ -20,8 +20,11 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_range(0, 65535), default=8000)
     p.add_argument("--max-batch", type=int_range(1, 1024), default=1,
-                   help="chat answers decoded together, up to the llm graph's batch limit (1: one request "
-                        "at a time); images run one request at a time")
+                   help="chat answers decoded together, up to the llm graph's batch limit, and images sharing "
+                        "each Euler step, up to the graphs' image limit (1: one request at a time)")
+    p.add_argument("--image-step-images", type=int_range(1, 1024), default=None,
+                   help="with --max-batch > 1: images per Euler step call (default: all that fit); fewer "
+                        "time-slices the image requests at step granularity instead (docs/serving.md)")
     p.add_argument("--max-queue", type=int_range(1, 100_000), default=64,
                    help="requests waiting beyond it are refused with 429 and Retry-After")
     p.add_argument("--request-timeout", type=finite(float), default=600.0, help="seconds per request")
@@ -53,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     precision=args.precision, threads=args.threads)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(pipe, Settings(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                    request_timeout_s=args.request_timeout, max_batch=args.max_batch))
+                                    request_timeout_s=args.request_timeout, max_batch=args.max_batch,
+                                    image_step_images=args.image_step_images))
     print(f"serving {name} ({args.backend}, {args.precision}) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

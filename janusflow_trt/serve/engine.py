@@ -3,16 +3,19 @@ queue, so requests never run the model on the event loop and never run it concur
 
 On the runtime backends, chat jobs are rows of one scheduler (janusflow_trt/batch.py) at every
 --max-batch N (N = 1 included: one chat path): up to N answers decode together, a job joins between two
-decode steps and leaves at its end, a stop string, a disconnect or its deadline. Image jobs (and chat
-on the `torch` reference backend) run one at a time, alone; the chat rows wait for them.
+decode steps and leaves at its end, a stop string, a disconnect or its deadline. With --max-batch N > 1,
+image jobs are rows of another (janusflow_trt/image_batch.py): up to min(N, the graphs' image limit)
+images share each Euler step call, a request joins at the next step boundary. The loop interleaves them:
+one chat decode step, then one Euler step, so neither starves. At --max-batch 1 an image job (and any
+job on the `torch` reference backend) runs alone; the chat rows wait for it.
 
 A job posts its results back to its request's asyncio queue (call_soon_threadsafe). It checks, between
 two tokens or two Euler steps, whether its client went away or its time ran out, and then stops: the
 rows it held are free for the next job at the next step.
 
-A solo job (images; chat on `torch`) runs the Pipeline's own path; its usage counts and finish reasons
-come from a tap on the Pipeline's engine (TokenTap). A chat row takes the Pipeline's validation
-(`chat_request`) and detokeniser, and the scheduler runs the runtime's one decode step.
+A solo job (images at --max-batch 1; chat on `torch`) runs the Pipeline's own path; its usage counts
+and finish reasons come from a tap on the Pipeline's engine (TokenTap). A chat row takes the Pipeline's
+validation (`chat_request`) and detokeniser, and the scheduler runs the runtime's one decode step.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from janusflow_trt.api import Pipeline
 from janusflow_trt.batch import ChatBatch, ChatRequest
 from janusflow_trt.engines import RuntimeEngine
 from janusflow_trt.errors import InputError, JanusFlowError
-from janusflow_trt.export.specs import build_specs
+from janusflow_trt.export.specs import build_specs, max_images
+from janusflow_trt.image_batch import ImageBatch, ImageRequest
 
 from .metrics import Metrics
 from .protocol import ServeError
@@ -86,6 +90,15 @@ class Rows(Protocol):
     def done(self, hit: bool) -> None: ...
 
 
+class ImageRows(Protocol):
+    """An image job's side of the Euler-step scheduler (serve/images.py: BatchedImage)."""
+
+    req: ImageRequest
+    job: Job
+
+    def event(self, kind: str, payload: Any) -> None: ...  # ImageBatch's events, posted to the job
+
+
 @dataclass
 class Job:
     """One request's work. `work(pipe, tap, job)` runs on the engine thread and posts events; the engine
@@ -98,6 +111,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     batched: Callable[[Pipeline, Job], Rows] | None = None  # a chat job's rows, when the engine batches
+    image_rows: Callable[[Pipeline, Job], ImageRows] | None = None  # an image job's, when the engine batches
 
     def post(self, kind: str, payload: Any = None) -> None:
         try:
@@ -131,7 +145,8 @@ def max_batch_limit(pipe: Pipeline) -> int:
 class EngineLoop:
     """A daemon thread running jobs from a bounded queue: full -> 429 with Retry-After."""
 
-    def __init__(self, pipe: Pipeline, max_queue: int, metrics: Metrics, max_batch: int = 1):
+    def __init__(self, pipe: Pipeline, max_queue: int, metrics: Metrics, max_batch: int = 1,
+                 image_step_images: int | None = None):
         self.tap = TokenTap(pipe.engine)
         # the same Pipeline over the tapped engine (Pipeline's public constructor; its calls are unchanged)
         self.pipe = Pipeline(pipe.cfg, pipe.processor, self.tap, pipe.backend)
@@ -141,17 +156,27 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="janusflow-engine", daemon=True)
         self.max_batch, self.rows = max_batch, {}  # rows: ChatRequest -> its job's Rows
         self.batch: ChatBatch | None = None
+        self.images: ImageBatch | None = None
+        self.image_jobs: dict[ImageRequest, ImageRows] = {}
+        self._held: Job | None = None  # taken from the queue, waiting for room in its batch
+        self.image_step_images = image_step_images  # images per Euler step call (None: the image capacity)
         if isinstance(pipe.engine, RuntimeEngine):  # chat rows at any --max-batch: one serve chat path
             if max_batch > (limit := max_batch_limit(pipe)):
                 raise InputError(f"--max-batch {max_batch} is beyond the llm graph's batch limit ({limit})")
             self.engine = pipe.engine
             self.batch = self._new_batch()
+            if max_batch > 1:
+                self.images = self._new_images()
         elif max_batch > 1:
             raise InputError(f"--max-batch {max_batch} needs a runtime backend (ort, trt, torch-fast, "
                              f"torch-cuda), not {pipe.backend}")
 
     def _new_batch(self) -> ChatBatch:
         return ChatBatch(self.engine.backend, self.pipe.cfg, self.pipe.processor.eos_id, self.max_batch)
+
+    def _new_images(self) -> ImageBatch:
+        return ImageBatch(self.engine, min(self.max_batch, max_images(build_specs(self.pipe.cfg))),
+                          self.image_step_images)
 
     def start(self) -> None:
         self.thread.start()
@@ -174,21 +199,42 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            busy = self.batch is not None and self.batch.busy
+            busy = (self.batch is not None and self.batch.busy) or (self.images is not None and self.images.busy)
             self._take(block=not busy)
             if self.batch is not None and self.batch.busy:
                 self._round()
+            if self.images is not None and self.images.busy:
+                self._image_round()
 
     def _take(self, block: bool) -> None:
-        """Jobs from the queue while the batch has a free row: a batched chat joins it (admitted at the
-        next round), any other job runs now, alone."""
-        while len(self.rows) < self.max_batch:
-            try:
-                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
-            except queue.Empty:
+        """Jobs from the queue while they fit: a batched chat joins the chat batch while it has a free row,
+        a batched image job the image batch while fewer than its capacity of images wait (each admitted at
+        its batch's next round); a job that does not fit is held, first in line, until it does. Any other
+        job runs now, alone."""
+        while True:
+            job = self._held
+            if job is None:
+                try:
+                    job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
+                except queue.Empty:
+                    return
+                block = False
+                self.metrics.queue_depth.set(self.jobs.qsize())
+            self._held = None
+            if self.images is not None and job.image_rows is not None:
+                if sum(r.n for r in self.images.waiting) >= self.images.capacity:
+                    self._held = job
+                    return
+                with self._errors(job):
+                    job.check()
+                    img = job.image_rows(self.pipe, job)
+                    self.images.submit(img.req)
+                    self.image_jobs[img.req] = img
+                self.metrics.running_images.set(len(self.image_jobs))
+                continue
+            if self.batch is not None and job.batched is not None and len(self.rows) >= self.max_batch:
+                self._held = job
                 return
-            block = False
-            self.metrics.queue_depth.set(self.jobs.qsize())
             if self.batch is not None and job.batched is not None:
                 with self._errors(job):
                     job.check()
@@ -235,6 +281,41 @@ class EngineLoop:
                     del self.rows[req]
                     rows.done(hit)
         self.metrics.running.set(len(self.rows))
+
+    def _image_round(self) -> None:
+        """Between two Euler steps: image jobs whose client left or whose time ran out leave; then one
+        step of the image batch; each job gets its events (start, partial images, its result)."""
+        assert self.images is not None
+        for req, img in list(self.image_jobs.items()):
+            with self._errors(img.job, leave=lambda r=req: self._image_leave(r)):
+                img.job.check()
+        try:
+            t0 = time.perf_counter()
+            events = self.images.step()
+            self.metrics.euler_round.observe(time.perf_counter() - t0)
+        except Exception:  # a bug: every job in the batch fails, the batch starts afresh
+            log.exception("image batch step failed")
+            for img in self.image_jobs.values():
+                img.job.post("error", ServeError(500, "internal server error", type="server_error"))
+            self.image_jobs.clear()
+            self.images = self._new_images()
+            return
+        if self.images.last_images:
+            self.metrics.step_images.observe(self.images.last_images)
+        for req, kind, payload in events:
+            img = self.image_jobs[req]
+            with self._errors(img.job, leave=lambda r=req: self._image_leave(r)):
+                if kind == "error":
+                    raise payload
+                img.event(kind, payload)
+                if req.finish:
+                    del self.image_jobs[req]
+        self.metrics.running_images.set(len(self.image_jobs))
+
+    def _image_leave(self, req: ImageRequest) -> None:
+        assert self.images is not None
+        self.images.cancel(req)
+        self.image_jobs.pop(req, None)
 
     def _leave(self, req: ChatRequest) -> None:
         assert self.batch is not None

@@ -22,3 +22,13 @@ class Metrics:
         self.queue_depth = Gauge("janusflow_queue_depth", "requests waiting for the engine", registry=r)
         self.running = Gauge("janusflow_running_requests", "requests the engine is running (batch occupancy)",
                              registry=r)
+        self.running_images = Gauge("janusflow_running_image_requests",
+                                    "image requests in the Euler-step batch (--max-batch > 1)", registry=r)
+        self.step_images = Histogram("janusflow_euler_step_images", "images in each batched Euler step call",
+                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
+        self.euler_round = Histogram("janusflow_euler_round_seconds", "one image round: admissions (their "
+                                     "prefix prefill), one batched Euler step call, finished images' VAE decode",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.first_step = Histogram("janusflow_time_to_first_euler_step_seconds",
+                                    "images: request start to its first Euler step done", buckets=LATENCY_BUCKETS,
+                                    registry=r)
