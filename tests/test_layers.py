@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("janusflow_trt.runtime",),  # 4 pipelines over one seam
     ("janusflow_trt.api", "janusflow_trt.engines", "janusflow_trt.quality", "janusflow_trt.batch",
      "janusflow_trt.recording", "janusflow_trt.tiny", "janusflow_trt.tokenizer_factory",
-     "janusflow_trt.export_job", "janusflow_trt.export_commands"),  # 5 api: runs pipelines, orchestrates
+     "janusflow_trt.export_job", "janusflow_trt.export_commands",
+     "janusflow_trt.quality_gate"),  # 5 api: runs pipelines, orchestrates
     ("janusflow_trt.serve",),  # 6 the HTTP server over the api; imported by nothing but the CLI
     ("janusflow_trt.benchmarks",),  # 7 never imported by the above
     ("janusflow_trt.cli",),  # 8 the entry point: registers every layer's subcommands, imported by nothing
