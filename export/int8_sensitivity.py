@@ -84,7 +84,9 @@ def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) 
     m = copy.deepcopy(qdq)
     inputs32 = {n.name: list(n.input) for n in fp32.graph.node if n.op_type in QUANT_OPS}
     inits32 = {t.name: t for t in fp32.graph.initializer}
-    have = {t.name for t in m.graph.initializer}
+    # a name the Q/DQ graph already defines (an initializer, or a node's output: int8-cpu's dequantized bias
+    # keeps the float bias's name) is read from it, never defined twice
+    have = {t.name for t in m.graph.initializer} | {o for n in m.graph.node for o in n.output}
     for n in m.graph.node:
         if n.name in inputs32 and n.name not in keep:
             n.input[:] = inputs32[n.name]
@@ -202,14 +204,17 @@ def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None, limit: int | None,
-               samples: int = 4, exclude: dict[str, str] | None = None) -> list[dict[str, Any]]:
+               samples: int = 4, exclude: dict[str, str] | None = None,
+               outputs: list[str] | None = None) -> list[dict[str, Any]]:
     """The quality gate's ranking: one calibration of the graph (FP32 float parts; the same recipe, SmoothQuant
     included), then each quantized node alone (only_quantized: the others read FP32 again) on `samples`
     spread calibration samples vs FP32: the worst cosine over every output and sample. -> rows, most
-    sensitive first: node, op, cosine_alone, weight_bytes. exclude: nodes already kept float."""
+    sensitive first: node, op, cosine_alone, weight_bytes. exclude: nodes already kept float. outputs: the
+    outputs compared (default all; the LLM's `logits` alone for a chat miss)."""
+    names = outputs or spec.output_names
     feeds = list(calib.samples(spec.name, samples))
     s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    ref = [s32.run(spec.output_names, f) for f in feeds]
+    ref = [s32.run(names, f) for f in feeds]
     del s32
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -230,7 +235,7 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
         s = ort.InferenceSession(only_quantized(q, weights32, {node}).SerializeToString(), so,
                                  providers=["CPUExecutionProvider"])
         worst = min(cosine(b, a) for f, r32 in zip(feeds, ref, strict=True)
-                    for a, b in zip(r32, s.run(spec.output_names, f), strict=True))
-        rows.append({"graph": spec.name, "node": node, "op": ops[node], "cosine_alone": worst,
+                    for a, b in zip(r32, s.run(names, f), strict=True))
+        rows.append({"graph": spec.name, "node": node, "op": ops[node], "cosine_alone": worst, "outputs": names,
                      "weight_bytes": sizes.get(node, 0)})
     return sorted(rows, key=lambda r: r["cosine_alone"])

@@ -158,7 +158,7 @@ def register(subparsers) -> None:
                         "(8 prompts, 1 full Euler run, 4 photos) and <= 8 samples measured per graph (full size)")
     p.add_argument("--gate", default="default", choices=("default", "quick"),
                    help="the quality gate every fp16/int8 variant passes (held out of the calibration set): default "
-                        "8 prompts x 30 steps at CFG 2 and 5, 8 pairs x 32 tokens; quick 2 x 4 steps, 2 x 8 tokens")
+                        "8 prompts x 30 steps at CFG 2 and 5, 8 pairs x 32 tokens; quick 2 x 4 steps, 2 x 10 tokens")
     p.add_argument("--accept-quality-miss", action="store_true",
                    help="write a variant that misses the gate's targets, flagged in the manifest (the runtime says so "
                         "on load); without it such a variant is not written and export exits 1")
