@@ -132,7 +132,8 @@ def compare(b: Backend, ref: Reference, cfg, processor, tmp: Path, progress: boo
         chats.append({"pair": name, "question": q, "fp32_tokens": r, "tokens": free,
                       "teacher_forced_top1": agreement(tf, r), "free_agreement": agreement(free, r),
                       "first_divergence": first_divergence(free, r)})
-    t2i, images = {}, {}
+    t2i: dict[float, dict[str, Any]] = {}
+    images: dict[float, list[np.ndarray]] = {}
     for w, runs in ref.t2i.items():
         rows, images[w] = [], []
         for prompt, z0, z32, img32 in tqdm(runs, desc=f"quality t2i {label} cfg {w:g}", disable=not progress):
@@ -210,7 +211,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path | None, precisions:
             report["chat"][p] = r["chat"]
             report["t2i"][p] = r["t2i"][2.0]
     report["targets"] = {p: _targets(report, p) for p in precisions}
-    if exported:  # what the export's own gate measured, beside this run's figures
+    if exported and artifacts is not None:  # what the export's own gate measured, beside this run's figures
         m = read_manifest(artifacts, cfg)
         report["export_gate"] = {p: gate_lines(m, p) for p in precisions}
     write_into(out, [("quality.json", lambda t: Path(t).write_text(json.dumps(report, indent=1))),

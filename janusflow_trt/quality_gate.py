@@ -141,9 +141,9 @@ class _Measure:
         r, _ = compare(b, self.ref, self.cfg, self.processor, self.tmp, self.progress, precision)
         del b
         c = r["chat"]
-        fig = {"chat": {k: c[k] for k in ("teacher_forced_top1_min", "teacher_forced_top1", "free_agreement",
-                                          "identical_answers")} | {"pairs": len(c["pairs"]),
-                                                                   "first_answer": c["pairs"][0]["tokens"][:16]},
+        keys = ("teacher_forced_top1_min", "teacher_forced_top1", "free_agreement", "identical_answers")
+        chat = {k: c[k] for k in keys} | {"pairs": len(c["pairs"]), "first_answer": c["pairs"][0]["tokens"][:16]}
+        fig: dict[str, Any] = {"chat": chat,
                "t2i": {f"{w:g}": {k: g[k] for k in ("latent_cosine_min", "psnr_db_min", "finite")}
                        for w, g in r["t2i"].items()},
                "graphs": {name: {o: {k: m[k] for k in ("cosine", "max_abs", "finite")} for o, m in outs.items()}
