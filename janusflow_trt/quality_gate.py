@@ -204,8 +204,8 @@ def run_gate(out: Path, model_dir: Path, cfg: JanusFlowConfig, specs: dict[str, 
                 else:
                     rec["written"] = False
                     _drop(out, entries, p)
-                print(line + ("; written with --accept-quality-miss" if accept_miss else "; not written"),
-                      file=sys.stderr, flush=True)
+                if accept_miss:  # a refusal's one line is the caller's (export_commands prints it at the end)
+                    print(f"{line}; written with --accept-quality-miss", file=sys.stderr, flush=True)
             record["precisions"][p] = rec
             _refresh(out, manifest, entries, specs)
     return record
