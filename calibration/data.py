@@ -19,6 +19,8 @@ from PIL import Image
 from janusflow_trt.errors import InputError
 from janusflow_trt.images import load_image
 
+from .record import spread
+
 # 64 prompts across subjects, styles, lighting, composition and length
 CALIB_PROMPTS = (
     "a red fox in autumn leaves", "a lighthouse on a rocky cliff at dusk", "a bowl of ramen with a soft egg",
@@ -145,3 +147,24 @@ def calibration_set(prompts_file: str | Path | None = None, images_dir: str | Pa
     imgs = read_images(images_dir)
     pairs = tuple((n, img, CALIB_QUESTIONS[i % len(CALIB_QUESTIONS)]) for i, (n, img) in enumerate(imgs))
     return InputSet(prompts, pairs, where)
+
+
+def split_heldout(inputs: InputSet, prompts: int, photos: int, questions: int) -> tuple[InputSet, InputSet]:
+    """(calibration part, held-out part) of one input set: `prompts` of its prompts and `photos` of its
+    photographs (evenly spread, first and last included) are taken out, so the recording and every range
+    measured from it never see them; each held-out photograph is asked `questions` of the set's
+    questions (its own first, then the next ones in order). Refused when a part would be empty."""
+    if prompts >= len(inputs.prompts) or photos >= len(inputs.pairs):
+        raise InputError(f"the quality gate holds out {prompts} prompt(s) and {photos} photograph(s) of the "
+                         f"calibration set ({len(inputs.prompts)} prompts, {len(inputs.pairs)} photographs): "
+                         "give more calibration inputs")
+    hp, hi = set(spread(len(inputs.prompts), prompts)), set(spread(len(inputs.pairs), photos))
+    qs = list(dict.fromkeys(q for _, _, q in inputs.pairs))
+    held_pairs = tuple((name, img, qs[(qs.index(q) + k) % len(qs)])
+                       for i, (name, img, q) in enumerate(inputs.pairs) if i in hi for k in range(questions))
+    keep = [i for i in range(len(inputs.prompts)) if i not in hp]
+    pairs = tuple(p for i, p in enumerate(inputs.pairs) if i not in hi)
+    calib = InputSet(tuple(inputs.prompts[i] for i in keep), pairs,
+                     tuple(inputs.where[i] for i in keep) if inputs.where else ())
+    held = InputSet(tuple(inputs.prompts[i] for i in sorted(hp)), held_pairs)
+    return calib, held

@@ -84,7 +84,9 @@ def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) 
     m = copy.deepcopy(qdq)
     inputs32 = {n.name: list(n.input) for n in fp32.graph.node if n.op_type in QUANT_OPS}
     inits32 = {t.name: t for t in fp32.graph.initializer}
-    have = {t.name for t in m.graph.initializer}
+    # a name the Q/DQ graph already defines (an initializer, or a node's output: int8-cpu's dequantized bias
+    # keeps the float bias's name) is read from it, never defined twice
+    have = {t.name for t in m.graph.initializer} | {o for n in m.graph.node for o in n.output}
     for n in m.graph.node:
         if n.name in inputs32 and n.name not in keep:
             n.input[:] = inputs32[n.name]
@@ -193,3 +195,47 @@ def chat_sensitivity(fp32_path: Path, qdq_path: Path, spec, calib, samples: int 
         rows.append({"node": node, "op": ops[node], "outlier_ratio": ratios.get(node),
                      **{f"alone_{k}": v for k, v in alone.items()}, **{f"without_{k}": v for k, v in without.items()}})
     return [rows[0], *sorted(rows[1:], key=lambda r: r["alone_top1_flip"], reverse=True)]
+
+
+def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """MatMul/Gemm/Conv node -> bytes of its initializer inputs (what keeping it float keeps at FP32)."""
+    size = {t.name: int(np.prod(t.dims, dtype=np.int64)) * 4 for t in model.graph.initializer}
+    return {n.name: sum(size.get(i, 0) for i in n.input) for n in model.graph.node if n.op_type in QUANT_OPS}
+
+
+def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None, limit: int | None,
+               samples: int = 4, exclude: dict[str, str] | None = None,
+               outputs: list[str] | None = None) -> list[dict[str, Any]]:
+    """The quality gate's ranking: one calibration of the graph (FP32 float parts; the same recipe, SmoothQuant
+    included), then each quantized node alone (only_quantized: the others read FP32 again) on `samples`
+    spread calibration samples vs FP32: the worst cosine over every output and sample. -> rows, most
+    sensitive first: node, op, cosine_alone, weight_bytes. exclude: nodes already kept float. outputs: the
+    outputs compared (default all; the LLM's `logits` alone for a chat miss)."""
+    names = outputs or spec.output_names
+    feeds = list(calib.samples(spec.name, samples))
+    s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    ref = [s32.run(names, f) for f in feeds]
+    del s32
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="janusflow-rank-") as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit)
+        smoothing = r["recipe"].get("smoothquant")
+        q = onnx.load(str(probe))
+    f32 = onnx.load(str(fp32_path))
+    name_nodes(f32)
+    sizes = weight_bytes(f32)
+    weights32 = float_weights(fp32_path, spec, calib, smoothing) if isinstance(smoothing, dict) else f32
+    dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = sorted(n.name for n in q.graph.node if n.op_type in QUANT_OPS and set(n.input) & dq_out)
+    ops = {n.name: n.op_type for n in q.graph.node}
+    rows = []
+    for node in quantized:
+        s = ort.InferenceSession(only_quantized(q, weights32, {node}).SerializeToString(), so,
+                                 providers=["CPUExecutionProvider"])
+        worst = min(cosine(b, a) for f, r32 in zip(feeds, ref, strict=True)
+                    for a, b in zip(r32, s.run(names, f), strict=True))
+        rows.append({"graph": spec.name, "node": node, "op": ops[node], "cosine_alone": worst, "outputs": names,
+                     "weight_bytes": sizes.get(node, 0)})
+    return sorted(rows, key=lambda r: r["cosine_alone"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,45 @@ def has_view(m: dict[str, Any], view: str, precision: str) -> bool:
     g = m.get("graphs", {}).get(VIEWS[view][0], {})
     e = g if precision == "fp32" else g.get("precisions", {}).get(precision, {})
     return view in e.get("views", {})
+
+
+# -- the quality gate's record: m["quality_gate"] (janusflow_trt/quality_gate.py) --------------------
+def gate_record(m: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """The export's measurement of `precision` against FP32 (None: exported without a gate, or fp32)."""
+    return (m.get("quality_gate") or {}).get("precisions", {}).get(precision)
+
+
+def gate_lines(m: dict[str, Any], precision: str) -> list[str]:
+    """The gate's figures as `verify` and `quality` print them."""
+    r = gate_record(m, precision)
+    if r is None:
+        return [f"quality gate: no record for {precision} (exported without a gate)"] if precision != "fp32" else []
+    g = m["quality_gate"]
+    if "figures" not in r:
+        return [f"quality gate: {r.get('miss', 'not measured')}"]
+    f = r["figures"]
+    t2i = ", ".join(f"CFG {w}: latent cosine {v['latent_cosine_min']:.6f}, PSNR {v['psnr_db_min']:.2f} dB"
+                    for w, v in f["t2i"].items())
+    worst = min((o["cosine"], f"{n} {k}") for n, outs in f["graphs"].items() for k, o in outs.items())
+    excl = "; ".join(f"{e['graph']}:{e['node']} ({e['weight_bytes'] / 2**20:.2f} MiB, alone {e['cosine_alone']:.5f})"
+                     for e in r.get("exclusions", []))
+    return [f"quality gate ({g['gate']['name']}: {g['heldout']['pairs']} held-out pairs x {g['gate']['tokens']} "
+            f"tokens, {g['heldout']['prompts']} prompts x {g['gate']['steps']} steps): "
+            f"{'targets met' if r['met'] else 'MISSED: ' + r.get('miss', '')}",
+            f"  chat teacher-forced top-1 min {f['chat']['teacher_forced_top1_min']:.4f} (mean "
+            f"{f['chat']['teacher_forced_top1']:.4f}), free-running agreement {f['chat']['free_agreement']:.4f}",
+            f"  {t2i}", f"  every graph output cosine >= {worst[0]:.6f} (worst: {worst[1]})",
+            *([f"  kept float by the gate's search: {excl}"] if excl else [])]
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_quality_miss(m: dict[str, Any], artifacts: Path, precision: str) -> None:
+    """Once per process and variant: a variant written with --accept-quality-miss says so on load."""
+    r = gate_record(m, precision)
+    key = (str(Path(artifacts).resolve()), precision)
+    if r and r.get("accepted_miss") and key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {artifacts} {precision} was exported with --accept-quality-miss: {r.get('miss', '')}",
+              file=sys.stderr, flush=True)

@@ -84,28 +84,38 @@ def add_int8(out: Path, specs: dict[str, GraphSpec], entries: dict[str, dict[str
              progress: bool = True) -> None:
     """Write out/<graph>.<precision>.onnx for each int8 precision; fill entries[g]['precisions']. An fp16
     variant already in `entries` lends the TensorRT flavour its measured FP32 islands."""
-    limit = (plan or PLANS["default"]).measure_samples  # per graph, samples calibrated on (None: all recorded)
-    for name, e in entries.items():
+    for name in entries:
         for prec in precisions:
-            t0 = time.perf_counter()
-            src = e["file"]
-            if name in NOT_QUANTIZED:
-                v = precision_entry(out, src, (e.get("external_data") or {}).get("file"), passthrough_recipe(name), src)
-            else:
-                with PeakRSS() as rss:
-                    file = f"{name}.{prec}.onnx"
-                    isl = (fp16_islands(out / src, specs[name], calib, e.get("precisions", {}).get("fp16"), limit)
-                           if prec == "int8" and modelopt_python() is None else None)
-                    r = derive_int8(out / src, specs[name], calib, out / file, prec, method, big=_big(out, e),
-                                    islands=isl, limit=limit)
-                v = precision_entry(out, file, r["data"], r["recipe"], src)
-                v["recipe"]["calibration_sha256"] = calib.sha256
-                v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
-                release_memory()
-                if progress:
-                    print(f"{prec} {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
-                          f"{r['recipe']['calibration_samples']} samples", file=sys.stderr, flush=True)
-            e.setdefault("precisions", {})[prec] = v
+            derive_int8_entry(out, specs, entries, calib, name, prec, method, plan, progress=progress)
+
+
+def derive_int8_entry(out: Path, specs: dict[str, GraphSpec], entries: dict[str, dict[str, Any]],
+                      calib: CalibrationData, name: str, prec: str, method: str | None = None,
+                      plan: Plan | None = None, exclude: dict[str, str] | None = None,
+                      progress: bool = True) -> None:
+    """One graph's int8 variant (re)written and entries[name]['precisions'][prec] set; exclude: node ->
+    why it stays float (the quality gate's search, janusflow_trt/quality_gate.py)."""
+    limit = (plan or PLANS["default"]).measure_samples  # per graph, samples calibrated on (None: all recorded)
+    e = entries[name]
+    t0 = time.perf_counter()
+    src = e["file"]
+    if name in NOT_QUANTIZED:
+        v = precision_entry(out, src, (e.get("external_data") or {}).get("file"), passthrough_recipe(name), src)
+    else:
+        with PeakRSS() as rss:
+            file = f"{name}.{prec}.onnx"
+            isl = (fp16_islands(out / src, specs[name], calib, e.get("precisions", {}).get("fp16"), limit)
+                   if prec == "int8" and modelopt_python() is None else None)
+            r = derive_int8(out / src, specs[name], calib, out / file, prec, method, exclude=exclude,
+                            big=_big(out, e), islands=isl, limit=limit)
+        v = precision_entry(out, file, r["data"], r["recipe"], src)
+        v["recipe"]["calibration_sha256"] = calib.sha256
+        v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
+        release_memory()
+        if progress:
+            print(f"{prec} {name}: {v['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB, "
+                  f"{r['recipe']['calibration_samples']} samples", file=sys.stderr, flush=True)
+    e.setdefault("precisions", {})[prec] = v
 
 
 def calibration_entry(calib: CalibrationData, reused: bool, record_seconds: float, graphs) -> dict[str, Any]:

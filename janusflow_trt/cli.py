@@ -48,8 +48,8 @@ def _common_model_args(p: argparse.ArgumentParser, vae: bool = False) -> None:
 def cmd_make_tiny(args) -> int:
     from janusflow_trt.tiny import make_tiny
 
-    out = make_tiny(args.dir, size=args.size, seed=args.seed, force=args.force)
-    print(f"wrote {args.size} checkpoint to {out}")
+    out = make_tiny(args.dir, size=args.size, seed=args.seed, force=args.force, init=args.init)
+    print(f"wrote {args.size} checkpoint ({args.init} init) to {out}")
     return 0
 
 
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--size", choices=("tiny", "small", "full", "golden", "tiny-gqa"), default="tiny")
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--init", choices=("default", "peaked"), default="default",
+                   help="weight distribution: default (1/sqrt(fan_in)) or peaked (issue 24: N(0,1) embedding, "
+                        "N(0,0.04) q/k, N(0,0.1) LM head, N(0,0.02) other matrices, U(0.5,1.5) norms)")
     p.add_argument("--force", action="store_true", help="replace DIR if it is a checkpoint make-tiny wrote")
     p.set_defaults(func=cmd_make_tiny)
 

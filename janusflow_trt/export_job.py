@@ -30,6 +30,7 @@ from janusflow_trt.export.variants import (
 from janusflow_trt.export.views import add_views
 from janusflow_trt.files import check_out_dir, dir_transaction
 from janusflow_trt.janusflow_ref.config import load_config
+from janusflow_trt.quality_gate import Gate, check_graphs, run_gate, split
 from janusflow_trt.recording import check_prompts, record
 
 
@@ -55,11 +56,14 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
                   force_legacy: tuple[str, ...] = (), force: bool = False,
                   precisions: str | list[str] | None = None, calib_inputs: InputSet | None = None,
                   vae_precision: str = "fp16", calib_plan: Plan | None = None,
-                  calib_method: str | None = None) -> dict[str, Any]:
+                  calib_method: str | None = None, gate: Gate | None = None,
+                  accept_quality_miss: bool = False) -> dict[str, Any]:
     """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
     An existing out_dir is replaced only if it is an earlier export and force is set. precisions: fp32
     always; fp16 / int8 / int8-cpu derived from it on one calibration set recorded from calib_inputs
-    (default: the built-in set) with calib_plan (default: PLANS['default'])."""
+    (default: the built-in set) with calib_plan (default: PLANS['default']). gate: the quality gate
+    (janusflow_trt/quality_gate.py; the CLI always runs one) holds its inputs out of the calibration set and
+    measures every variant; a missing one is dropped unless accept_quality_miss; None: no gate."""
     t_run = time.perf_counter()
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
@@ -74,6 +78,9 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     if precs != ["fp32"]:
         inputs = calib_inputs if calib_inputs is not None else calibration_set()
         check_prompts(model_dir, inputs)  # a prompt beyond the context: refused now, not after the FP32 export
+        if gate is not None:
+            check_graphs(names, precs, accept_quality_miss)
+            inputs, held = split(inputs, gate)  # the recording never sees the gate's inputs
     vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
     protected = [("model", model_dir)] + ([("VAE", vae)] if vae is not None else [])
     out = check_out_dir(out_dir, "--out", force, is_export_dir, "an earlier export (manifest.json)", protected)
@@ -93,6 +100,9 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
                 add_int8(tmp, specs, entries, calib, int8, calib_method, plan, progress)
             manifest["calibration"] = calibration_entry(calib, reused, record_s, entries)
         add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
+        if inputs is not None and gate is not None:
+            run_gate(tmp, model_dir, cfg, specs, entries, manifest, calib, held, gate, precs, calib_method, plan,
+                     accept_quality_miss, progress)
         manifest["run"] = {"seconds": round(time.perf_counter() - t_run, 1), **max_rss_mb()}
         write_manifest(tmp, manifest)
     return manifest

@@ -21,6 +21,7 @@ from the checkpoint; no export needed). Every loop below is the runtime's own, w
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from janusflow_trt.calibration.data import InputSet, builtin_heldout
 from janusflow_trt.calibration.record import RECORDER_VERSION, CalibrationData
 from janusflow_trt.errors import InputError
-from janusflow_trt.export.manifest import resolve_graph
+from janusflow_trt.export.manifest import gate_lines, resolve_graph
 from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.quality_metrics import (
     agreement,
@@ -111,15 +112,75 @@ def margin_rows(tf: list[int], ref: list[int], logits32: np.ndarray, precision: 
     return out
 
 
-def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: int, keep: set[int]):
-    """The runtime's text-to-image from z0 (CFG 2), the prefix, the steps in `keep` and the VAE call
-    recorded when `keep` is not empty. -> (final latents, pixels) as numpy."""
+def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: int, keep: set[int],
+         cfg_weight: float = 2.0):
+    """The runtime's text-to-image from z0 (CFG cfg_weight), the prefix, the steps in `keep` and the VAE
+    call recorded when `keep` is not empty. -> (final latents, pixels) as numpy."""
     rec.active = {"embed", "llm"} if keep else set()
-    z = record_t2i(rec, cfg, processor, prompt, z0, steps, 2.0, keep, steps, "quality")
+    z = record_t2i(rec, cfg, processor, prompt, z0, steps, cfg_weight, keep, steps, "quality")
     rec.active = {"vae_dec"} if keep else set()
     img = text2img.vae_decode(rec, z).cpu().numpy().copy()
     rec.active = set()
     return z.cpu().numpy(), img
+
+
+@dataclass
+class Reference:
+    """The FP32 side of a comparison, run once: each held-out pair's greedy answer, each prompt's seeded
+    latents and final latents / pixels per CFG weight, and the FP32 run's recorded graph inputs."""
+    chats: list[tuple[str, Any, str, list[int], np.ndarray]]  # name, image, question, answer, its FP32 logits
+    t2i: dict[float, list[tuple[str, torch.Tensor, np.ndarray, np.ndarray]]]
+    data: CalibrationData
+    tokens: int
+    steps: int
+
+
+def reference(b32: Backend, cfg, processor, held: InputSet, tokens: int, steps: int, tmp: Path,
+              cfgs: tuple[float, ...] = (2.0,), progress: bool = True) -> Reference:
+    """Run the held-out inputs through the FP32 backend (the runtime's loops), recording into tmp the
+    graph inputs of the chat prefills and of GRAPH_STEPS at the first CFG weight."""
+    rec = Recorder(b32, tmp)
+    chats = []
+    for name, image, q in tqdm(held.pairs, desc="quality chat fp32", disable=not progress):
+        rec.active = {"siglip", "embed", "llm"}  # the prefill calls; decode calls are not kept
+        answer = record_chat(rec, cfg, processor, image, q, tokens, None)
+        logits32 = teacher_forced(b32, cfg, processor, image, q, answer)[1]  # the FP32 margins (margin_rows)
+        chats.append((name, image, q, answer, logits32))
+    t2i: dict[float, list] = {w: [] for w in cfgs}
+    for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i fp32", disable=not progress)):
+        z0 = initial_latents(1, seed=2000 + i)
+        for w in cfgs:
+            keep = set(GRAPH_STEPS) if w == cfgs[0] else set()
+            z32, img32 = _t2i(rec if keep else Recorder(b32, tmp), cfg, processor, prompt, z0, steps, keep, w)
+            t2i[w].append((prompt, z0, z32, img32))
+    return Reference(chats, t2i, _as_calibration(rec, tmp), tokens, steps)
+
+
+def compare(b: Backend, ref: Reference, cfg, processor, tmp: Path, progress: bool = True,
+            precision: str = "") -> tuple[dict[str, Any], dict[float, list[np.ndarray]]]:
+    """One backend vs the FP32 reference, end to end: chat teacher-forced top-1 and free-running greedy
+    agreement per pair; final-latent cosine and image PSNR per prompt and CFG weight, from the same
+    initial latents. -> ({"chat": summary, "t2i": {cfg: summary}}, {cfg: uint8 images})."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=ref.tokens)
+    chats = []
+    for name, image, q, r, logits32 in tqdm(ref.chats, desc=f"quality chat {precision}", disable=not progress):
+        tf = teacher_forced_top1(b, cfg, processor, image, q, r)
+        free = list(chat_tokens(b, cfg, processor.chat_inputs(image, q), params, processor.eos_id))
+        chats.append({"pair": name, "question": q, "fp32_tokens": r, "tokens": free,
+                      "teacher_forced_top1": agreement(tf, r), "free_agreement": agreement(free, r),
+                      "first_divergence": first_divergence(free, r), **margin_rows(tf, r, logits32, precision)})
+    t2i: dict[float, dict[str, Any]] = {}
+    images: dict[float, list[np.ndarray]] = {}
+    for w, runs in ref.t2i.items():
+        rows, images[w] = [], []
+        for prompt, z0, z32, img32 in tqdm(runs, desc=f"quality t2i {precision} cfg {w:g}", disable=not progress):
+            zp, imgp = _t2i(Recorder(b, tmp), cfg, processor, prompt, z0, ref.steps, set(), w)
+            u32, up = to_uint8(img32)[0], to_uint8(imgp)[0]
+            rows.append({"prompt": prompt, "latent_cosine": cosine(zp, z32), "psnr_db": psnr(up, u32),
+                         "finite": bool(np.isfinite(zp).all() and np.isfinite(imgp).all())})
+            images[w].append(up)
+        t2i[w] = _summary_t2i(rows)
+    return {"chat": _summary_chat(chats), "t2i": t2i}, images
 
 
 OUTPUTS = ("quality.json", "quality.md", "quality.png")
@@ -172,44 +233,24 @@ def run_quality(model_dir: str | Path, artifacts: str | Path | None, precisions:
 
     others = {p: load(p) for p in precisions}  # first: a refusal (CPU without BF16, precision not exported)
     b32 = load(Precision.FP32)                   # comes before the FP32 weights are loaded
-    params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
     report: dict[str, Any] = {"precisions": precisions, "backend": name, "tokens": tokens, "steps": steps,
                               "graphs_compared": GRAPHS_COMPARED[exported],
                               "heldout_sha256": held.sha256(), "chat": {}, "t2i": {}, "graphs": {}}
     with owned_tempdir("janusflow-quality") as tmp:  # removed on every exit path
-        rec = Recorder(b32, Path(tmp))
-        chats: dict[str, list] = {p: [] for p in precisions}
-        for name, image, q in tqdm(held.pairs, desc="quality chat", disable=not progress):
-            rec.active = {"siglip", "embed", "llm"}  # the prefill calls; decode calls are not kept
-            ref = record_chat(rec, cfg, processor, image, q, tokens, None)
-            logits32 = teacher_forced(b32, cfg, processor, image, q, ref)[1]  # the FP32 margins
-            for p, b in others.items():
-                tf = teacher_forced_top1(b, cfg, processor, image, q, ref)
-                free = list(chat_tokens(b, cfg, processor.chat_inputs(image, q), params, processor.eos_id))
-                chats[p].append({"pair": name, "question": q, "fp32_tokens": ref,
-                                 "teacher_forced_top1": agreement(tf, ref), "free_agreement": agreement(free, ref),
-                                 "first_divergence": first_divergence(free, ref),
-                                 **margin_rows(tf, ref, logits32, p)})
-        rows: dict[str, list] = {p: [] for p in precisions}
-        images: list[list[np.ndarray]] = []
-        for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i", disable=not progress)):
-            z0 = initial_latents(1, seed=2000 + i)
-            z32, img32 = _t2i(rec, cfg, processor, prompt, z0, steps, set(GRAPH_STEPS))
-            row = [to_uint8(img32)[0]]
-            for p, b in others.items():
-                zp, imgp = _t2i(Recorder(b, Path(tmp)), cfg, processor, prompt, z0, steps, set())
-                u32, up = to_uint8(img32)[0], to_uint8(imgp)[0]
-                rows[p].append({"prompt": prompt, "latent_cosine": cosine(zp, z32), "psnr_db": psnr(up, u32),
-                                "finite": bool(np.isfinite(zp).all() and np.isfinite(imgp).all())})
-                row.append(up)
-            images.append(row)
-        rec_data = _as_calibration(rec, Path(tmp))
+        ref = reference(b32, cfg, processor, held, tokens, steps, Path(tmp), progress=progress)
+        images: list[list[np.ndarray]] = [[to_uint8(img32)[0]] for _, _, _, img32 in ref.t2i[2.0]]
         for p in precisions:
-            report["graphs"][p] = (_per_graph(artifacts, cfg, rec_data, p) if exported
-                                   else _per_graph_modules(b32, others[p], rec_data))
-            report["chat"][p] = _summary_chat(chats[p])
-            report["t2i"][p] = _summary_t2i(rows[p])
+            r, imgs = compare(others[p], ref, cfg, processor, Path(tmp), progress, p)
+            for row, img in zip(images, imgs[2.0], strict=True):
+                row.append(img)
+            report["graphs"][p] = (per_graph(artifacts, cfg, ref.data, p) if exported
+                                   else _per_graph_modules(b32, others[p], ref.data))
+            report["chat"][p] = r["chat"]
+            report["t2i"][p] = r["t2i"][2.0]
     report["targets"] = {p: _targets(report, p) for p in precisions}
+    if exported and artifacts is not None:  # what the export's own gate measured, beside this run's figures
+        m = read_manifest(artifacts, cfg)
+        report["export_gate"] = {p: gate_lines(m, p) for p in precisions}
     write_into(out, [("quality.json", lambda t: Path(t).write_text(json.dumps(report, indent=1))),
                      ("quality.md", lambda t: Path(t).write_text(markdown(report))),
                      ("quality.png", lambda t: _grid(images, ["fp32", *precisions], held.prompts, Path(t)))])
@@ -222,7 +263,7 @@ def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
     return CalibrationData(path)
 
 
-def _per_graph(artifacts, cfg, data: CalibrationData, precision: str) -> dict[str, Any]:
+def per_graph(artifacts, cfg, data: CalibrationData, precision: str) -> dict[str, Any]:
     m, art = read_manifest(artifacts, cfg), Path(artifacts)
     res = {}
     for name, spec in build_specs(cfg).items():
@@ -332,6 +373,7 @@ def summary_lines(r: dict) -> list[str]:
         out.append(f"{p}: latent cosine min {g['latent_cosine_min']:.6f}, PSNR min {g['psnr_db_min']:.2f} dB, "
                    f"chat top-1 (teacher forced) min {c['teacher_forced_top1_min']:.4f}, free-running agreement "
                    f"{c['free_agreement']:.4f}; targets met: {'yes' if t['all_met'] else 'NO'}")
+        out += [f"  at export: {line}" for line in r.get("export_gate", {}).get(p, [])]
     return out
 
 

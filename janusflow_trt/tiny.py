@@ -9,6 +9,11 @@ tokens, 4x48x48 latents) and shrink widths, depths and the vocabulary:
   tiny-gqa - tiny with 2 KV heads for 4 query heads (grouped-query attention).
 Every tensor is random (norm weights around 1, biases, GRN, the begin embedding included):
 zeros and ones from init would hide bugs.
+
+Initialisations (`--init`, INITS): `default` scales every matrix by 1/sqrt(fan_in) (the checkpoints the
+INT8 recipe was tuned on); `peaked` is issue 24's checkpoint unlike ours: token embedding N(0, 1), q/k
+projections N(0, 0.04), LM head N(0, 0.1), every other matrix N(0, 0.02), norm weights U(0.5, 1.5)
+(peaked attention, large embedding activations, wide greedy margins). Both leave the VAE at `default`.
 """
 
 from __future__ import annotations
@@ -103,6 +108,24 @@ def random_like(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Ten
     return t / math.sqrt(max(fan_in, 1))
 
 
+INITS = ("default", "peaked")
+
+
+def peaked_like(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """issue 24's distribution: N(0, 1) token embedding, N(0, 0.04) q/k, N(0, 0.1) LM head, N(0, 0.02)
+    other matrices, U(0.5, 1.5) norm weights; vectors, biases and learned embeddings as `default`."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = "norm" in name or ".ln" in name or name.endswith("gamma")
+    if is_norm and leaf == "weight":
+        return 0.5 + torch.rand(tuple(shape), generator=gen)
+    matrix = leaf == "weight" and sum(1 for s in shape if s != 1) >= 2 and not is_norm
+    if not matrix:
+        return random_like(name, shape, gen)
+    std = (1.0 if "embed_tokens" in name else 0.04 if name.endswith(("q_proj.weight", "k_proj.weight"))
+           else 0.1 if "lm_head" in name else 0.02)
+    return std * torch.randn(tuple(shape), generator=gen)
+
+
 def randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -129,14 +152,19 @@ def is_tiny_dir(d: Path) -> bool:
     return (d / MARKER).is_file()
 
 
-def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False) -> Path:
-    """An existing DIR is replaced only if it is empty, or a checkpoint of ours and force is set."""
+def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False,
+              init: str = "default") -> Path:
+    """An existing DIR is replaced only if it is empty, or a checkpoint of ours and force is set.
+    init: the weights' distribution (INITS; the VAE is always `default`)."""
     if size not in PRESETS:
         raise JanusFlowError(f"unknown --size {size!r}; choose from {', '.join(PRESETS)}")
+    if init not in INITS:
+        raise JanusFlowError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
+    draw = peaked_like if init == "peaked" else random_like
     out = check_out_dir(out_dir, "DIR", force, is_tiny_dir, "a checkpoint written by make-tiny")
     gen = torch.Generator().manual_seed(seed)
     with dir_transaction(out, "DIR") as tmp:
-        (tmp / MARKER).write_text(json.dumps({"size": size, "seed": seed}) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"size": size, "seed": seed, "init": init}) + "\n")
         tok = build_tokenizer(tmp, PRESETS[size]["tok_vocab"])
         raw = model_config(size, tok.get_vocab_size())
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
@@ -144,7 +172,7 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: boo
         (tmp / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
         cfg = parse_config(raw)
         dtype = PRESETS[size]["dtype"]
-        state = {k: random_like(k, s, gen).to(dtype).contiguous() for k, s in expected_shapes(cfg).items()}
+        state = {k: draw(k, s, gen).to(dtype).contiguous() for k, s in expected_shapes(cfg).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del state
         write_vae(tmp / "vae", size, gen)

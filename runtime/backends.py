@@ -27,7 +27,7 @@ import torch
 
 from janusflow_trt import __version__
 from janusflow_trt.errors import CheckpointError, InputError
-from janusflow_trt.export.manifest import has_view, load_checked, resolve_graph
+from janusflow_trt.export.manifest import has_view, load_checked, resolve_graph, warn_quality_miss
 from janusflow_trt.export.specs import VIEWS, GraphSpec, build_specs, precision_variant
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.precision import EXPORTED, Precision
@@ -114,6 +114,7 @@ def read_manifest_at(artifacts: str | Path, cfg: JanusFlowConfig, precisions: li
     for p in precisions:
         for g in manifest.get("graphs", {}):
             resolve_graph(manifest, Path(artifacts), g, p)
+        warn_quality_miss(manifest, Path(artifacts), p)
     return manifest
 
 

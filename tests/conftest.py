@@ -68,3 +68,26 @@ def fp16_onnx(tiny_dir, tmp_path_factory):
     export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16", calib_inputs=small_inputs(),
                   calib_plan=PLAN)
     return out
+
+
+@pytest.fixture(scope="session")
+def int8_onnx(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint exported at fp32,int8,int8-cpu with test_int8's small calibration (no gate:
+    test_int8_gate runs the gate on copies of it), once per session."""
+    import os
+
+    from test_int8 import PLAN
+
+    from janusflow_trt.calibration.data import InputSet, builtin_calibration
+    from janusflow_trt.export_job import export_graphs
+
+    b = builtin_calibration()
+    out = tmp_path_factory.mktemp("export8") / "onnx"
+    mo = os.environ.pop("JANUSFLOW_MODELOPT_PYTHON", None)  # this export uses ORT's quantizer
+    try:
+        export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,int8,int8-cpu",
+                      calib_inputs=InputSet(b.prompts[:4], b.pairs[:2]), calib_plan=PLAN)
+    finally:
+        if mo:
+            os.environ["JANUSFLOW_MODELOPT_PYTHON"] = mo
+    return out

@@ -15,27 +15,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from janusflow_trt.calibration.data import InputSet, builtin_calibration
 from janusflow_trt.calibration.record import CalibrationData, Plan
 
 PLAN = Plan(steps=4, full_runs=2, full_stride=2, early_steps=2)
 QUANTIZED = ("siglip", "llm", "gen_enc", "gen_dec")
-
-
-@pytest.fixture(scope="session")
-def int8_onnx(tiny_dir, tmp_path_factory):
-    from janusflow_trt.export_job import export_graphs
-
-    b = builtin_calibration()
-    out = tmp_path_factory.mktemp("export8") / "onnx"
-    mo = os.environ.pop("JANUSFLOW_MODELOPT_PYTHON", None)  # this export uses ORT's quantizer
-    try:
-        export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,int8,int8-cpu",
-                      calib_inputs=InputSet(b.prompts[:4], b.pairs[:2]), calib_plan=PLAN)
-    finally:
-        if mo:
-            os.environ["JANUSFLOW_MODELOPT_PYTHON"] = mo
-    return out
 
 
 def _manifest(d):

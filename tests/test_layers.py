@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("janusflow_trt.api", "janusflow_trt.engines", "janusflow_trt.quality", "janusflow_trt.batch",
      "janusflow_trt.recording", "janusflow_trt.tiny", "janusflow_trt.tokenizer_factory",
      "janusflow_trt.export_job", "janusflow_trt.export_commands",
-     "janusflow_trt.image_batch"),  # 5 api: runs pipelines, orchestrates
+     "janusflow_trt.image_batch", "janusflow_trt.quality_gate"),  # 5 api: runs pipelines, orchestrates
     ("janusflow_trt.serve", "janusflow_trt.triton"),  # 6 the HTTP server; the Triton repository, its models and
     # client (uses the api and runtime); imported by nothing but the CLI
     ("janusflow_trt.benchmarks",),  # 7 never imported by the above
