@@ -31,8 +31,9 @@ def test_sizes_that_differ_by_design_are_not_noise():
 
 
 def test_cpu_share_is_measured():
-    """A probe that sleeps got no CPU (share ~0: noisy); one that computes on its one thread got what the
-    scheduler gave it (~1 on an idle core; the CI machine is shared, so only: clearly more than none)."""
+    """A probe that sleeps got little CPU (share ~0 plus whatever the test process's other threads burn
+    meanwhile: under the NOISY threshold); one that computes on its one thread got what the scheduler gave
+    it (~1 on an idle core; the CI machine is shared, so only: clearly more than the sleeper)."""
     def sleep(n):
         time.sleep(0.05)
         return [1.0]
@@ -44,7 +45,7 @@ def test_cpu_share_is_measured():
         return [1.0]
 
     idle, busy = floors._measure((1, 2), sleep, threads=1), floors._measure((1,), spin, threads=1)
-    assert idle["cpu_share"] < 0.05 and idle["noisy"]
+    assert idle["cpu_share"] < floors.NOISY_CPU_SHARE and idle["noisy"]
     assert busy["cpu_share"] > max(0.05, 3 * idle["cpu_share"]), (busy, idle)
 
 
