@@ -223,12 +223,34 @@ class _DecodeRowsSeen(SeamWrapper):
         return self.inner.run(graph, feeds)
 
 
+class _CaptureAtCount:
+    """A StepRunner as a CUDA-graph capture sees it (the CPU runs none): a capture holds the row count it
+    was made at until `reset`; replaying it at another count would run the wrong shapes."""
+
+    def __init__(self, rows):
+        self.rows, self.inner, self.captured = rows, rows.runner, None
+
+    def reset(self):
+        self.captured = None
+        self.inner.reset()
+
+    def write(self, dst, src):
+        self.inner.write(dst, src)
+
+    def __call__(self):
+        assert self.captured in (None, self.rows.count), "a capture replayed at another row count"
+        self.captured = self.rows.count
+        self.inner()
+
+
 def test_decode_steps_run_the_live_rows_only(pipe, test_image, solo):
-    """A 4-row batch with 1, then 3, then (a middle row cancelled) 2 running requests: each decode step
-    runs exactly the running rows, and every answer is still its solo one."""
+    """A 4-row batch with 1, up to 4, then (a middle row cancelled) 3, 2, 1 running requests: each decode
+    step runs exactly the running rows, a (CUDA-graph) capture is dropped whenever that count changes,
+    and every answer is still its solo one."""
     image = Image.open(test_image)
     seen = _DecodeRowsSeen(pipe.engine.backend)
     batch = ChatBatch(seen, pipe.cfg, pipe.processor.eos_id, 4, prefill_chunk=1000)  # a join: 2 rounds
+    batch.rows.runner = _CaptureAtCount(batch.rows)  # type: ignore[assignment]
     long = (*REQUESTS[0][:4], 30)
     want_a = _solo(pipe, image, *long)
     a, b, c, d = _request(pipe, image, *long), *(_request(pipe, image, *r) for r in REQUESTS[1:])
