@@ -21,7 +21,7 @@ The step knows nothing of requests.
   (FP32: within the tolerance tests/test_image_batch.py states): its noise is seeded as the CLI's
   (initial_latents), its rows see only its own prefix, its t and its z.
 - VAE decodes wait for newcomers: a finished request leaves its group at once, but its VAE decode
-  (about 4 solo Euler steps on the small preset) is a round of its own, one request per round, run
+  (about 3 solo Euler steps on the small preset) is a round of its own, one request per round, run
   only when no admitted request is waiting for its first step. So a request that arrives while others
   finish waits for the running call and one decode at most, not for every finished request's decode.
 When membership changes the group's step state is rebuilt (the prefixes joined into one cache, the
