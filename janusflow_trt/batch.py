@@ -7,9 +7,11 @@ Chunked prefill: a joining request is prefilled alone into a one-row cache (runt
 which appends to what the cache holds) `prefill_chunk` prompt tokens per round, after the round's decode
 step, so a long prompt (576 image tokens and the question) delays the running rows by about one chunk
 per token instead of by its whole prefill; its SigLIP + embedding pass is one round of its own. When it
-is done the row is copied into a free row of the batch (KVCache.fill_row) and decodes from the next
-round. With no row decoding there is nobody to stall: the whole prompt runs in one round, through the
-same chunks (the chunk boundaries never depend on the companions, so neither do the numerics).
+is done the row is copied into the first free row of the batch (KVCache.fill_row) and decodes from the
+next round. The running rows stay at the front (a leaving row's place is taken by the last running one,
+DecodeRows.stop), so a decode step computes the running rows only. With no row decoding there is nobody
+to stall: the whole prompt runs in one round, through the same chunks (the chunk boundaries never depend
+on the companions, so neither do the numerics).
 
 A request's answer equals its solo Pipeline.chat with the same seed: greedy rows take the argmax; a
 sampled row draws from its own torch.Generator seeded with the request's seed (on the CPU the same
@@ -94,7 +96,7 @@ class ChatBatch:
         if self.joining is not None and self.joining.req is req:
             self.joining = None
         if req.row is not None:
-            self._retire(req.row)
+            self._retire(req)
         req.finish = req.finish or "cancelled"
 
     def step(self) -> list[tuple[ChatRequest, int | None]]:
@@ -103,11 +105,12 @@ class ChatBatch:
         -> (request, token) in the order sampled, token None for a request that failed; a request whose
         `finish` is set has left its row."""
         out: list[tuple[ChatRequest, int | None]] = []
-        running = [r for r, q in enumerate(self.active) if q is not None]
+        running = [q for q in self.active if q is not None]
         if running:
             self.rows.step()
             ids = self.rows.ids.view(-1).tolist()  # THE host read of the step: [B] ids
-            out += [self._emit(r, ids[r]) for r in running]
+            got = [(q, ids[q.row]) for q in running if q.row is not None]  # read before a retire moves a row
+            out += [self._emit(q, t) for q, t in got]
         while True:  # without running rows: admit as many as there are free rows, each in one go
             if self.joining is None and self.waiting and None in self.active:
                 self.joining = Joining(self.waiting.popleft())
@@ -137,7 +140,7 @@ class ChatBatch:
         if j.done < total:
             return None
         self.joining = None
-        return self._admit(self.active.index(None), j)
+        return self._admit(self.rows.count, j)
 
     def _admit(self, r: int, j: Joining) -> tuple[ChatRequest, int | None]:
         req = j.req
@@ -148,11 +151,9 @@ class ChatBatch:
             gen = torch.Generator(device=self.backend.device).manual_seed(req.seed)
         self.rows.start(r, j.logits, req.params, gen)
         self.active[r], req.row = req, r
-        return self._emit(r, token_id(self.rows.ids[r], 0, req.params))
+        return self._emit(req, token_id(self.rows.ids[r], 0, req.params))
 
-    def _emit(self, r: int, t: int) -> tuple[ChatRequest, int | None]:
-        req = self.active[r]
-        assert req is not None, f"row {r} is free"
+    def _emit(self, req: ChatRequest, t: int) -> tuple[ChatRequest, int | None]:
         try:
             tok: int | None = checked_id(t, len(req.tokens), req.params)
         except InputError as e:
@@ -164,11 +165,18 @@ class ChatBatch:
             elif len(req.tokens) == req.params.max_new_tokens:
                 req.finish = "length"
         if req.finish:
-            self._retire(r)
+            self._retire(req)
         return req, tok
 
-    def _retire(self, r: int) -> None:
-        req = self.active[r]
-        assert req is not None, f"row {r} is free"
-        self.rows.stop(r)
-        self.active[r], req.row = None, None
+    def _retire(self, req: ChatRequest) -> None:
+        """req leaves its row; the last running request moves into it (the rows stay compact)."""
+        r = req.row
+        assert r is not None and self.active[r] is req, f"{req} holds no row"
+        moved = self.rows.stop(r)
+        req.row = None
+        if moved is None:
+            self.active[r] = None
+            return
+        other = self.active[moved]
+        assert other is not None
+        self.active[r], self.active[moved], other.row = other, None, r

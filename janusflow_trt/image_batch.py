@@ -20,6 +20,10 @@ The step knows nothing of requests.
 - A request's latents do not depend on its companions beyond the summation order of the larger GEMMs
   (FP32: within the tolerance tests/test_image_batch.py states): its noise is seeded as the CLI's
   (initial_latents), its rows see only its own prefix, its t and its z.
+- VAE decodes wait for newcomers: a finished request leaves its group at once, but its VAE decode
+  (about 3 solo Euler steps on the small preset) is a round of its own, one request per round, run
+  only when no admitted request is waiting for its first step. So a request that arrives while others
+  finish waits for the running call and one decode at most, not for every finished request's decode.
 When membership changes the group's step state is rebuilt (the prefixes joined into one cache, the
 carried z gathered): one copy per join or leave, amortised over the steps.
 The scheduler runs on one thread (the server's engine thread); it is not thread-safe.
@@ -113,10 +117,11 @@ class ImageBatch:
         self.waiting: deque[ImageRequest] = deque()
         self.unconds: OrderedDict[tuple[int, int], KVCache] = OrderedDict()  # (BOS id, length) -> row
         self.last_images = 0  # images in the last step call
+        self.finished: deque[tuple[ImageRequest, np.ndarray]] = deque()  # (request, latents): VAE decode due
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or bool(self.groups)
+        return bool(self.waiting) or bool(self.groups) or bool(self.finished)
 
     @property
     def running(self) -> int:
@@ -128,21 +133,26 @@ class ImageBatch:
         self.waiting.append(req)
 
     def cancel(self, req: ImageRequest) -> None:
-        """The request leaves now (its rows leave the next step)."""
+        """The request leaves now (its rows leave the next step, its VAE decode is dropped)."""
         if req in self.waiting:
             self.waiting.remove(req)
+        self.finished = deque(f for f in self.finished if f[0] is not req)
         if req.group is not None:
             self._leave(req.group, req)
         req.finish = req.finish or "cancelled"
 
     def step(self) -> list[Event]:
-        """One round: waiting requests admitted while there is room, then one Euler step of the next
-        group (a group with a request yet to make its first step, else the one whose turn it is).
-        -> the events of that step, in row order."""
+        """One round: waiting requests admitted while there is room, then one Euler step of a group with
+        a request yet to make its first step; else one finished request's VAE decode; else one Euler step
+        of the group whose turn it is. -> the events of that round, in row order."""
         self._admit()
+        self.last_images = 0
+        first = next((g for g in self.groups if any(r.done == 0 for r in g.reqs)), None)
+        if first is None and self.finished:
+            return [self._finish(*self.finished.popleft())]
         if not self.groups:
             return []
-        g = next((g for g in self.groups if any(r.done == 0 for r in g.reqs)), self.groups[0])
+        g = first or self.groups[0]
         self.groups.remove(g)
         self.groups.append(g)  # its next turn after every other group's
         self.last_images = g.images
@@ -224,7 +234,7 @@ class ImageBatch:
             if r.done == steps:
                 latents = z.to("cpu", torch.float32, copy=True).numpy()
                 self._leave(g, r)
-                out.append(self._finish(r, latents))
+                self.finished.append((r, latents))  # decoded in a round of its own (newcomers first)
         return out
 
     def _finish(self, req: ImageRequest, latents: np.ndarray) -> Event:

@@ -10,8 +10,13 @@ Teacher forcing (the quality report) is the same step with `ids` written by the 
 
 Batching is rows (DecodeRows): each row its own position, cache slot index, mask row and sampler
 (a seeded request owns its torch.Generator, so its tokens do not depend on its companions); a
-scheduler starts and stops rows between steps (janusflow_trt/batch.py). One request (Decoder) is the
-B = 1 case of the same step, drawing from the default RNG as the official demo does.
+scheduler starts and stops rows between steps (janusflow_trt/batch.py). The live rows are kept compact
+at the front of the cache (a leaving row's place is taken by the last live row, KVCache.fill_row), so
+the step runs the graphs over the first `count` rows only (views of the static buffers, no copy): one
+request in an 8-row batch costs a 1-row step. A captured step (CUDA graph) records one row count; the
+count only changes when a row starts or stops, which already drops the capture (the rows' samplers are
+part of it), so the next step captures at the new count. One request (Decoder) is the B = 1 case of the
+same step, drawing from the default RNG as the official demo does.
 """
 
 from __future__ import annotations
@@ -30,65 +35,81 @@ from .kv_cache import KVCache
 
 
 class DecodeRows:
-    """Decode state of B rows over one KVCache, on backend.device: each row's next input id [B, 1], its
-    position [B, 1], whether it is live [B] (int64 0/1) and its sampler. The step runs every row (the
-    buffers stay static); a free row computes a token nobody reads and writes nothing it will attend to.
-    Rows start and stop between steps (`start`, `stop`): the step itself knows nothing of requests."""
+    """Decode state of up to B rows over one KVCache, on backend.device: each row's next input id [B, 1],
+    its position [B, 1], whether it is live [B] (int64 0/1) and its sampler. The live rows are rows
+    0 .. count-1 (`start` takes row `count`; `stop` moves the last live row into the freed one), and
+    the step runs those rows only. Rows start and stop between steps: the step knows nothing of requests."""
 
     def __init__(self, backend: Backend, cache: KVCache):
         n, dev = cache.batch, backend.device
         self.b, self.cache = backend, cache
+        self.count = 0  # live rows: 0 .. count-1
         self.ids = torch.zeros((n, 1), dtype=torch.int64, device=dev)
         self.pos = torch.zeros((n, 1), dtype=torch.int64, device=dev)
-        self.live = torch.zeros((n,), dtype=torch.int64, device=dev)
+        self.live = torch.zeros((n,), dtype=torch.int64, device=dev)  # 1 on rows < count
         # per row: its SamplingParams and generator (None: the device's default RNG), None when free
         self.samplers: list[tuple[SamplingParams, torch.Generator | None] | None] = [None] * n
-        self.logits = torch.zeros((n, 0))  # [B, V] after a step: a backend buffer, valid until the next one
-        self.free_id = torch.zeros((1,), dtype=torch.int64, device=dev)  # what a free row "samples"
+        self.logits = torch.zeros((n, 0))  # [count, V] after a step: a backend buffer, valid until the next one
         self.runner = StepRunner(backend, self._step)
 
     def start(self, r: int, logits: torch.Tensor, params: SamplingParams,
               generator: torch.Generator | None = None) -> None:
-        """Row r decodes from here: its cache row holds its prompt, `logits` [1, V] its last position, from
-        which its first token is sampled (into ids[r]) with its own generator."""
+        """Row r (= count: the first free one) decodes from here: its cache row holds its prompt, `logits`
+        [1, V] its last position, from which its first token is sampled (into ids[r]) with its own generator."""
+        assert r == self.count < self.cache.batch, f"row {r} is not the first free row ({self.count})"
         dev = self.b.device
         self.runner.write(self.ids[r], sample_on_device(logits, params, generator).to(torch.int64))
         self.runner.write(self.pos[r], torch.full((1,), self.cache.lengths[r], dtype=torch.int64, device=dev))
         self.runner.write(self.live[r:r + 1], torch.ones((1,), dtype=torch.int64, device=dev))
         self.samplers[r] = (params, generator)
-        self.runner.reset()  # the rows' samplers are part of what a capture records
+        self.count += 1
+        self.runner.reset()  # the rows' samplers and count are part of what a capture records
 
-    def stop(self, r: int) -> None:
-        """Row r is free: nothing of it is attended to or counted any more."""
-        self.runner.write(self.live[r:r + 1], torch.zeros((1,), dtype=torch.int64, device=self.b.device))
-        self.samplers[r] = None
-        self.cache.free_row(r)
+    def stop(self, r: int) -> int | None:
+        """Row r is free; the last live row moves into it (K/V, validity, position, next id, sampler) so the
+        live rows stay compact. -> the row that moved into r (its old index), None if r was the last."""
+        last = self.count - 1
+        assert 0 <= r <= last, f"row {r} is not live"
+        moved = None
+        if r != last:
+            self.cache.fill_row(r, self.cache, last)
+            self.runner.write(self.ids[r], self.ids[last])
+            self.runner.write(self.pos[r], self.pos[last])
+            self.samplers[r], moved = self.samplers[last], last
+        self.runner.write(self.live[last:last + 1], torch.zeros((1,), dtype=torch.int64, device=self.b.device))
+        self.samplers[last] = None
+        self.cache.free_row(last)
+        self.count -= 1
         self.runner.reset()
+        return moved
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> ids [B, 1]: each live row by its own sampler, free rows 0."""
-        if len(self.samplers) == 1 and self.samplers[0] is not None:  # one request: no per-row split
-            return sample_on_device(logits, *self.samplers[0]).view(1, 1)
-        return torch.cat([self.free_id if s is None else sample_on_device(logits[r:r + 1], *s)
-                          for r, s in enumerate(self.samplers)]).view(-1, 1)
+        """logits [count, V] -> ids [count, 1]: each live row by its own sampler."""
+        rows = [s for s in self.samplers[:self.count] if s is not None]
+        assert len(rows) == self.count, "live rows are compact"
+        if len(rows) == 1:  # one request: no per-row split
+            return sample_on_device(logits, *rows[0]).view(1, 1)
+        return torch.cat([sample_on_device(logits[r:r + 1], *s) for r, s in enumerate(rows)]).view(-1, 1)
 
     def _step(self) -> None:
-        emb = self.b.run("embed", {"input_ids": self.ids})["inputs_embeds"]
-        out = self.b.run("llm", {"inputs_embeds": emb, "attention_mask": self.cache.decode_mask,
-                                 "position_ids": self.pos, **self.cache.feeds()})
+        n = self.count  # the graphs run the live rows only: views of the first n rows of every buffer
+        emb = self.b.run("embed", {"input_ids": self.ids[:n]})["inputs_embeds"]
+        out = self.b.run("llm", {"inputs_embeds": emb, "attention_mask": self.cache.decode_mask[:n],
+                                 "position_ids": self.pos[:n], **self.cache.feeds(n)})
         self.cache.write_one(out, self.live)
         self.pos += self.live.view(-1, 1)
-        self.logits = out["logits"]  # [B, V]: a backend buffer, valid until the next step (teacher forcing reads it)
-        self.ids.copy_(self._sample(self.logits))
+        self.logits = out["logits"]  # [n, V]: a backend buffer, valid until the next step (teacher forcing reads it)
+        self.ids[:n].copy_(self._sample(self.logits))
 
     def step(self) -> None:
         """One token for every live row on the device: self.ids in, the next sampled ids in self.ids."""
+        if self.count == 0:
+            return
         if self.cache.reserve(self.cache.length + 1):
             self.runner.reset()  # new buffers: the next step captures anew
         self.runner()
-        for r, s in enumerate(self.samplers):
-            if s is not None:
-                self.cache.lengths[r] += 1
+        for r in range(self.count):
+            self.cache.lengths[r] += 1
 
 
 class Decoder(DecodeRows):

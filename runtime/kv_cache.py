@@ -9,8 +9,9 @@ so the step can be captured as a CUDA graph); a prefill writes its S tokens at t
 `length` on every row.
 
 Rows are independent (continuous batching, runtime/decode.py): each has its own host count
-`lengths[b]` and device `index[b]`; a row is filled from a prefilled one-row cache (`fill_row`) and
-freed (`free_row`) between steps. `length` is the longest row (what the capacity must hold).
+`lengths[b]` and device `index[b]`; a row is filled from a prefilled one-row cache or moved from
+another row (`fill_row`) and freed (`free_row`) between steps; a decode step may run the first n rows
+only (`feeds(n)`, `write_one` of n rows). `length` is the longest row (what the capacity must hold).
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ class KVCache:
         self.valid[:, :n] = old_valid[:, :n]
         return True
 
-    def feeds(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.past_names, self.buffers, strict=True))
+    def feeds(self, rows: int | None = None) -> dict[str, torch.Tensor]:
+        """The past K/V inputs: all rows, or the first `rows` (views: rows are the leading dimension)."""
+        return dict(zip(self.past_names, self.buffers if rows is None else [b[:rows] for b in self.buffers],
+                        strict=True))
 
     def mask(self, new_mask: torch.Tensor) -> torch.Tensor:
         """[B, C + S]: slot validity, then the S new tokens' own mask [B, S]."""
@@ -84,27 +87,31 @@ class KVCache:
         self.index.fill_(at + s)
 
     def write_one(self, out: dict[str, torch.Tensor], live: torch.Tensor) -> None:
-        """A decode step's present.{i} [B, n_kv, 1, hd], row b at slot `index[b]`, the slot made valid
-        and index advanced where live [B] (int64 0/1) is 1; a free row (0) writes into a slot it leaves
-        invalid and stays put. All on the device, so it can be captured. The host counts each live row's
-        token in `lengths`."""
-        b, h, _, d = self.shape
-        at = self.index.view(b, 1, 1, 1).expand(b, h, 1, d)
+        """A decode step's present.{i} [n, n_kv, 1, hd] for the first n rows (n <= B: a step over the
+        live rows only), row b at slot `index[b]`, the slot made valid and index advanced where live [B]
+        (int64 0/1) is 1 (0 on every row from n on); a free row (0) writes into a slot it leaves invalid
+        and stays put. All on the device, so it can be captured. The host counts each live row's token
+        in `lengths`."""
+        n = out[self.present_names[0]].shape[0]
+        _, h, _, d = self.shape
+        at = self.index[:n].view(n, 1, 1, 1).expand(n, h, 1, d)
         for buf, name in zip(self.buffers, self.present_names, strict=True):
-            buf.scatter_(2, at, out[name].to(buf.dtype))
-        self.decode_mask.scatter_(1, self.index.view(b, 1), live.view(b, 1))
+            buf[:n].scatter_(2, at, out[name].to(buf.dtype))
+        self.decode_mask[:n].scatter_(1, self.index[:n].view(n, 1), live[:n].view(n, 1))
         self.index += live
 
-    def fill_row(self, r: int, src: KVCache) -> None:
-        """Row r <- a prefilled one-row cache's K/V, validity and length (between steps)."""
-        n = src.length
-        assert src.batch == 1 and src.shape[1:] == self.shape[1:], "fill_row takes a one-row cache of this model"
+    def fill_row(self, r: int, src: KVCache, s: int = 0) -> None:
+        """Row r <- row s of `src` (a prefilled one-row cache, or this cache: a row moved): its K/V,
+        validity and length (between steps)."""
+        n = src.lengths[s]
+        assert src.shape[1:] == self.shape[1:], "fill_row takes a cache of this model"
+        assert src is not self or r != s, "a row onto itself"
         self.reserve(n)
         self.lengths[r] = n
-        for buf, s in zip(self.buffers, src.buffers, strict=True):
-            buf[r, :, :n] = s[0, :, :n]
+        for buf, sb in zip(self.buffers, src.buffers, strict=True):
+            buf[r, :, :n] = sb[s, :, :n]
         self.valid[r] = 0
-        self.valid[r, :n] = src.valid[0, :n]
+        self.valid[r, :n] = src.valid[s, :n]
         self.index[r] = n
 
     def free_row(self, r: int) -> None:

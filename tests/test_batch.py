@@ -12,6 +12,7 @@ from janusflow_trt.api import Pipeline
 from janusflow_trt.batch import ChatBatch, ChatRequest
 from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
+from janusflow_trt.runtime.backends import SeamWrapper
 from janusflow_trt.runtime.kv_cache import BUCKET, KVCache
 
 
@@ -61,6 +62,38 @@ def test_kv_rows_fill_write_free_and_grow(tiny_dir):
     assert not cache.valid[1].any() and cache.lengths == [1, 0, BUCKET + 3]
     assert cache.index.tolist() == [1, 0, BUCKET + 3]
     assert cache.decode_mask[1, -1] == 1 and cache.valid[0, 0] == 1
+
+
+def test_kv_row_move_and_a_step_over_the_first_rows(tiny_dir):
+    """A row moved within the cache (a leaving row's place taken by the last one) carries its K/V,
+    validity and index; a decode write of the first n rows touches no row beyond them."""
+    cfg = load_config(tiny_dir)
+    cpu = torch.device("cpu")
+    cache = KVCache(cfg, 3, 1, cpu, torch.float32)
+    for r, (n, seed) in enumerate([(4, 0), (2, 1), (6, 2)]):
+        src = KVCache(cfg, 1, n, cpu, torch.float32)
+        src.append(_present(src, 1, n, seed), torch.tensor([[1] * (n - 1) + [0]]))
+        cache.fill_row(r, src)
+    row2 = [b[2].clone() for b in cache.buffers]
+    valid2 = cache.valid[2].clone()
+    cache.fill_row(0, cache, 2)
+    cache.free_row(2)
+    for buf, old in zip(cache.buffers, row2, strict=True):
+        assert torch.equal(buf[0, :, :6], old[:, :6]) and not buf[0, :, 6:].any()
+    assert torch.equal(cache.valid[0], valid2) and not cache.valid[2].any()
+    assert cache.lengths == [6, 2, 0] and cache.index.tolist() == [6, 2, 0]
+
+    before = [b.clone() for b in cache.buffers]
+    mask_before = cache.decode_mask.clone()
+    out = _present(cache, 2, 1, 3)
+    cache.write_one(out, torch.tensor([1, 1, 0]))
+    for buf, old, name in zip(cache.buffers, before, cache.present_names, strict=True):
+        assert torch.equal(buf[0, :, 6], out[name][0, :, 0]) and torch.equal(buf[1, :, 2], out[name][1, :, 0])
+        assert torch.equal(buf[2], old[2]) and torch.equal(buf[0, :, :6], old[0, :, :6])
+    assert cache.valid[0, 6] == 1 and cache.valid[1, 2] == 1 and torch.equal(cache.decode_mask[2], mask_before[2])
+    assert cache.index.tolist() == [7, 3, 0]
+    assert [f.shape[0] for f in cache.feeds(2).values()] == [2] * len(cache.past_names)
+    assert all(f.data_ptr() == b.data_ptr() for f, b in zip(cache.feeds(2).values(), cache.buffers, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +208,72 @@ def test_chunked_prefill_does_not_stall_running_rows(pipe, test_image, solo):
     assert seen == [b] and b.tokens == [solo[2][0]] and len(a.tokens) == 1 + rounds
     _drain(batch)
     assert a.tokens[:len(want_a)] == want_a and len(a.tokens) == 80 and b.tokens == solo[2]
+
+
+class _DecodeRowsSeen(SeamWrapper):
+    """The batch size of every decode step the backend runs (its embed call over one id per row)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.sizes: list[int] = []
+
+    def run(self, graph, feeds):
+        if graph == "embed" and feeds["input_ids"].shape[1] == 1:
+            self.sizes.append(feeds["input_ids"].shape[0])
+        return self.inner.run(graph, feeds)
+
+
+class _CaptureAtCount:
+    """A StepRunner as a CUDA-graph capture sees it (the CPU runs none): a capture holds the row count it
+    was made at until `reset`; replaying it at another count would run the wrong shapes."""
+
+    def __init__(self, rows):
+        self.rows, self.inner, self.captured = rows, rows.runner, None
+
+    def reset(self):
+        self.captured = None
+        self.inner.reset()
+
+    def write(self, dst, src):
+        self.inner.write(dst, src)
+
+    def __call__(self):
+        assert self.captured in (None, self.rows.count), "a capture replayed at another row count"
+        self.captured = self.rows.count
+        self.inner()
+
+
+def test_decode_steps_run_the_live_rows_only(pipe, test_image, solo):
+    """A 4-row batch with 1, up to 4, then (a middle row cancelled) 3, 2, 1 running requests: each decode
+    step runs exactly the running rows, a (CUDA-graph) capture is dropped whenever that count changes,
+    and every answer is still its solo one."""
+    image = Image.open(test_image)
+    seen = _DecodeRowsSeen(pipe.engine.backend)
+    batch = ChatBatch(seen, pipe.cfg, pipe.processor.eos_id, 4, prefill_chunk=1000)  # a join: 2 rounds
+    batch.rows.runner = _CaptureAtCount(batch.rows)  # type: ignore[assignment]
+    long = (*REQUESTS[0][:4], 30)
+    want_a = _solo(pipe, image, *long)
+    a, b, c, d = _request(pipe, image, *long), *(_request(pipe, image, *r) for r in REQUESTS[1:])
+    a.ignore_eos = True  # a runs all through
+    batch.submit(a)
+    batch.step()  # a joins (alone: no decode step yet)
+    want: list[int] = []
+    for _ in range(2):
+        want.append(1)
+        batch.step()
+    for q in (b, c, d):
+        batch.submit(q)
+    while d.row is None:  # rounds with 1, 2, 3 running rows while b, c, d join one by one
+        want.append(sum(q is not None for q in batch.active))
+        batch.step()
+    want.append(4)
+    batch.step()  # all four rows
+    assert batch.rows.count == 4 and b.row not in (None, 3)
+    batch.cancel(b)  # a middle row leaves: the last one moves into its place
+    assert batch.rows.count == 3 and sorted(q.row for q in (a, c, d)) == [0, 1, 2]
+    while batch.busy:
+        want.append(batch.rows.count)
+        batch.step()
+    assert seen.sizes == want and want[:2] == [1, 1] and {2, 3} < set(want)
+    assert a.tokens[:len(want_a)] == want_a and len(a.tokens) == 30
+    assert [c.tokens, d.tokens] == [solo[2], solo[3]] and b.tokens == solo[1][:len(b.tokens)]

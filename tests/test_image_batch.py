@@ -71,8 +71,9 @@ def test_concurrent_requests_each_equal_their_solo_run(pipe, solo, tiny_dir, tin
     rounds = run(batch, set(reqs) | {late})
     done = {r: p for rnd in [first, second, third, *rounds] for r, k, p in rnd if k == "done"}
     assert set(done) == set(reqs) | {late}
-    # the first three finish at their 4th step, the late one 2 steps later (it joined at their 3rd)
-    assert [sorted(k for _, k, _ in rnd) for rnd in rounds] == [["done"] * 3, [], ["done"]]
+    # the first three finish at their 4th step (the late one's 2nd), then each VAE decode is a round of its
+    # own, one request each; the late one makes its last two steps, then its decode
+    assert [sorted(k for _, k, _ in rnd) for rnd in rounds] == [[], ["done"], ["done"], ["done"], [], [], ["done"]]
     for r in reqs + [late]:
         close(done[r].latents, solo[r.seed])
         assert len(done[r].images) == r.n and done[r].images[0].size == (384, 384)
@@ -143,3 +144,26 @@ def test_time_sliced_step_calls_put_a_newcomer_first(pipe, solo):
     done = {r: p for rnd in run(batch, {a, b, late}) for r, k, p in rnd if k == "done"}
     for r in (a, b, late):
         close(done[r].latents, solo[r.seed])
+
+
+def test_a_newcomer_steps_before_finished_requests_vae_decode(pipe, solo):
+    """Two requests finish their steps; a request that arrives then makes its first step before their VAE
+    decodes (one per round); a finished request cancelled before its decode gets none."""
+    batch = ImageBatch(pipe.engine, capacity=8)
+    a, b = request(pipe, *ASKS[0]), request(pipe, *ASKS[2])
+    batch.submit(a)
+    batch.submit(b)
+    for _ in range(STEPS):
+        assert [k for _, k, _ in batch.step()] in (["start", "start"], [])
+    assert (a.done, b.done) == (STEPS, STEPS) and a.finish is None and len(batch.finished) == 2
+    late = request(pipe, *JOIN)
+    batch.submit(late)
+    assert [(r, k) for r, k, _ in batch.step()] == [(late, "start")]  # before a's and b's decodes
+    (r, k, res), = batch.step()
+    assert (r, k) == (a, "done") and late.done == 1
+    close(res.latents, solo[a.seed])
+    batch.cancel(b)
+    assert b.finish == "cancelled" and not batch.finished
+    rounds = run(batch, {late})
+    assert [(r, k) for rnd in rounds for r, k, _ in rnd] == [(late, "done")] and not batch.busy
+    close(rounds[-1][0][2].latents, solo[late.seed])

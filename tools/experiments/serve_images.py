@@ -4,6 +4,7 @@ Euler-step batching (--max-batch 4) against one request at a time (--max-batch 1
 image's preview costs (the linear latent->RGB map + PNG) against a VAE decode of the same latent.
 
     python tools/experiments/serve_images.py --model D --artifacts A [--steps 30 --requests 12]
+        [--configs batched_c4,time_sliced_c4 --out FILE]   (a subset / another file: a before-after pair)
 
 Closed loop: C client threads each send its next request when its previous one ends. A request is a
 streamed generation (`stream: true`, no partial images): the server opens the response after the
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from janusflow_trt import Pipeline
+from janusflow_trt.files import write_atomic
 from janusflow_trt.images import to_uint8
 from janusflow_trt.serve.images import png, preview_pngs
 
@@ -146,9 +148,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--reverse", action="store_true", help="run the server configurations in reverse order "
                     "(a second pass that cancels a drift in the machine's load)")
+    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
+                    help="comma-separated server configurations to run (default: all)")
+    ap.add_argument("--out", type=Path, help="results file (default: docs/results/serve_images[_reverse].json)")
     args = ap.parse_args()
+    names = args.configs.split(",")
+    unknown = set(names) - {c[0] for c in CONFIGS}
+    if unknown:
+        ap.error(f"unknown --configs {sorted(unknown)}")
+    configs = [c for c in CONFIGS if c[0] in names]
     res: dict = {"solo": solo_costs(args), "steps": args.steps, "requests": args.requests}
-    for name, max_batch, conc, step_images in CONFIGS[::-1] if args.reverse else CONFIGS:
+    for name, max_batch, conc, step_images in configs[::-1] if args.reverse else configs:
         proc, base = serve(args, max_batch, step_images)
         try:
             res[name] = {"max_batch": max_batch, "concurrency": conc, "step_images": step_images or max_batch,
@@ -158,19 +168,21 @@ def main() -> None:
             proc.wait(30)
         print(name, res[name], flush=True)
     step = res["solo"]["step_ms"] / 1e3
-    for name, *_ in CONFIGS:
+    for name, *_ in configs:
         res[name]["ttfes_p90_in_solo_steps"] = res[name]["ttfes_p90_s"] / step
-        res[name]["images_per_min_vs_one_at_a_time"] = \
-            res[name]["images_per_min"] / res["one_at_a_time"]["images_per_min"]
-    out = ROOT / "docs" / "results" / f"serve_images{'_reverse' if args.reverse else ''}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+        if "one_at_a_time" in res:
+            res[name]["images_per_min_vs_one_at_a_time"] = \
+                res[name]["images_per_min"] / res["one_at_a_time"]["images_per_min"]
+    out = args.out or ROOT / "docs" / "results" / f"serve_images{'_reverse' if args.reverse else ''}.json"
+    text = json.dumps(res, indent=2) + "\n"
+    write_atomic(out, lambda tmp: Path(tmp).write_text(text))
     print("| server | concurrency | images/min (vs one at a time) | TTFES p50 | TTFES p90 | p90 / solo step |"
           " mean image round |\n|---|---|---|---|---|---|---|")
-    for name, *_ in CONFIGS:
+    for name, *_ in configs:
         r = res[name]
         rnd = f"{r['round_ms']:.0f} ms" if "round_ms" in r else "-"
         print(f"| {name}: --max-batch {r['max_batch']}, {r['step_images']} image(s)/step call | {r['concurrency']} | "
-              f"{r['images_per_min']:.2f} ({r['images_per_min_vs_one_at_a_time']:.2f}x) | "
+              f"{r['images_per_min']:.2f} ({r.get('images_per_min_vs_one_at_a_time', float('nan')):.2f}x) | "
               f"{r['ttfes_p50_s'] * 1e3:.0f} ms | {r['ttfes_p90_s'] * 1e3:.0f} ms | "
               f"{r['ttfes_p90_in_solo_steps']:.2f} | {rnd} |")
     print(json.dumps(res["solo"]))
