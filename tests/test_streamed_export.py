@@ -197,3 +197,41 @@ def test_weightless_fp16_equals_inline(tiny_dir, fp16_onnx, tmp_path):
     assert any(t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.FLOAT16
                for t in m.graph.initializer)
     assert_same_graph(fp16_onnx / "llm.fp16.onnx", tmp_path / "llm.fp16.onnx")
+
+
+@pytest.mark.parametrize("graph", ["llm", "gen_dec"])
+def test_weightless_int8_cpu_equals_loaded(tiny_dir, int8_onnx, tmp_path, monkeypatch, graph):
+    """The int8-cpu variant of a graph with external weights derived without loading them
+    (export/int8.py: named_streamed, SmoothQuant's migration streamed weight by weight for the LLM; the
+    quantized graph's consumers rewired on its weightless proto): the same graph (initializers' names,
+    dtypes, bytes; nodes) and recipe as derive_int8(streamed=False), the loaded-model path, from the same
+    FP32 file and calibration set."""
+    from test_int8 import PLAN
+
+    from janusflow_trt.calibration.record import CalibrationData
+    from janusflow_trt.export import int8
+
+    spec = build_specs(load_config(tiny_dir))[graph]
+    calib = CalibrationData(int8_onnx / "calib")
+    src = tmp_path / "src" / f"{graph}.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(int8_onnx / f"{graph}.onnx")), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=f"{graph}.onnx.data", size_threshold=256)
+    out = {}
+    for mode in ("loaded", "streamed"):
+        (tmp_path / mode).mkdir()
+        out[mode] = tmp_path / mode / f"{graph}.int8-cpu.onnx"
+        if mode == "streamed":  # the streamed path never loads the FP32 weights into a proto
+            monkeypatch.setattr(int8, "load_smoothed", lambda *a, **k: pytest.fail("load_smoothed called"))
+        out[mode + "_recipe"] = int8.derive_int8(src, spec, calib, out[mode], "int8-cpu", limit=PLAN.measure_samples,
+                                                 big=True, streamed=mode == "streamed")
+        assert sorted(p.name for p in (tmp_path / mode).iterdir()) == sorted(
+            [out[mode].name, f"{out[mode].name}.data"]), "only the variant and its data file are left"
+    m = onnx.load(str(out["streamed"]), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.INT8
+               for t in m.graph.initializer)
+    r, ref = out["streamed_recipe"]["recipe"], out["loaded_recipe"]["recipe"]
+    assert r == ref
+    if graph == "llm":
+        assert r["smoothquant"]["products"], "the LLM is smoothed (the migration is what this compares)"
+    assert_same_graph(out["loaded"], out["streamed"])
