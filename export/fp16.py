@@ -288,19 +288,25 @@ def fp16_feeds(spec16: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def calibration_check(fp32_path: Path, fp16_path: Path, spec: GraphSpec, samples, limit: int = 4) -> dict:
-    """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite."""
-    s32, s16 = ort_session(fp32_path, lean=True), ort_session(fp16_path, lean=True)
+    """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite. One session
+    at a time (a full-size graph's FP32 and FP16 weights never together): the FP32 outputs are kept, the
+    FP32 session released, then the FP16 one runs the same feeds."""
+    feeds = []
+    for f in samples():
+        if len(feeds) >= limit:
+            break
+        feeds.append(f)
+    s32 = ort_session(fp32_path, lean=True)
+    ref = [s32.run(spec.output_names, f) for f in feeds]
+    del s32
+    s16 = ort_session(fp16_path, lean=True)
     spec16 = precision_variant(spec, "fp16")
     worst: dict[str, float] = {}
-    finite, n = True, 0
-    for feeds in samples():
-        if n >= limit:
-            break
-        n += 1
-        a = s32.run(spec.output_names, feeds)
-        b = s16.run(spec.output_names, fp16_feeds(spec16, feeds))
+    finite = True
+    for f, a in zip(feeds, ref, strict=True):
+        b = s16.run(spec.output_names, fp16_feeds(spec16, f))
         for t, x, y in zip(spec.outputs, a, b, strict=True):
             finite &= bool(np.isfinite(y).all())
             c = compare(y.astype(np.float32), x, t.tol)["cosine"]
             worst[t.name] = min(worst.get(t.name, 1.0), c)
-    return {"min_cosine": worst, "finite": finite, "samples": n}
+    return {"min_cosine": worst, "finite": finite, "samples": len(feeds)}

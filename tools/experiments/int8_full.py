@@ -4,7 +4,8 @@ spec's seeded dummy inputs at a few short prefill / decode shapes; ranges from t
 memory and the code path are the export's), each phase of derive_int8 timed with its peak RSS.
 
     flock /tmp/jf-measure.lock /usr/bin/time -v env PYTHONPATH=. python tools/experiments/int8_full.py \
-        --model CKPT --artifacts ONNX --out /tmp/int8 [--graph llm] [--precision int8-cpu] [--samples 2] [--reference]
+        --model CKPT --artifacts ONNX --out /tmp/int8 [--graph llm] [--precision int8-cpu|int8|fp16] \
+        [--samples 2] [--reference]
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from janusflow_trt.export import int8
+from janusflow_trt.export import fp16, int8
 from janusflow_trt.export.memory import PeakRSS, max_rss_mb
 from janusflow_trt.export.specs import build_specs, dummy_inputs
 from janusflow_trt.janusflow_ref.config import load_config
 
+FP16_PHASES = ("measure", "load_typed", "convert", "stream_weights", "calibration_check")
 PHASES = ("named_streamed", "load_smoothed", "tensor_ranges", "quantize_static", "float_consumers_read_float")
 
 
@@ -76,16 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     log: dict = {}
-    for name in PHASES:
-        setattr(int8, name, timed(name, getattr(int8, name), log))
+    module, phases = (fp16, FP16_PHASES) if args.precision == "fp16" else (int8, PHASES)
+    for name in phases:
+        setattr(module, name, timed(name, getattr(module, name), log))
+    calib, dst = SyntheticCalib(spec, args.samples, out), out / f"{args.graph}.{args.precision}.onnx"
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        r = int8.derive_int8(src / f"{args.graph}.onnx", spec, SyntheticCalib(spec, args.samples, out),
-                             out / f"{args.graph}.{args.precision}.onnx", args.precision, big=True,
-                             streamed=not args.reference)
-    log["derive_int8"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": rss.peak_mb}
+        if args.precision == "fp16":
+            r = fp16.derive_fp16(src / f"{args.graph}.onnx", spec, calib, dst, True, check=args.samples)
+        else:
+            r = int8.derive_int8(src / f"{args.graph}.onnx", spec, calib, dst, args.precision, big=True,
+                                 streamed=not args.reference)
+    log["derive"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": rss.peak_mb}
     log["process"] = max_rss_mb()
-    log["quantized_nodes"] = r["recipe"]["quantized_nodes"]
+    if args.precision != "fp16":
+        log["quantized_nodes"] = r["recipe"]["quantized_nodes"]
     print(json.dumps(log, indent=1))
     return 0
 
