@@ -291,7 +291,7 @@ def calibration_check(fp32_path: Path, fp16_path: Path, spec: GraphSpec, samples
     """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite. One session
     at a time (a full-size graph's FP32 and FP16 weights never together): the FP32 outputs are kept, the
     FP32 session released, then the FP16 one runs the same feeds."""
-    feeds = []
+    feeds: list[dict[str, np.ndarray]] = []
     for f in samples():
         if len(feeds) >= limit:
             break
