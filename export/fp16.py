@@ -22,13 +22,14 @@ Islands (node -> reason, all written to the manifest's recipe):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 from onnx.external_data_helper import load_external_data_for_model
 from onnxruntime.transformers import float16 as ort_float16
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16
@@ -150,25 +151,36 @@ def _external(t: onnx.TensorProto) -> dict[str, str]:
     return {kv.key: kv.value for kv in t.external_data}
 
 
+def read_initializer(t: onnx.TensorProto, src_dir: Path, dtype: int | None = None) -> np.ndarray:
+    """One initializer's array: an external one read alone from its data file in src_dir (as `dtype`, the
+    type it was stored with; default its own), an inline one from the proto."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    ref = _external(t)
+    a = np.fromfile(src_dir / ref["location"], dtype=onnx.helper.tensor_dtype_to_np_dtype(dtype or t.data_type),
+                    count=int(np.prod(t.dims, dtype=np.int64)), offset=int(ref.get("offset", 0)))
+    return a.reshape(tuple(t.dims))
+
+
 def stream_weights(model: onnx.ModelProto, src_dir: Path, types: dict[str, int], out_path: Path,
-                   align: int = 4096) -> str:
+                   align: int = 4096, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> str:
     """`model`'s external initializers (still pointing at the FP32 data file in src_dir) written into
     out_path.name + '.data' one at a time: as stored where their type is unchanged, converted by the
     float16 converter's own convert_np_to_float16 where it turned FLOAT into FLOAT16 (types: each
-    initializer's type before conversion); -> the data file's name."""
+    initializer's type before conversion), or through transform(name, array) (same dtype and shape) when
+    given (INT8's SmoothQuant migration, export/int8.py); -> the data file's name."""
     data = out_path.name + ".data"
     with open(out_path.parent / data, "wb") as f:
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            ref = _external(t)
             was = types[t.name]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(was)
-            a = np.fromfile(src_dir / ref["location"], dtype=dtype, count=int(np.prod(t.dims, dtype=np.int64)),
-                            offset=int(ref.get("offset", 0)))
+            a = read_initializer(t, src_dir, was)
             if t.data_type != was:
                 assert (was, t.data_type) == (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16), t.name
                 a = convert_np_to_float16(a)
+            if transform is not None:
+                a = transform(t.name, a)
             f.seek(-f.tell() % align, 1)  # page-aligned: ONNX Runtime maps such tensors instead of copying them
             offset = f.tell()
             f.write(a.tobytes())
@@ -176,6 +188,7 @@ def stream_weights(model: onnx.ModelProto, src_dir: Path, types: dict[str, int],
             for k, v in (("location", data), ("offset", str(offset)), ("length", str(a.nbytes))):
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v
+            del a
     return data
 
 
@@ -275,19 +288,25 @@ def fp16_feeds(spec16: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def calibration_check(fp32_path: Path, fp16_path: Path, spec: GraphSpec, samples, limit: int = 4) -> dict:
-    """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite."""
-    s32, s16 = ort_session(fp32_path, lean=True), ort_session(fp16_path, lean=True)
+    """FP16 vs FP32 on the first `limit` of `samples()`: worst cosine per output; all finite. One session
+    at a time (a full-size graph's FP32 and FP16 weights never together): the FP32 outputs are kept, the
+    FP32 session released, then the FP16 one runs the same feeds."""
+    feeds: list[dict[str, np.ndarray]] = []
+    for f in samples():
+        if len(feeds) >= limit:
+            break
+        feeds.append(f)
+    s32 = ort_session(fp32_path, lean=True)
+    ref = [s32.run(spec.output_names, f) for f in feeds]
+    del s32
+    s16 = ort_session(fp16_path, lean=True)
     spec16 = precision_variant(spec, "fp16")
     worst: dict[str, float] = {}
-    finite, n = True, 0
-    for feeds in samples():
-        if n >= limit:
-            break
-        n += 1
-        a = s32.run(spec.output_names, feeds)
-        b = s16.run(spec.output_names, fp16_feeds(spec16, feeds))
+    finite = True
+    for f, a in zip(feeds, ref, strict=True):
+        b = s16.run(spec.output_names, fp16_feeds(spec16, f))
         for t, x, y in zip(spec.outputs, a, b, strict=True):
             finite &= bool(np.isfinite(y).all())
             c = compare(y.astype(np.float32), x, t.tol)["cosine"]
             worst[t.name] = min(worst.get(t.name, 1.0), c)
-    return {"min_cosine": worst, "finite": finite, "samples": n}
+    return {"min_cosine": worst, "finite": finite, "samples": len(feeds)}

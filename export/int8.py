@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import save_tensors_data
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -48,11 +49,12 @@ from janusflow_trt.calibration.int8_calib import (
 from janusflow_trt.calibration.ranges import measure
 from janusflow_trt.errors import CheckpointError, JanusFlowError
 
-from .fp16 import choose_islands, drop_fp16_round_trips, load_typed
+from .fp16 import choose_islands, drop_fp16_round_trips, load_typed, read_initializer, stream_weights
 from .onnx_graph import graph_opset, name_nodes, tensor_readers
+from .onnx_io import external_files, save_graph
 from .smoothquant import ALPHA as SMOOTH_ALPHA
 from .smoothquant import GRAPHS as SMOOTH_GRAPHS
-from .smoothquant import load_smoothed
+from .smoothquant import channel_absmax, load_smoothed, migrations, scaled, smoothing_groups
 
 INT8_PRECISIONS = ("int8", "int8-cpu")
 NOT_QUANTIZED = {
@@ -117,7 +119,7 @@ def cpu_plan(model: onnx.ModelProto) -> dict[str, str]:
 def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, method: str | None = None,
                 exclude: dict[str, str] | None = None, big: bool = False,
                 islands: dict[str, str] | None = None, limit: int | None = None,
-                smooth_alpha: float | None = SMOOTH_ALPHA) -> dict[str, Any]:
+                smooth_alpha: float | None = SMOOTH_ALPHA, streamed: bool = True) -> dict[str, Any]:
     """FP32 graph file -> Q/DQ graph file; -> {'data': external data file or None, 'recipe': ...}.
     limit: calibrate on at most this many of the graph's recorded samples (the plan's measure_samples;
     CalibrationData.select spreads them over the kinds of call); None: all.
@@ -133,17 +135,26 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     if n == 0:
         raise CheckpointError(f"calibration data {calib.path}: no samples recorded for graph {spec.name}")
     smoothing: Any = "off"
-    if smooth_alpha is not None and spec.name in SMOOTH_GRAPHS:
-        model, smoothing = load_smoothed(fp32_path, RecordedReader(calib, spec, limit).feeds, smooth_alpha)
-        smoothing.update(samples=n, limit=limit)
-    else:
-        model = onnx.load(str(fp32_path))
-    name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
-    nodes = quantizable_nodes(model)
+    alpha = smooth_alpha if spec.name in SMOOTH_GRAPHS else None
     named = out_path.with_name(f".named-{out_path.name}")
-    onnx.save_model(model, str(named), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=f"{named.name}.data")
-    del model
+    skeleton = onnx.load(str(fp32_path), load_external_data=False)
+    weightless = streamed and bool(external_files(skeleton))
+    if weightless:
+        smoothing = named_streamed(fp32_path, skeleton, named, RecordedReader(calib, spec, limit).feeds, alpha)
+        nodes = quantizable_nodes(skeleton)
+    else:
+        if alpha is not None:
+            model, smoothing = load_smoothed(fp32_path, RecordedReader(calib, spec, limit).feeds, alpha)
+        else:
+            model = onnx.load(str(fp32_path))
+        name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
+        nodes = quantizable_nodes(model)
+        onnx.save_model(model, str(named), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=f"{named.name}.data")
+        del model
+    del skeleton
+    if isinstance(smoothing, dict):
+        smoothing.update(samples=n, limit=limit)
     exclude = dict(exclude or {})
     if mo is not None:
         try:
@@ -170,12 +181,15 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         cache.unlink(missing_ok=True)
         named.unlink(missing_ok=True)
         Path(f"{named}.data").unlink(missing_ok=True)
-    q = onnx.load(str(out_path))
-    rewired = float_consumers_read_float(q)
     float_parts: Any = "FP32 (norms, softmax, residual adds, outputs)"
     save = lambda m: onnx.save_model(m, str(out_path), save_as_external_data=big,  # noqa: E731
                                      all_tensors_to_one_file=True, location=f"{out_path.name}.data")
-    save(q)
+    q = onnx.load(str(out_path), load_external_data=not weightless)
+    rewired = float_consumers_read_float(q)  # weightless: removes only unread scales / zero points' references
+    if weightless and external_files(q):
+        save_graph(q, out_path)
+    else:
+        save(q)
     del q
     if precision == "int8" and islands is not None:  # re-read typed (fp16.load_typed: no >2 GB serialisation)
         q, float_parts = fp16_float_parts(load_typed(out_path, FP16_QDQ_OPSET), islands)
@@ -201,6 +215,39 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "calibration_samples_by_kind": calib.kinds(spec.name, limit),
     }
     return {"data": data, "recipe": recipe}
+
+
+def named_streamed(fp32_path: Path, model: onnx.ModelProto, named: Path, feeds, alpha: float | None) -> Any:
+    """The quantizer's input written without loading the weights: `model` (fp32_path's weightless proto)
+    gets stable node names and, with alpha, SmoothQuant's migration (export/smoothquant.py: the scales from
+    the channel maxima over feeds() and the products' weights, read one at a time); its weights are then
+    streamed from fp32_path's data file into named's, each scaled by its migration steps in order (the
+    same float operations as smooth() on the loaded model: equal bytes). -> the recipe's smoothing record."""
+    src = Path(fp32_path).parent
+    smoothing: Any = "off"
+    steps: list[tuple[str, Any]] = []
+    if alpha is not None:
+        amax = channel_absmax(fp32_path, feeds, list(smoothing_groups(model)))
+        name_nodes(model)  # the record names the products
+        inits = {t.name: t for t in model.graph.initializer}
+        steps, products = migrations(model, amax, alpha, lambda name: read_initializer(inits[name], src))
+        smoothing = {"alpha": alpha, "products": products}
+    name_nodes(model)
+    factors: dict[str, list[Any]] = {}
+    for name, factor in steps:
+        factors.setdefault(name, []).append(factor)
+
+    def migrate(name: str, a):
+        for factor in factors.get(name, ()):
+            a = scaled(a, factor)
+        return a
+
+    for t in model.graph.initializer:  # inline (small) ones are migrated in the proto
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.name in factors:
+            t.CopyFrom(numpy_helper.from_array(migrate(t.name, numpy_helper.to_array(t)), t.name))
+    stream_weights(model, src, {t.name: t.data_type for t in model.graph.initializer}, named, transform=migrate)
+    save_graph(model, named)
+    return smoothing
 
 
 def float_consumers_read_float(model: onnx.ModelProto) -> int:

@@ -102,24 +102,34 @@ def scales(x_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.
     return np.clip(s, 1e-4, 1e4)
 
 
+def migrations(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float,
+               read: Callable[[str], np.ndarray]) -> tuple[list[tuple[str, np.ndarray]], dict[str, str]]:
+    """The migration as (initializer, factor) steps in the order they apply (up's weight takes two: it is
+    a gate/up product and down's absorber), and product node -> its absorber. read(name): an initializer's
+    array; every s comes from the unmodified weights (only the products' weights are read)."""
+    groups = {a: g for a, g in smoothing_groups(model).items() if a in amax}
+    s = {a: scales(amax[a], [read(r.input[1]) for r in g.products], alpha) for a, g in groups.items()}
+    steps: list[tuple[str, np.ndarray]] = []
+    done: dict[str, str] = {}
+    for a, g in groups.items():
+        for r in g.products:
+            steps.append((r.input[1], s[a][:, None]))
+            done[r.name] = g.absorber
+        steps.append((g.absorber_init, 1 / s[a] if g.absorber == "norm_weight" else 1 / s[a][None, :]))
+    return steps, done
+
+
+def scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """One migration step on one weight (its dtype kept)."""
+    return (w * factor).astype(w.dtype)
+
+
 def smooth(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float) -> dict[str, str]:
     """Migrate in place; -> product node -> its absorber ('norm_weight' / 'up_columns')."""
     inits = {t.name: t for t in model.graph.initializer}
-    groups = {a: g for a, g in smoothing_groups(model).items() if a in amax}
-    # every s from the unmodified weights first (up's weight is both a gate/up product and down's absorber)
-    s = {a: scales(amax[a], [numpy_helper.to_array(inits[r.input[1]]) for r in g.products], alpha)
-         for a, g in groups.items()}
-    done: dict[str, str] = {}
-
-    def scale(name: str, factor: np.ndarray) -> None:
-        w = numpy_helper.to_array(inits[name])
-        inits[name].CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), name))
-
-    for a, g in groups.items():
-        for r in g.products:
-            scale(r.input[1], s[a][:, None])
-            done[r.name] = g.absorber
-        scale(g.absorber_init, 1 / s[a] if g.absorber == "norm_weight" else 1 / s[a][None, :])
+    steps, done = migrations(model, amax, alpha, lambda name: numpy_helper.to_array(inits[name]))
+    for name, factor in steps:
+        inits[name].CopyFrom(numpy_helper.from_array(scaled(numpy_helper.to_array(inits[name]), factor), name))
     return done
 
 

@@ -197,3 +197,86 @@ def test_weightless_fp16_equals_inline(tiny_dir, fp16_onnx, tmp_path):
     assert any(t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.FLOAT16
                for t in m.graph.initializer)
     assert_same_graph(fp16_onnx / "llm.fp16.onnx", tmp_path / "llm.fp16.onnx")
+
+
+@pytest.mark.parametrize("graph", ["llm", "gen_dec"])
+def test_weightless_int8_cpu_equals_loaded(tiny_dir, int8_onnx, tmp_path, monkeypatch, graph):
+    """The int8-cpu variant of a graph with external weights derived without loading them
+    (export/int8.py: named_streamed, SmoothQuant's migration streamed weight by weight for the LLM; the
+    quantized graph's consumers rewired on its weightless proto): the same graph (initializers' names,
+    dtypes, bytes; nodes) and recipe as derive_int8(streamed=False), the loaded-model path, from the same
+    FP32 file and calibration set."""
+    from test_int8 import PLAN
+
+    from janusflow_trt.calibration.record import CalibrationData
+    from janusflow_trt.export import int8
+
+    spec = build_specs(load_config(tiny_dir))[graph]
+    calib = CalibrationData(int8_onnx / "calib")
+    src = tmp_path / "src" / f"{graph}.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(int8_onnx / f"{graph}.onnx")), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=f"{graph}.onnx.data", size_threshold=256)
+    out = {}
+    for mode in ("loaded", "streamed"):
+        (tmp_path / mode).mkdir()
+        out[mode] = tmp_path / mode / f"{graph}.int8-cpu.onnx"
+        if mode == "streamed":  # the streamed path never loads the FP32 weights into a proto
+            monkeypatch.setattr(int8, "load_smoothed", lambda *a, **k: pytest.fail("load_smoothed called"))
+        out[mode + "_recipe"] = int8.derive_int8(src, spec, calib, out[mode], "int8-cpu", limit=PLAN.measure_samples,
+                                                 big=True, streamed=mode == "streamed")
+        assert sorted(p.name for p in (tmp_path / mode).iterdir()) == sorted(
+            [out[mode].name, f"{out[mode].name}.data"]), "only the variant and its data file are left"
+    m = onnx.load(str(out["streamed"]), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.INT8
+               for t in m.graph.initializer)
+    r, ref = out["streamed_recipe"]["recipe"], out["loaded_recipe"]["recipe"]
+    assert r == ref
+    if graph == "llm":
+        assert r["smoothquant"]["products"], "the LLM is smoothed (the migration is what this compares)"
+    assert_same_graph(out["loaded"], out["streamed"])
+
+
+def test_fp16_calibration_check_one_session_at_a_time(tiny_dir, fp16_onnx, monkeypatch):
+    """export/fp16.py: calibration_check never holds the FP32 and the FP16 session together (at full size
+    the two are 5.8 + 2.9 GB of weights), and its worst cosines are those of the two graphs run
+    independently on the same samples (cosine computed here with numpy)."""
+    import weakref
+
+    import onnxruntime as ort
+
+    from janusflow_trt.calibration.record import CalibrationData
+    from janusflow_trt.export import fp16
+    from janusflow_trt.export.specs import precision_variant
+
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    calib = CalibrationData(fp16_onnx / "calib")
+    live, most = [0], [0]
+
+    def counted(*a, **k):
+        s = ort_session(*a, **k)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(s, lambda: live.__setitem__(0, live[0] - 1))
+        return s
+
+    monkeypatch.setattr(fp16, "ort_session", counted)
+    r = fp16.calibration_check(fp16_onnx / "llm.onnx", fp16_onnx / "llm.fp16.onnx", spec,
+                               lambda: calib.samples("llm"), 3)
+    assert most[0] == 1, "the FP32 and FP16 sessions were alive together"
+    assert r["samples"] == 3 and r["finite"]
+    s32 = ort.InferenceSession(str(fp16_onnx / "llm.onnx"), providers=["CPUExecutionProvider"])
+    s16 = ort.InferenceSession(str(fp16_onnx / "llm.fp16.onnx"), providers=["CPUExecutionProvider"])
+    spec16 = precision_variant(spec, "fp16")
+    want: dict[str, float] = {}
+    for k, feeds in enumerate(calib.samples("llm")):
+        if k == 3:
+            break
+        a = s32.run(spec.output_names, feeds)
+        b = s16.run(spec.output_names, {t.name: feeds[t.name].astype(t.dtype) for t in spec16.inputs})
+        for name, x, y in zip(spec.output_names, a, b, strict=True):
+            x, y = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+            want[name] = min(want.get(name, 1.0), float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))))
+    assert r["min_cosine"].keys() == want.keys()
+    for name, c in want.items():
+        assert r["min_cosine"][name] == pytest.approx(c, rel=1e-6, abs=1e-6), name
