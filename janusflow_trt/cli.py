@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import time
 
 from janusflow_trt.errors import InputError, JanusFlowError, Terminated
@@ -206,6 +208,19 @@ def _stop(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def _redeliver(hook):
+    """sys.unraisablehook: a Terminated raised while the main thread ran a callback whose exceptions Python
+    ignores (a weakref callback, __del__: seen inside the import lock's) is lost; deliver the signal again,
+    from a thread a moment later, so that its handler raises in ordinary code."""
+    def h(u) -> None:
+        if isinstance(u.exc_value, Terminated):
+            signal.signal(u.exc_value.signum, _stop)
+            threading.Timer(0.05, os.kill, (os.getpid(), u.exc_value.signum)).start()
+            return
+        hook(u)
+    return h
+
+
 @contextlib.contextmanager
 def _stop_signals_raise():
     """SIGTERM / SIGHUP raise Terminated (a KeyboardInterrupt) in the main thread while a command runs."""
@@ -214,9 +229,11 @@ def _stop_signals_raise():
     except ValueError:  # not the main thread (main() called from a thread): leave the handlers alone
         yield
         return
+    hook, sys.unraisablehook = sys.unraisablehook, _redeliver(sys.unraisablehook)
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for s, h in old.items():
             signal.signal(s, h)
 
