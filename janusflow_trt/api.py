@@ -56,6 +56,16 @@ class GenerateResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def final_images(latents: np.ndarray, steps: int, vae: Callable[[torch.Tensor], torch.Tensor]) -> list[Image.Image]:
+    """A generation's final latents [n, 4, 48, 48] -> its images through `vae`, refusing non-finite latents
+    or pixels in one line each (Pipeline.generate and the server's batched images: one check)."""
+    check_finite_latents(latents, None, steps)
+    decoded = vae(torch.from_numpy(latents)).float().cpu().numpy()
+    if not np.isfinite(decoded).all():
+        raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
+    return [Image.fromarray(a) for a in to_uint8(decoded)]
+
+
 def as_image(image: ImageLike) -> Image.Image:
     """A PIL image, an HxWx3 uint8 array or a path -> RGB PIL image."""
     if isinstance(image, Image.Image):
@@ -209,12 +219,8 @@ class Pipeline:
                     check_finite_latents(host, i, steps)
                     callback(i, host)
             latents = z.to("cpu", torch.float32, copy=True).numpy()  # a copy: z is the loop's carry buffer
-            check_finite_latents(latents, None, steps)
             t2 = time.perf_counter()
-            decoded = self.engine.vae(torch.from_numpy(latents)).float().cpu().numpy()
-            if not np.isfinite(decoded).all():
-                raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
-            images = [Image.fromarray(a) for a in to_uint8(decoded)]
+            images = final_images(latents, steps, self.engine.vae)
             t3 = time.perf_counter()
         timings = {"prefix_s": t1 - t0, "euler_s": t2 - t1, "euler_ms_per_step": (t2 - t1) / steps * 1e3,
                    "vae_s": t3 - t2, "total_s": t3 - t0}

@@ -38,18 +38,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from janusflow_trt.errors import InputError
-from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.generation import initial_latents
-from janusflow_trt.latents_io import check_finite_latents
 from janusflow_trt.runtime.cuda_graph import StepRunner
 from janusflow_trt.runtime.euler_step import EulerState, euler_state, euler_step, row_timesteps
 from janusflow_trt.runtime.kv_cache import KVCache
 from janusflow_trt.runtime.text2img import join_rows, prefix_row, vae_decode
 
-from .api import GenerateResult
+from .api import GenerateResult, final_images
 from .engines import RuntimeEngine
 
 UNCOND_CACHE = 32  # uncond prefixes kept (one per prompt length)
@@ -240,15 +237,11 @@ class ImageBatch:
     def _finish(self, req: ImageRequest, latents: np.ndarray) -> Event:
         """The VAE decode of a finished request, checked as Pipeline.generate checks it."""
         try:
-            check_finite_latents(latents, None, req.steps)
             self.engine.ensure_vae()
-            decoded = vae_decode(self.backend, torch.from_numpy(latents)).float().cpu().numpy()
-            if not np.isfinite(decoded).all():
-                raise InputError("the VAE decoder produced non-finite pixels (NaN or Inf); check the VAE weights")
+            images = final_images(latents, req.steps, lambda z: vae_decode(self.backend, z))
         except InputError as e:
             req.finish, req.error = "error", e
             return req, "error", e
         req.finish = "done"
-        images = [Image.fromarray(a) for a in to_uint8(decoded)]
         return req, "done", GenerateResult(images=images, latents=latents,
                                            timings={"total_s": time.perf_counter() - req.t_submit})

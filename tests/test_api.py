@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from janusflow_trt import Pipeline
+from janusflow_trt.api import final_images
 from janusflow_trt.cli import main
+from janusflow_trt.errors import InputError
 from janusflow_trt.runtime.backends import OrtBackend, SeamWrapper
 from janusflow_trt.runtime.llm import new_cache, positions
 
@@ -185,3 +187,16 @@ def test_api_refusals(pipe, tiny_dir, test_image):
         next(pipe.chat_stream(test_image, "  "))
     with pytest.raises(InputError, match="steps"):
         pipe.generate("a cat", steps=0)
+
+
+def test_final_images_refuse_non_finite_latents_and_pixels():
+    """The one end-of-generation check (Pipeline.generate and the server's batched images): non-finite
+    latents or VAE pixels are one InputError line each; finite ones decode to 384x384 images."""
+    z = np.zeros((2, 4, 48, 48), np.float32)
+    images = final_images(z, 30, lambda t: torch.zeros((t.shape[0], 3, 384, 384)))
+    assert [im.size for im in images] == [(384, 384)] * 2
+    with pytest.raises(InputError, match="non-finite pixels"):
+        final_images(z, 30, lambda t: torch.full((t.shape[0], 3, 384, 384), float("nan")))
+    z[1, 0, 0, 0] = np.inf
+    with pytest.raises(InputError, match="latents became non-finite"):
+        final_images(z, 30, lambda t: torch.zeros((t.shape[0], 3, 384, 384)))

@@ -257,16 +257,8 @@ class EngineLoop:
         """Between two steps: rows whose client left or whose time ran out leave; then one scheduler
         round; each job gets its tokens, a finished one its end."""
         assert self.batch is not None
-        for req, rows in list(self.rows.items()):
-            with self._errors(rows.job, leave=lambda r=req: self._leave(r)):
-                rows.job.check()
-        try:
-            events = self.batch.step()
-        except Exception:  # a bug: every job in the batch fails, the batch starts afresh
-            log.exception("chat batch step failed")
-            for rows in self.rows.values():
-                rows.job.post("error", ServeError(500, "internal server error", type="server_error"))
-            self.rows.clear()
+        events = self._batch_step("chat", self.rows, self._leave, self.batch.step)
+        if events is None:
             self.batch = self._new_batch()
             return
         for req, tok in events:
@@ -285,23 +277,21 @@ class EngineLoop:
     def _image_round(self) -> None:
         """Between two Euler steps: image jobs whose client left or whose time ran out leave; then one
         step of the image batch; each job gets its events (start, partial images, its result)."""
-        assert self.images is not None
-        for req, img in list(self.image_jobs.items()):
-            with self._errors(img.job, leave=lambda r=req: self._image_leave(r)):
-                img.job.check()
-        try:
+        images = self.images
+        assert images is not None
+
+        def timed_step() -> list:
             t0 = time.perf_counter()
-            events = self.images.step()
+            events = images.step()
             self.metrics.euler_round.observe(time.perf_counter() - t0)
-        except Exception:  # a bug: every job in the batch fails, the batch starts afresh
-            log.exception("image batch step failed")
-            for img in self.image_jobs.values():
-                img.job.post("error", ServeError(500, "internal server error", type="server_error"))
-            self.image_jobs.clear()
+            return events
+
+        events = self._batch_step("image", self.image_jobs, self._image_leave, timed_step)
+        if events is None:
             self.images = self._new_images()
             return
-        if self.images.last_images:
-            self.metrics.step_images.observe(self.images.last_images)
+        if images.last_images:
+            self.metrics.step_images.observe(images.last_images)
         for req, kind, payload in events:
             img = self.image_jobs[req]
             with self._errors(img.job, leave=lambda r=req: self._image_leave(r)):
@@ -311,6 +301,22 @@ class EngineLoop:
                 if req.finish:
                     del self.image_jobs[req]
         self.metrics.running_images.set(len(self.image_jobs))
+
+    def _batch_step(self, kind: str, jobs: dict, leave: Callable[[Any], None], step: Callable[[], list]) -> list | None:
+        """One round of a batch (chat or image): jobs whose client left or whose time ran out leave first;
+        then `step`. A failing step is a bug: every job in the batch gets a 500 and None is returned (the
+        caller starts the batch afresh)."""
+        for req, held in list(jobs.items()):
+            with self._errors(held.job, leave=lambda r=req: leave(r)):
+                held.job.check()
+        try:
+            return step()
+        except Exception:
+            log.exception("%s batch step failed", kind)
+            for held in jobs.values():
+                held.job.post("error", ServeError(500, "internal server error", type="server_error"))
+            jobs.clear()
+            return None
 
     def _image_leave(self, req: ImageRequest) -> None:
         assert self.images is not None

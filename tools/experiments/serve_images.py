@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from janusflow_trt import Pipeline
+from janusflow_trt.benchmarks.bench import timed as bench_timed
 from janusflow_trt.files import write_atomic
 from janusflow_trt.images import to_uint8
 from janusflow_trt.serve.images import png, preview_pngs
@@ -45,14 +45,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def timed(fn, repeat: int) -> float:
-    """Median seconds of fn() over `repeat` runs after one warm-up."""
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    """Median seconds of fn() over `repeat` runs after warm-up (the bench's timer)."""
+    return bench_timed(fn, repeat) / 1e3
 
 
 def solo_costs(args) -> dict[str, float]:
