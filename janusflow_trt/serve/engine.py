@@ -175,8 +175,9 @@ class EngineLoop:
         return ChatBatch(self.engine.backend, self.pipe.cfg, self.pipe.processor.eos_id, self.max_batch)
 
     def _new_images(self) -> ImageBatch:
+        # VAE decodes on a thread of their own except on capturable backends (image_batch.py says why)
         return ImageBatch(self.engine, min(self.max_batch, max_images(build_specs(self.pipe.cfg))),
-                          self.image_step_images)
+                          self.image_step_images, decode_thread=not self.engine.backend.capturable)
 
     def start(self) -> None:
         self.thread.start()
@@ -184,6 +185,8 @@ class EngineLoop:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self.thread.join(timeout)
+        if self.images is not None:
+            self.images.close()
 
     @property
     def alive(self) -> bool:
@@ -283,11 +286,13 @@ class EngineLoop:
         def timed_step() -> list:
             t0 = time.perf_counter()
             events = images.step()
-            self.metrics.euler_round.observe(time.perf_counter() - t0)
+            if images.last_images:  # a step call (not a decode, nor a wait for one)
+                self.metrics.euler_round.observe(time.perf_counter() - t0)
             return events
 
         events = self._batch_step("image", self.image_jobs, self._image_leave, timed_step)
         if events is None:
+            images.close()
             self.images = self._new_images()
             return
         if images.last_images:
