@@ -177,7 +177,14 @@ class EngineLoop:
     def _new_images(self) -> ImageBatch:
         # VAE decodes on a thread of their own except on capturable backends (image_batch.py says why)
         return ImageBatch(self.engine, min(self.max_batch, max_images(build_specs(self.pipe.cfg))),
-                          self.image_step_images, decode_thread=not self.engine.backend.capturable)
+                          self.image_step_images or self._default_step_images(),
+                          decode_thread=not self.engine.backend.capturable)
+
+    def _default_step_images(self) -> int | None:
+        """Images per Euler step call unless --image-step-images says: one on the CPU, where a bigger
+        call costs more per image (small preset, ORT, 2 cores: a 4-image call about 2x per image,
+        docs/serving.md), so requests time-slice; all that fit on an accelerator (None)."""
+        return 1 if self.engine.backend.device.type == "cpu" else None
 
     def start(self) -> None:
         self.thread.start()
