@@ -32,9 +32,10 @@ routed: list[float] = []  # when each route handed its job to the engine
 
 def timed(kind: str, fn, info=lambda *a: None):
     def wrapper(*a, **k):
+        before = info(*a)  # the call's arguments as they were before it ran
         t0 = time.perf_counter()
         out = fn(*a, **k)
-        spans.append((kind, t0, time.perf_counter(), info(*a)))
+        spans.append((kind, t0, time.perf_counter(), before))
         return out
     return wrapper
 
