@@ -363,3 +363,12 @@ def test_a_rounds_events_reach_the_event_loop_in_one_wakeup():
         assert got == [["other thread", 0, 1, 2], [0, 1, 2, None]]
     finally:
         loop.close()
+
+
+def test_image_step_call_size_defaults_to_one_on_the_cpu(ref):
+    """On the CPU (a bigger Euler step call costs more per image there) image requests time-slice unless
+    --image-step-images says otherwise; the VAE decodes get their own thread (ORT is not capturable)."""
+    for asked, want in ((None, 1), (3, 3)):
+        eng = EngineLoop(ref, max_queue=1, metrics=Metrics(), max_batch=4, image_step_images=asked)
+        assert eng.images is not None and eng.images.step_images == want and eng.images.decoder is not None
+        eng.images.close()
