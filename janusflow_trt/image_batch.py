@@ -11,8 +11,10 @@ The step knows nothing of requests.
 - Compatibility: gen_dec takes one dt (1/steps) and one CFG weight per call, so only requests with the
   same `steps` and `cfg_weight` share a call (`ImageRequest.key`).
 - Groups: the requests of one step call, one key, at most `step_images` images (a request's own n
-  images always share a call); the groups take turns, one step call each, and a group holding a request
-  that has not made its first step goes first (time to first step: the running call, then its own).
+  images always share a call); the groups take turns, one step call each. A newcomer's first step is a
+  call of its own (shared only with other newcomers) and goes first: its time to first step is the
+  running call, then one call of its own size, not one of the batch's size; after it, the newcomer's
+  group merges into a running group of its key with room (one state rebuild).
   `step_images` < `capacity` time-slices instead of batching: where a bigger call costs more per image
   (ORT on a small CPU: docs/serving.md), requests still interleave at step granularity.
 - Images in flight (all groups) are at most `capacity` (the graphs' batch limit:
@@ -20,10 +22,14 @@ The step knows nothing of requests.
 - A request's latents do not depend on its companions beyond the summation order of the larger GEMMs
   (FP32: within the tolerance tests/test_image_batch.py states): its noise is seeded as the CLI's
   (initial_latents), its rows see only its own prefix, its t and its z.
-- VAE decodes wait for newcomers: a finished request leaves its group at once, but its VAE decode
-  (about 3 solo Euler steps on the small preset) is a round of its own, one request per round, run
-  only when no admitted request is waiting for its first step. So a request that arrives while others
-  finish waits for the running call and one decode at most, not for every finished request's decode.
+- VAE decodes never hold up a step: a finished request leaves its group at once and its VAE decode
+  (about 3 solo Euler steps on the small preset) runs on a decode thread of its own (`decode_thread`),
+  while the step calls go on; its result is handed back by the next `step()`. The thread runs at a
+  lower CPU priority (VAE_NICE) so that on a small CPU a decode fills the gaps between steps rather than
+  slowing them. Without a decode thread (capturable backends: every graph runs on the backend's one
+  stream, and a decode enqueued while a step is being captured would be recorded into it; TensorRT's
+  engines share one scratch block) a decode is a round of its own, one request per round, run only when
+  no admitted request is waiting for its first step.
 When membership changes the group's step state is rebuilt (the prefixes joined into one cache, the
 carried z gathered): one copy per join or leave, amortised over the steps.
 The scheduler runs on one thread (the server's engine thread); it is not thread-safe.
@@ -31,8 +37,13 @@ The scheduler runs on one thread (the server's engine thread); it is not thread-
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +61,16 @@ from .api import GenerateResult, final_images
 from .engines import RuntimeEngine
 
 UNCOND_CACHE = 32  # uncond prefixes kept (one per prompt length)
+VAE_NICE = 10  # the decode thread's nice value (the engine thread's is 0): docs/serving.md, images under load
+DECODE_POLL_S = 0.01  # with only decodes in flight, how long step() waits for one before returning
+
+
+def _lower_priority() -> None:
+    """The calling thread at nice VAE_NICE. Linux only (there nice is per thread, and the threads ONNX
+    Runtime starts from this one for the VAE's session inherit it); elsewhere nothing."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), VAE_NICE)
 
 
 def predicted_x0(z_before: torch.Tensor, z_after: torch.Tensor, step: int, steps: int) -> torch.Tensor:
@@ -105,8 +126,10 @@ Event = tuple[ImageRequest, str, Any]
 
 
 class ImageBatch:
-    def __init__(self, engine: RuntimeEngine, capacity: int, step_images: int | None = None):
-        """capacity: images in flight; step_images: images per step call (default: capacity)."""
+    def __init__(self, engine: RuntimeEngine, capacity: int, step_images: int | None = None,
+                 decode_thread: bool = False):
+        """capacity: images in flight; step_images: images per step call (default: capacity);
+        decode_thread: VAE decodes on a thread of their own (the backend must run two graphs at once)."""
         self.engine, self.backend, self.cfg = engine, engine.backend, engine.cfg
         self.pad_id = engine.processor.pad_id
         self.capacity, self.step_images = capacity, step_images or capacity
@@ -115,10 +138,17 @@ class ImageBatch:
         self.unconds: OrderedDict[tuple[int, int], KVCache] = OrderedDict()  # (BOS id, length) -> row
         self.last_images = 0  # images in the last step call
         self.finished: deque[tuple[ImageRequest, np.ndarray]] = deque()  # (request, latents): VAE decode due
+        self.decoder = ThreadPoolExecutor(1, "janusflow-vae", _lower_priority) if decode_thread else None
+        self.decoding: deque[tuple[ImageRequest, Future[Event]]] = deque()  # on the decode thread, in order
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or bool(self.groups) or bool(self.finished)
+        return bool(self.waiting) or bool(self.groups) or bool(self.finished) or bool(self.decoding)
+
+    def close(self) -> None:
+        """The decode thread ends (after the decode it runs, if any); pending decodes are dropped."""
+        if self.decoder is not None:
+            self.decoder.shutdown(wait=False, cancel_futures=True)
 
     @property
     def running(self) -> int:
@@ -134,26 +164,36 @@ class ImageBatch:
         if req in self.waiting:
             self.waiting.remove(req)
         self.finished = deque(f for f in self.finished if f[0] is not req)
+        for r, fut in self.decoding:
+            if r is req:
+                fut.cancel()  # a decode already running finishes; its result is dropped
+        self.decoding = deque(d for d in self.decoding if d[0] is not req)
         if req.group is not None:
             self._leave(req.group, req)
         req.finish = req.finish or "cancelled"
 
     def step(self) -> list[Event]:
-        """One round: waiting requests admitted while there is room, then one Euler step of a group with
-        a request yet to make its first step; else one finished request's VAE decode; else one Euler step
-        of the group whose turn it is. -> the events of that round, in row order."""
+        """One round: the results of the decodes the decode thread finished; waiting requests admitted
+        while there is room, then one Euler step of a group with a request yet to make its first step;
+        else (no decode thread) one finished request's VAE decode; else one Euler step of the group whose
+        turn it is; with nothing to step, a wait of at most DECODE_POLL_S for a decode in flight.
+        -> the events of that round, in row order."""
+        out = self._decoded()
         self._admit()
         self.last_images = 0
         first = next((g for g in self.groups if any(r.done == 0 for r in g.reqs)), None)
         if first is None and self.finished:
-            return [self._finish(*self.finished.popleft())]
+            return out + [self._ended(self._decode(*self.finished.popleft()))]
         if not self.groups:
-            return []
+            if not out and self.decoding:
+                wait([f for _, f in self.decoding], DECODE_POLL_S, FIRST_COMPLETED)
+                out = self._decoded()
+            return out
         g = first or self.groups[0]
         self.groups.remove(g)
         self.groups.append(g)  # its next turn after every other group's
         self.last_images = g.images
-        return self._step(g)
+        return out + self._step(g)
 
     # -- membership -----------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -163,7 +203,9 @@ class ImageBatch:
             req.cond = prefix_row(self.backend, self.cfg, req.ids, self.pad_id, uncond=False)
             req.uncond = self._uncond(req.ids)
             req.z = initial_latents(req.n, req.seed).to(self.backend.device)  # the CLI's seeded noise
-            g = next((g for g in self.groups if g.key == req.key and g.images + req.n <= self.step_images), None)
+            # newcomers share a first step only with newcomers (their group merges after it: _step)
+            g = next((g for g in self.groups if g.key == req.key and g.images + req.n <= self.step_images
+                      and not any(r.done for r in g.reqs)), None)
             if g is None:
                 g = Group(req.key)
                 self.groups.append(g)
@@ -196,6 +238,19 @@ class ImageBatch:
         req.cond = req.uncond = req.z = req.group = None
         if not g.reqs:
             self.groups.remove(g)
+
+    def _merge(self, g: Group) -> None:
+        """g's requests (all past their first step) join a running group of their key with room, if any."""
+        h = next((h for h in self.groups if h is not g and h.key == g.key and all(r.done for r in h.reqs)
+                  and h.images + g.images <= self.step_images), None)
+        if h is None:
+            return
+        self._freeze(g)
+        self._freeze(h)
+        for r in g.reqs:
+            r.group = h
+        h.reqs += g.reqs
+        self.groups.remove(g)
 
     def _build(self, g: Group) -> EulerState:
         slot, zs, conds = 0, [], []
@@ -231,17 +286,35 @@ class ImageBatch:
             if r.done == steps:
                 latents = z.to("cpu", torch.float32, copy=True).numpy()
                 self._leave(g, r)
-                self.finished.append((r, latents))  # decoded in a round of its own (newcomers first)
+                if self.decoder is not None:
+                    self.decoding.append((r, self.decoder.submit(self._decode, r, latents)))
+                else:
+                    self.finished.append((r, latents))  # decoded in a round of its own (newcomers first)
+        if g.reqs and all(r.done for r in g.reqs):
+            self._merge(g)
         return out
 
-    def _finish(self, req: ImageRequest, latents: np.ndarray) -> Event:
-        """The VAE decode of a finished request, checked as Pipeline.generate checks it."""
+    def _decode(self, req: ImageRequest, latents: np.ndarray) -> Event:
+        """The VAE decode of a finished request, checked as Pipeline.generate checks it. On the decode
+        thread or the scheduler's: it reads the request and changes nothing but the backend's VAE."""
         try:
             self.engine.ensure_vae()
             images = final_images(latents, req.steps, lambda z: vae_decode(self.backend, z))
         except InputError as e:
-            req.finish, req.error = "error", e
             return req, "error", e
-        req.finish = "done"
         return req, "done", GenerateResult(images=images, latents=latents,
                                            timings={"total_s": time.perf_counter() - req.t_submit})
+
+    def _decoded(self) -> list[Event]:
+        """The decode thread's finished decodes, in the order they were submitted."""
+        out = []
+        while self.decoding and self.decoding[0][1].done():
+            out.append(self._ended(self.decoding.popleft()[1].result()))
+        return out
+
+    def _ended(self, ev: Event) -> Event:
+        req, kind, payload = ev
+        req.finish = kind
+        if kind == "error":
+            req.error = payload
+        return ev

@@ -87,8 +87,8 @@ class DecodeRows:
         """logits [count, V] -> ids [count, 1]: each live row by its own sampler."""
         rows = [s for s in self.samplers[:self.count] if s is not None]
         assert len(rows) == self.count, "live rows are compact"
-        if len(rows) == 1:  # one request: no per-row split
-            return sample_on_device(logits, *rows[0]).view(1, 1)
+        if len(rows) == 1 or all(p.greedy for p, _ in rows):  # one call: no per-row split (argmax is per row)
+            return sample_on_device(logits, *rows[0]).view(-1, 1)
         return torch.cat([sample_on_device(logits[r:r + 1], *s) for r, s in enumerate(rows)]).view(-1, 1)
 
     def _step(self) -> None:

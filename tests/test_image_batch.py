@@ -5,11 +5,15 @@ they share; the groups that cannot share; the capacity."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from janusflow_trt import Pipeline, cli
+from janusflow_trt.engines import RuntimeEngine
 from janusflow_trt.image_batch import ImageBatch, ImageRequest
+from janusflow_trt.runtime.backends import SeamWrapper
 
 STEPS = 4
 # Batching changes the GEMM shapes (more rows, a longer masked prefix): FP32 summation order only.
@@ -38,11 +42,11 @@ def request(pipe: Pipeline, prompt: str, n: int, seed: int, steps: int = STEPS, 
     return ImageRequest(pipe.generate_request(prompt, n, steps, cfg, seed), n, steps, cfg, seed)
 
 
-def run(batch: ImageBatch, until: set[ImageRequest]) -> list[list[tuple[ImageRequest, str, object]]]:
+def run(batch: ImageBatch, until: set[ImageRequest], limit: int = 100) -> list[list[tuple[ImageRequest, str, object]]]:
     rounds = []
     while any(r.finish is None for r in until):
         rounds.append(batch.step())
-        assert len(rounds) < 100
+        assert len(rounds) < limit
     return rounds
 
 
@@ -55,7 +59,8 @@ def close(a: np.ndarray, b: np.ndarray) -> None:
 
 def test_concurrent_requests_each_equal_their_solo_run(pipe, solo, tiny_dir, tiny_onnx, tmp_path, capsys):
     """Three requests (different seeds, prompt lengths, n) share every step; a fourth joins after two
-    steps, at the next step boundary, and runs with the others; each result equals its solo run."""
+    steps, at the next step boundary: its first step a call of its own, then it runs with the others;
+    each result equals its solo run."""
     batch = ImageBatch(pipe.engine, capacity=8)
     reqs = [request(pipe, p, n, s) for p, n, s in ASKS]
     for r in reqs:
@@ -67,13 +72,14 @@ def test_concurrent_requests_each_equal_their_solo_run(pipe, solo, tiny_dir, tin
     late = request(pipe, *JOIN)
     batch.submit(late)
     third = batch.step()
-    assert [(r, k) for r, k, _ in third] == [(late, "start")]  # joined the running ones' third step
+    assert [(r, k) for r, k, _ in third] == [(late, "start")] and batch.last_images == 1  # alone
+    assert [g.reqs for g in batch.groups] == [reqs + [late]]  # then merged into the running group
     rounds = run(batch, set(reqs) | {late})
     done = {r: p for rnd in [first, second, third, *rounds] for r, k, p in rnd if k == "done"}
     assert set(done) == set(reqs) | {late}
-    # the first three finish at their 4th step (the late one's 2nd), then each VAE decode is a round of its
-    # own, one request each; the late one makes its last two steps, then its decode
-    assert [sorted(k for _, k, _ in rnd) for rnd in rounds] == [[], ["done"], ["done"], ["done"], [], [], ["done"]]
+    # all four step twice (the first three finish at their 4th step, the late one is at its 3rd), then each
+    # VAE decode is a round of its own, one request each; the late one's last step, then its decode
+    assert [sorted(k for _, k, _ in rnd) for rnd in rounds] == [[], [], ["done"], ["done"], ["done"], [], ["done"]]
     for r in reqs + [late]:
         close(done[r].latents, solo[r.seed])
         assert len(done[r].images) == r.n and done[r].images[0].size == (384, 384)
@@ -167,3 +173,58 @@ def test_a_newcomer_steps_before_finished_requests_vae_decode(pipe, solo):
     rounds = run(batch, {late})
     assert [(r, k) for rnd in rounds for r, k, _ in rnd] == [(late, "done")] and not batch.busy
     close(rounds[-1][0][2].latents, solo[late.seed])
+
+
+class HeldVae(SeamWrapper):
+    """The backend, with the VAE decode held until the test releases it; logs every graph call's start
+    and end with the thread that made it."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.release = threading.Event()
+        self.log: list[tuple[str, str, threading.Thread]] = []
+
+    def run(self, graph, feeds):
+        self.log.append(("enter", graph, threading.current_thread()))
+        if graph == "vae_dec":
+            self.release.wait(20)  # bounded: a decode on the stepping thread (the bug) holds the test 20 s
+        out = self.inner.run(graph, feeds)
+        self.log.append(("exit", graph, threading.current_thread()))
+        return out
+
+
+def test_a_vae_decode_in_flight_does_not_hold_up_the_steps(pipe, solo):
+    """With a decode thread, a finished request's VAE decode runs while the others' Euler steps go on:
+    while its decode is held, a newcomer makes its first step and a running request its next ones (the
+    calls' order proves it, no timing); its result comes with the first round after the decode ends and
+    equals its solo run; a request cancelled during its decode gets no result."""
+    held = HeldVae(pipe.engine.backend)
+    batch = ImageBatch(RuntimeEngine(held, pipe.cfg, pipe.processor), capacity=8, decode_thread=True)
+    try:
+        a, b = request(pipe, *ASKS[0]), request(pipe, *ASKS[2])
+        batch.submit(a)
+        batch.step()
+        batch.step()
+        batch.submit(b)
+        assert [(r, k) for r, k, _ in batch.step()] == [(b, "start")]
+        batch.step()
+        assert batch.step() == [] and (a.done, b.done) == (STEPS, 3)  # a's decode: on the thread, held
+        assert a.finish is None and [r for r, _ in batch.decoding] == [a]
+        late = request(pipe, *JOIN)
+        batch.submit(late)
+        assert [(r, k) for r, k, _ in batch.step()] == [(late, "start")]
+        assert batch.step() == [] and (b.done, late.done) == (STEPS, 2)  # b's decode waits behind a's
+        batch.cancel(b)
+        enter = next(i for i, (e, g, _) in enumerate(held.log) if (e, g) == ("enter", "vae_dec"))
+        steps = [t for e, g, t in held.log[enter:] if (e, g) == ("exit", "gen_dec")]
+        assert len(steps) == 2 and ("exit", "vae_dec") not in [(e, g) for e, g, _ in held.log[enter:]]
+        assert held.log[enter][2] is not threading.current_thread() and set(steps) == {threading.current_thread()}
+        held.release.set()
+        rounds = run(batch, {a, late}, limit=10_000)  # a round waits 10 ms at most for a decode
+        done = [(r, p) for rnd in rounds for r, k, p in rnd if k == "done"]
+        assert [r for r, _ in done] == [a, late] and b.finish == "cancelled" and not batch.busy
+        close(done[0][1].latents, solo[a.seed])
+        close(done[1][1].latents, solo[late.seed])
+    finally:
+        held.release.set()
+        batch.close()

@@ -5,6 +5,7 @@ for the malformed cases (each a 4xx with an OpenAI error object, never a traceba
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -21,7 +22,7 @@ from PIL import Image
 
 from janusflow_trt import Pipeline, cli
 from janusflow_trt.serve.app import Settings, create_app
-from janusflow_trt.serve.engine import EngineLoop, Job
+from janusflow_trt.serve.engine import EngineLoop, Job, Outbox
 from janusflow_trt.serve.metrics import Metrics
 from janusflow_trt.serve.protocol import ServeError
 
@@ -328,3 +329,46 @@ def test_full_queue_is_429_and_a_failing_job_is_500_without_traceback(ref):
     finally:
         eng.stop()
         loop.close()
+
+
+def test_a_rounds_events_reach_the_event_loop_in_one_wakeup():
+    """The engine thread's posts during a round go to each event loop in one call_soon_threadsafe, in
+    the order posted; outside a round, and from another thread during one, each post goes at once."""
+
+    class Counting(asyncio.SelectorEventLoop):
+        wakeups = 0
+
+        def call_soon_threadsafe(self, *a, **k):
+            self.wakeups += 1
+            return super().call_soon_threadsafe(*a, **k)
+
+    loop = Counting()
+    try:
+        outbox = Outbox()
+        jobs = [Job("chat", lambda *a: None, loop, time.monotonic() + 60, events=asyncio.Queue(), outbox=outbox)
+                for _ in range(2)]
+        with outbox.round():
+            for i in range(3):
+                for j in jobs:
+                    j.post("delta", i)
+            other = threading.Thread(target=jobs[0].post, args=("delta", "other thread"))
+            other.start()
+            other.join()
+            assert loop.wakeups == 1  # the other thread's post only
+        assert loop.wakeups == 2  # the round's six posts: one wakeup
+        jobs[1].post("done", None)
+        assert loop.wakeups == 3
+        loop.run_until_complete(asyncio.sleep(0))
+        got = [[q.get_nowait()[1] for _ in range(q.qsize())] for q in (j.events for j in jobs)]
+        assert got == [["other thread", 0, 1, 2], [0, 1, 2, None]]
+    finally:
+        loop.close()
+
+
+def test_image_step_call_size_defaults_to_one_on_the_cpu(ref):
+    """On the CPU (a bigger Euler step call costs more per image there) image requests time-slice unless
+    --image-step-images says otherwise; the VAE decodes get their own thread (ORT is not capturable)."""
+    for asked, want in ((None, 1), (3, 3)):
+        eng = EngineLoop(ref, max_queue=1, metrics=Metrics(), max_batch=4, image_step_images=asked)
+        assert eng.images is not None and eng.images.step_images == want and eng.images.decoder is not None
+        eng.images.close()

@@ -35,8 +35,10 @@ def solo(tiny_dir, tiny_onnx):
 
 @pytest.fixture(scope="module")
 def batched(tiny_dir, tiny_onnx):
-    """--max-batch 4: image requests share Euler steps (janusflow_trt/image_batch.py)."""
-    yield from _serve(Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx), max_batch=4)
+    """--max-batch 4 --image-step-images 4: image requests share Euler steps (janusflow_trt/image_batch.py;
+    on the CPU the default is one image per call)."""
+    yield from _serve(Pipeline.from_pretrained(tiny_dir, backend="ort", artifacts=tiny_onnx), max_batch=4,
+                      image_step_images=4)
 
 
 def openai_client(server) -> OpenAI:

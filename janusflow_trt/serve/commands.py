@@ -23,8 +23,9 @@ def register(sub) -> None:
                    help="chat answers decoded together, up to the llm graph's batch limit, and images sharing "
                         "each Euler step, up to the graphs' image limit (1: one request at a time)")
     p.add_argument("--image-step-images", type=int_range(1, 1024), default=None,
-                   help="with --max-batch > 1: images per Euler step call (default: all that fit); fewer "
-                        "time-slices the image requests at step granularity instead (docs/serving.md)")
+                   help="with --max-batch > 1: images per Euler step call (default: 1 on the CPU, where bigger "
+                        "calls cost more per image; all that fit on a GPU); 1 time-slices the image requests "
+                        "at step granularity (docs/serving.md)")
     p.add_argument("--max-queue", type=int_range(1, 100_000), default=64,
                    help="requests waiting beyond it are refused with 429 and Retry-After")
     p.add_argument("--request-timeout", type=finite(float), default=600.0, help="seconds per request")

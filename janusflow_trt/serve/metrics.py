@@ -27,8 +27,8 @@ class Metrics:
         self.step_images = Histogram("janusflow_euler_step_images", "images in each batched Euler step call",
                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
         self.euler_round = Histogram("janusflow_euler_round_seconds", "one image round: admissions (their "
-                                     "prefix prefill) and one batched Euler step call, or one finished "
-                                     "request's VAE decode",
+                                     "prefix prefill) and one batched Euler step call (VAE decodes run "
+                                     "on a thread of their own, except on capturable backends)",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.first_step = Histogram("janusflow_time_to_first_euler_step_seconds",
                                     "images: request start to its first Euler step done", buckets=LATENCY_BUCKETS,

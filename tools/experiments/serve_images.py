@@ -36,7 +36,7 @@ from janusflow_trt.serve.images import png, preview_pngs
 
 ROOT = Path(__file__).resolve().parents[2]
 # (name, --max-batch, client concurrency, --image-step-images or None)
-CONFIGS = (("one_at_a_time", 1, 1, None), ("unbatched_c4", 1, 4, None), ("batched_c4", 4, 4, None),
+CONFIGS = (("one_at_a_time", 1, 1, None), ("unbatched_c4", 1, 4, None), ("batched_c4", 4, 4, 4),
            ("time_sliced_c4", 4, 4, 1))
 
 
