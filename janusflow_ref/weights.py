@@ -73,7 +73,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Jan
     with torch.device("meta"):
         model = JanusFlow(cfg)
     check_keys({k: v.shape for k, v in model.state_dict().items()}, state)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    for k in list(state):  # one tensor at a time, each replacing its stored form (never both dicts whole:
+        state[k] = state[k].to(dtype)  # a BF16 full-size checkpoint read as FP32 peaked at 2.7 + 5.4 GB)
     model.load_state_dict(state, strict=True, assign=True)
     rebuild_buffers(model, cfg)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
