@@ -167,3 +167,66 @@ def test_per_graph_one_session_at_a_time(tiny_dir, fp16_onnx, tmp_path, monkeypa
         assert got[name].keys() == cos.keys()
         for o, c in cos.items():
             assert got[name][o]["cosine"] == pytest.approx(c, abs=1e-9), (name, o)
+
+
+def test_load_model_reads_one_tensor_at_a_time(tiny_dir, tmp_path, monkeypatch):
+    """load_model (the calibration recording's FP32 model) on a BF16 checkpoint: each tensor read through
+    its own mapping of the file (never the whole file mapped while tensors are cast: 12.1 GB at full size)
+    and cast as read; the weights equal safetensors' own BF16 -> FP32 cast; an int8 tensor and a truncated
+    file are refused as before."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from janusflow_trt.errors import CheckpointError
+    from janusflow_trt.janusflow_ref import weights
+
+    ck = tmp_path / "bf16"
+    shutil.copytree(tiny_dir, ck)
+    st = ck / "model.safetensors"
+    ref = {k: v.to(torch.bfloat16) for k, v in load_file(str(st)).items()}
+    save_file(ref, str(st), metadata={"format": "pt"})
+    real, open_now, most, reads = weights.safe_open, [0], [0], []
+
+    class Counted:
+        def __init__(self, *a, **k):
+            self.h, self.n = real(*a, **k), 0
+
+        def __enter__(self):
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            self.h.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            open_now[0] -= 1
+            reads.append(self.n)
+            return self.h.__exit__(*exc)
+
+        def keys(self):
+            return self.h.keys()
+
+        def get_slice(self, k):
+            return self.h.get_slice(k)
+
+        def get_tensor(self, k):
+            self.n += 1
+            return self.h.get_tensor(k)
+
+    monkeypatch.setattr(weights, "safe_open", Counted)
+    model = weights.load_model(ck)
+    assert most[0] == 1 and max(reads) == 1 and sum(reads) == len(ref)
+    got = model.state_dict()
+    for k, v in ref.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float()), k
+    monkeypatch.setattr(weights, "safe_open", real)
+    bad = dict(ref)
+    k0 = next(iter(bad))
+    bad[k0] = torch.zeros(bad[k0].shape, dtype=torch.int8)
+    save_file(bad, str(st), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {k0} is int8; weights must be floating point"):
+        weights.load_model(ck)
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable safetensors"):
+        weights.load_model(ck)

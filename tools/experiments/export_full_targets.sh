@@ -12,6 +12,7 @@
 #
 #   tools/experiments/export_full_targets.sh [CKPT] [WORK]      (defaults /work/wt/full_ckpt /tmp/jf-export-full)
 #   ONLY=b tools/experiments/export_full_targets.sh ...         (one of the two runs)
+#   EXTRA="--gate full" tools/experiments/export_full_targets.sh /tmp/small_ckpt /tmp/w   (checking the script)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CKPT=${1:-/work/wt/full_ckpt}
@@ -19,7 +20,9 @@ WORK=${2:-/tmp/jf-export-full}
 ONLY=${ONLY:-a,b}
 JF=${JF:-.venv/bin/janusflow}
 PY=${PY:-.venv/bin/python}
-RESULT=docs/results/export_full_targets.json
+EXTRA=${EXTRA:-}  # more export flags (a check of this script on a small checkpoint: EXTRA="--gate full")
+RESULT=${RESULT:-docs/results/export_full_targets.json}
+export EXTRA
 mkdir -p "$WORK"
 if [ ! -f "$CKPT/config.json" ]; then
   echo "making the full-size checkpoint in $CKPT"
@@ -31,9 +34,10 @@ run() {  # name, export flags...
   rm -rf "${WORK:?}/$name"
   echo "== ($name) janusflow export --model $CKPT --out $WORK/$name $*"
   local rc=0
-  /usr/bin/time -v -o "$WORK/$name.time" "$JF" export --model "$CKPT" --out "$WORK/$name" --quiet "$@" \
-    > "$WORK/$name.log" 2>&1 || rc=$?
-  cat "$WORK/$name.log"
+  # stdout (shown live): each phase's line as it ends, then the export's table; stderr: progress bars
+  /usr/bin/time -v -o "$WORK/$name.time" "$JF" export --model "$CKPT" --out "$WORK/$name" "$@" $EXTRA \
+    2> "$WORK/$name.err" | tee "$WORK/$name.out" || rc=$?
+  tail -n 3 "$WORK/$name.err" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 2
   grep -E "Maximum resident set size|Elapsed \(wall clock\)" "$WORK/$name.time"
   echo "exit code $rc"
 }
@@ -50,7 +54,7 @@ cmds = {"a": "janusflow export --model CKPT --out OUT",
 targets = {"a": {"max_rss_gb": 9, "wall_min": 4}, "b": {"max_rss_gb": 12, "wall_min": 12}}
 old = json.loads(result.read_text()) if result.is_file() else {}
 out = {"note": "tools/experiments/export_full_targets.sh: each run alone under /usr/bin/time -v; "
-               "max RSS in GB (1e6 kB), wall in minutes", "checkpoint": f"{ckpt} (make-tiny --size full)",
+               "max RSS in GB (1e6 kB), wall in minutes", "checkpoint": ckpt,
        "runs": old.get("runs", {})}
 for k in "ab":
     if k not in only:
@@ -60,9 +64,13 @@ for k in "ab":
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", t).group(1)
     parts = [float(x) for x in wall.split(":")]
     secs = sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
-    m = json.loads((work / k / "manifest.json").read_text()) if (work / k / "manifest.json").is_file() else {}
+    if not (work / k / "manifest.json").is_file():  # interrupted or failed: nothing to record
+        print(f"({k}) no manifest in {work / k}: not recorded")
+        continue
+    m = json.loads((work / k / "manifest.json").read_text())
     gate = m.get("quality_gate", {})
-    out["runs"][k] = {"command": cmds[k], "max_rss_gb": round(rss / 1e6, 2), "wall_min": round(secs / 60, 2),
+    out["runs"][k] = {"command": cmds[k] + (" " + os.environ["EXTRA"] if os.environ.get("EXTRA") else ""),
+                      "max_rss_gb": round(rss / 1e6, 2), "wall_min": round(secs / 60, 2),
                       "targets": targets[k], "met": {"rss": rss / 1e6 <= targets[k]["max_rss_gb"],
                                                      "wall": secs / 60 <= targets[k]["wall_min"]},
                       "manifest_run": m.get("run"), "gate": {"preset": gate.get("gate", {}).get("name"),
