@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 from onnx.external_data_helper import load_external_data_for_model
 from onnxruntime.transformers import float16 as ort_float16
-from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16, convert_np_to_float16
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from janusflow_trt.calibration.ranges import FP16_MAX, Ranges, measure
 
@@ -162,13 +162,37 @@ def read_initializer(t: onnx.TensorProto, src_dir: Path, dtype: int | None = Non
     return a.reshape(tuple(t.dims))
 
 
+_LOW, _HIGH = np.float32(5.96e-08), np.float32(65504.0)  # convert_np_to_float16's defaults, as float32
+
+
+def to_float16(a: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """The float16 converter's convert_np_to_float16, bytes for bytes (tests/test_streamed_export.py), in one
+    pass: nonzero |x| below 5.96e-08 raised to it, finite |x| above 65504 lowered to it, sign kept; 0, NaN
+    and inf unchanged. The converter's own version makes ~10 full passes with index arrays (~4 s per 100 M
+    weights: most of the full-size LLM's FP16 derivation); here a cast, then only the few values it would
+    move fixed, chunk by chunk (bounded temporaries)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore"):  # the values above 65504 that overflow to inf are fixed below
+        out = a.astype(np.float16)
+    flat, flat16 = a.reshape(-1), out.reshape(-1)
+    for s in range(0, flat.size, chunk):
+        x = flat[s:s + chunk]
+        m = np.abs(x)
+        small = (m < _LOW) & (m > 0)
+        big = (m > _HIGH) & (m < np.inf)
+        fix = np.flatnonzero(small | big)
+        if fix.size:
+            flat16[s + fix] = np.copysign(np.where(small[fix], _LOW, _HIGH), x[fix]).astype(np.float16)
+    return out
+
+
 def stream_weights(model: onnx.ModelProto, src_dir: Path, types: dict[str, int], out_path: Path,
                    align: int = 4096, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> str:
     """`model`'s external initializers (still pointing at the FP32 data file in src_dir) written into
-    out_path.name + '.data' one at a time: as stored where their type is unchanged, converted by the
-    float16 converter's own convert_np_to_float16 where it turned FLOAT into FLOAT16 (types: each
-    initializer's type before conversion), or through transform(name, array) (same dtype and shape) when
-    given (INT8's SmoothQuant migration, export/int8.py); -> the data file's name."""
+    out_path.name + '.data' one at a time: as stored where their type is unchanged, converted as the
+    float16 converter's convert_np_to_float16 does (to_float16: the same bytes) where it turned FLOAT into
+    FLOAT16 (types: each initializer's type before conversion), or through transform(name, array) (same
+    dtype and shape) when given (INT8's SmoothQuant migration, export/int8.py); -> the data file's name."""
     data = out_path.name + ".data"
     with open(out_path.parent / data, "wb") as f:
         for t in model.graph.initializer:
@@ -178,7 +202,7 @@ def stream_weights(model: onnx.ModelProto, src_dir: Path, types: dict[str, int],
             a = read_initializer(t, src_dir, was)
             if t.data_type != was:
                 assert (was, t.data_type) == (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16), t.name
-                a = convert_np_to_float16(a)
+                a = to_float16(a)
             if transform is not None:
                 a = transform(t.name, a)
             f.seek(-f.tell() % align, 1)  # page-aligned: ONNX Runtime maps such tensors instead of copying them

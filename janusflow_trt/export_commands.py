@@ -14,13 +14,15 @@ from janusflow_trt.calibration.record import PLANS
 from janusflow_trt.errors import JanusFlowError
 from janusflow_trt.runtime.argtypes import int_range
 
+# quality_gate.GATE_CHOICES (its import loads torch: spelled out here, tests/test_export_full.py checks they agree)
+GATE_CHOICES = ("auto", "default", "quick", "full")
+
 
 def cmd_export(args) -> int:
     from janusflow_trt.calibration.data import calibration_set
     from janusflow_trt.export.torch_to_onnx import parse_graphs
     from janusflow_trt.export.variants import parse_precisions
     from janusflow_trt.export_job import export_graphs
-    from janusflow_trt.quality_gate import GATES
 
     graphs = parse_graphs(args.graphs)  # bad names, precisions and calibration inputs fail before anything is loaded
     precisions = parse_precisions(args.precision)
@@ -35,7 +37,7 @@ def cmd_export(args) -> int:
     m = export_graphs(args.model, args.vae, args.out, graphs=graphs, opset=args.opset,
                       progress=not args.quiet, force=args.force, precisions=precisions, calib_inputs=inputs,
                       vae_precision=args.vae_precision, calib_method=args.calib_method,
-                      calib_plan=PLANS[args.calib_plan], gate=GATES[args.gate],
+                      calib_plan=PLANS[args.calib_plan], gate=args.gate,
                       accept_quality_miss=args.accept_quality_miss)
     for name, g in m["graphs"].items():
         print(f"{name:8} {g['exporter']:7} {g['seconds']:7.1f} s  peak RSS {g['peak_rss_mb']:8.0f} MB  {g['file']}")
@@ -45,6 +47,10 @@ def cmd_export(args) -> int:
                 f"quantized nodes {r.get('quantized_nodes', 0)} ({r.get('not_quantized', r.get('calibration_method'))})"
             print(f"{'':8} {prec:7} {v.get('seconds', 0):7.1f} s  peak RSS {v.get('peak_rss_mb', 0):8.0f} MB  "
                   f"{v['file']}  {'kept FP32: ' if prec == 'fp16' else ''}{kept}")
+    run = m["run"]
+    for name, ph in run["phases"].items():
+        print(f"phase {name:18} {ph['seconds']:7.1f} s  peak RSS {ph['peak_rss_mb']:8.0f} MB")
+    print(f"run total {run['seconds']:7.1f} s  peak RSS {run['peak_rss_mb']:8.0f} MB")
     print(f"wrote {len(m['graphs'])} graph(s) and manifest.json to {args.out}")
     refused = {p: r["miss"] for p, r in m.get("quality_gate", {}).get("precisions", {}).items() if not r["written"]}
     for line in refused.values():
@@ -156,9 +162,11 @@ def register(subparsers) -> None:
     p.add_argument("--calib-plan", default="default", choices=tuple(PLANS),
                    help="default: the whole calibration set, every sample measured; lean: a spread subset "
                         "(8 prompts, 1 full Euler run, 4 photos) and <= 8 samples measured per graph (full size)")
-    p.add_argument("--gate", default="default", choices=("default", "quick"),
+    p.add_argument("--gate", default="auto", choices=GATE_CHOICES,
                    help="the quality gate every fp16/int8 variant passes (held out of the calibration set): default "
-                        "8 prompts x 30 steps at CFG 2 and 5, 8 pairs x 32 tokens; quick 2 x 4 steps, 2 x 10 tokens")
+                        "8 prompts x 30 steps at CFG 2 and 5, 8 pairs x 32 tokens; quick 2 x 4 steps, 2 x 10 tokens; "
+                        "full 1 x 3 steps, 2 x 10 tokens; auto (default): default below 300 M LLM decoder-layer "
+                        "parameters, full above (JanusFlow-1.3B: 1.2 B); the choice is recorded in the manifest")
     p.add_argument("--accept-quality-miss", action="store_true",
                    help="write a variant that misses the gate's targets, flagged in the manifest (the runtime says so "
                         "on load); without it such a variant is not written and export exits 1")

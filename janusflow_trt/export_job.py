@@ -5,9 +5,11 @@ it; export/ holds the steps and imports no runtime."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from janusflow_trt.calibration.data import InputSet, calibration_set
 from janusflow_trt.calibration.int8_calib import check_inputs
 from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, recording_key
 from janusflow_trt.export.manifest import build_manifest, is_export_dir, write_manifest
-from janusflow_trt.export.memory import max_rss_mb
+from janusflow_trt.export.memory import PeakRSS, max_rss_mb, release_memory
 from janusflow_trt.export.torch_to_onnx import check_opset, export_fp32, parse_graphs, resolve_vae
 from janusflow_trt.export.variants import (
     CALIB_DIR,
@@ -30,7 +32,7 @@ from janusflow_trt.export.variants import (
 from janusflow_trt.export.views import add_views
 from janusflow_trt.files import check_out_dir, dir_transaction
 from janusflow_trt.janusflow_ref.config import load_config
-from janusflow_trt.quality_gate import Gate, check_graphs, run_gate, split
+from janusflow_trt.quality_gate import Gate, check_graphs, choose_gate, run_gate, split
 from janusflow_trt.recording import check_prompts, record
 
 
@@ -51,19 +53,34 @@ def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: 
     return CalibrationData(tmp / CALIB_DIR), reusable
 
 
+@contextlib.contextmanager
+def _phase(phases: dict[str, dict[str, float]], name: str, progress: bool) -> Iterator[None]:
+    """One phase of the run: freed heap handed back first, then its seconds and peak RSS into phases[name]
+    (manifest['run']['phases']), a line when progress."""
+    release_memory()
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        yield
+    phases[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": rss.peak_mb}
+    if progress:
+        tqdm.write(f"phase {name}: {phases[name]['seconds']:.1f} s, peak RSS {rss.peak_mb:.0f} MB")
+
+
 def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: str | Path,
                   graphs: str | list[str] | None = None, opset: int = 18, progress: bool = True,
                   force_legacy: tuple[str, ...] = (), force: bool = False,
                   precisions: str | list[str] | None = None, calib_inputs: InputSet | None = None,
                   vae_precision: str = "fp16", calib_plan: Plan | None = None,
-                  calib_method: str | None = None, gate: Gate | None = None,
+                  calib_method: str | None = None, gate: Gate | str | None = None,
                   accept_quality_miss: bool = False) -> dict[str, Any]:
     """Export `graphs` (default all) to out_dir; -> the manifest. force_legacy: graphs that skip dynamo.
     An existing out_dir is replaced only if it is an earlier export and force is set. precisions: fp32
     always; fp16 / int8 / int8-cpu derived from it on one calibration set recorded from calib_inputs
     (default: the built-in set) with calib_plan (default: PLANS['default']). gate: the quality gate
     (janusflow_trt/quality_gate.py; the CLI always runs one) holds its inputs out of the calibration set and
-    measures every variant; a missing one is dropped unless accept_quality_miss; None: no gate."""
+    measures every variant; a missing one is dropped unless accept_quality_miss; None: no gate; a name
+    (`--gate`: auto or a preset of quality_gate.GATES) is resolved by quality_gate.choose_gate (auto: by
+    the checkpoint's LLM size), the choice recorded in the manifest."""
     t_run = time.perf_counter()
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
@@ -73,7 +90,8 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     check_options(precs, vae_precision, calib_method)
     check_opset(opset)
     model_dir = Path(model_dir)
-    load_config(model_dir)  # a missing or bad config fails before OUT is touched
+    cfg0 = load_config(model_dir)  # a missing or bad config fails before OUT is touched
+    gate, choice = choose_gate(gate, cfg0) if isinstance(gate, str) else (gate, "given")
     inputs = None
     if precs != ["fp32"]:
         inputs = calib_inputs if calib_inputs is not None else calibration_set()
@@ -84,25 +102,33 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     vae = resolve_vae(model_dir, vae_dir, "vae_dec" in names)
     protected = [("model", model_dir)] + ([("VAE", vae)] if vae is not None else [])
     out = check_out_dir(out_dir, "--out", force, is_export_dir, "an earlier export (manifest.json)", protected)
+    phases: dict[str, dict[str, float]] = {}
+    phase = lambda name: _phase(phases, name, progress)  # noqa: E731
     with dir_transaction(out, "--out") as tmp:
-        cfg, specs, entries = export_fp32(model_dir, vae, tmp, names, opset, force_legacy, progress)
+        with phase("fp32"):
+            cfg, specs, entries = export_fp32(model_dir, vae, tmp, names, opset, force_legacy, progress)
         manifest = build_manifest(cfg, entries)
         if inputs is not None:
             plan = calib_plan or PLANS["default"]
             t0 = time.perf_counter()
-            calib, reused = calibration_data(model_dir, vae, tmp, out, inputs, plan, progress)
+            with phase("calibration"):
+                calib, reused = calibration_data(model_dir, vae, tmp, out, inputs, plan, progress)
             record_s = time.perf_counter() - t0
             if progress:
                 tqdm.write(f"calibration set: {'reused' if reused else 'recorded'} in {record_s:.1f} s")
             if "fp16" in precs:
-                add_fp16(tmp, specs, entries, calib, vae_precision, plan, progress)
+                with phase("fp16"):
+                    add_fp16(tmp, specs, entries, calib, vae_precision, plan, progress)
             if int8:  # after fp16: the TensorRT flavour takes the FP16 variant's islands
-                add_int8(tmp, specs, entries, calib, int8, calib_method, plan, progress)
+                with phase(",".join(int8)):
+                    add_int8(tmp, specs, entries, calib, int8, calib_method, plan, progress)
             manifest["calibration"] = calibration_entry(calib, reused, record_s, entries)
-        add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
+        with phase("views"):
+            add_views(tmp, entries, specs)  # after the precision variants: one view per variant file
         if inputs is not None and gate is not None:
-            run_gate(tmp, model_dir, cfg, specs, entries, manifest, calib, held, gate, precs, calib_method, plan,
-                     accept_quality_miss, progress)
-        manifest["run"] = {"seconds": round(time.perf_counter() - t_run, 1), **max_rss_mb()}
+            with phase(f"gate ({gate.name})"):
+                run_gate(tmp, model_dir, cfg, specs, entries, manifest, calib, held, gate, precs, calib_method,
+                         plan, accept_quality_miss, progress, choice)
+        manifest["run"] = {"seconds": round(time.perf_counter() - t_run, 1), **max_rss_mb(), "phases": phases}
         write_manifest(tmp, manifest)
     return manifest

@@ -243,7 +243,7 @@ def run_quality(model_dir: str | Path, artifacts: str | Path | None, precisions:
             r, imgs = compare(others[p], ref, cfg, processor, Path(tmp), progress, p)
             for row, img in zip(images, imgs[2.0], strict=True):
                 row.append(img)
-            report["graphs"][p] = (per_graph(artifacts, cfg, ref.data, p) if exported
+            report["graphs"][p] = (per_graph(artifacts, cfg, ref.data, p, Path(tmp) / "fp32-outputs") if exported
                                    else _per_graph_modules(b32, others[p], ref.data))
             report["chat"][p] = r["chat"]
             report["t2i"][p] = r["t2i"][2.0]
@@ -263,23 +263,47 @@ def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
     return CalibrationData(path)
 
 
-def per_graph(artifacts, cfg, data: CalibrationData, precision: str) -> dict[str, Any]:
+def per_graph(artifacts, cfg, data: CalibrationData, precision: str, ref_dir: Path | None = None) -> dict[str, Any]:
+    """Each graph's `precision` variant vs its FP32 file on the recorded feeds: worst metrics per output.
+    One session alive at a time (a full-size LLM's FP32 and FP16 sessions together were ~9 GB): the FP32
+    outputs are written to ref_dir/<graph>/ first (kept there: a second precision compared on the same
+    data and ref_dir reuses them instead of re-running FP32), read back memory-mapped one sample at a
+    time. ref_dir None: a temporary directory."""
+    if ref_dir is None:
+        with owned_tempdir("janusflow-per-graph") as tmp:
+            return per_graph(artifacts, cfg, data, precision, Path(tmp))
     m, art = read_manifest(artifacts, cfg), Path(artifacts)
     res = {}
     for name, spec in build_specs(cfg).items():
         if name not in m["graphs"] or data.count(name) == 0:
             continue
         var = precision_variant(spec, precision)
-        s32 = ort_session(art / m["graphs"][name]["file"])
+        ref = fp32_outputs(art / m["graphs"][name]["file"], spec, data, Path(ref_dir) / name)
         sp = ort_session(art / resolve_graph(m, art, name, precision)["file"])
         per_out: dict[str, list] = {t.name: [] for t in spec.outputs}
-        for feeds in data.samples(name):
-            a = s32.run(spec.output_names, feeds)
+        for feeds, files in zip(data.samples(name), ref, strict=True):
             b = sp.run(spec.output_names, {t.name: np.asarray(feeds[t.name], t.dtype) for t in var.inputs})
-            for t, x, y in zip(spec.outputs, a, b, strict=True):
-                per_out[t.name].append(tensor_metrics(y.astype(np.float32), x))
+            for t, f, y in zip(spec.outputs, files, b, strict=True):
+                per_out[t.name].append(tensor_metrics(y.astype(np.float32), np.load(f, mmap_mode="r")))
+        del sp
         res[name] = {o: worst(v) for o, v in per_out.items()}
     return res
+
+
+def fp32_outputs(path: Path, spec, data: CalibrationData, d: Path) -> list[list[Path]]:
+    """The FP32 graph's outputs on each of data.samples(spec.name), as d/<sample>.<output index>.npy files
+    (written once, by one session released before returning; d/done marks them complete)."""
+    n = data.count(spec.name)
+    files = [[d / f"{i}.{j}.npy" for j in range(len(spec.outputs))] for i in range(n)]
+    if not (d / "done").is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        s32 = ort_session(path)
+        for row, feeds in zip(files, data.samples(spec.name), strict=True):
+            for f, x in zip(row, s32.run(spec.output_names, feeds), strict=True):
+                np.save(f, x)
+        del s32
+        (d / "done").touch()
+    return files
 
 
 def _per_graph_modules(ref: Backend, other: Backend, data: CalibrationData) -> dict[str, Any]:

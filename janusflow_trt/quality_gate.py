@@ -21,6 +21,7 @@ runtime prints once when it loads the variant (export/manifest.py: warn_quality_
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ from typing import Any
 
 from janusflow_trt.calibration.data import InputSet, split_heldout
 from janusflow_trt.calibration.record import CalibrationData, Plan
-from janusflow_trt.errors import JanusFlowError
+from janusflow_trt.errors import InputError, JanusFlowError
 from janusflow_trt.export.int8 import NOT_QUANTIZED
 from janusflow_trt.export.int8_sensitivity import rank_nodes
 from janusflow_trt.export.manifest import write_manifest
@@ -38,10 +39,12 @@ from janusflow_trt.export.variants import derive_int8_entry
 from janusflow_trt.export.views import add_views
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.janusflow_ref.processor import Processor
+from janusflow_trt.janusflow_ref.weights import expected_shapes
 from janusflow_trt.quality import TARGETS, compare, per_graph, reference
 from janusflow_trt.runtime.factory import make_backend
 
 ALL_GRAPHS = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
+LLM_LAYERS = "language_model.model.layers."
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,39 @@ GATES = {
     "default": Gate("default", prompts=8, photos=4, questions=2, tokens=32, steps=30),
     # CI and quick looks: 2 prompts x 4 steps, 2 pairs x 10 tokens (one flipped token of 10 still meets 0.90)
     "quick": Gate("quick", prompts=2, photos=1, questions=2, tokens=10, steps=4, rounds=2, rank_samples=2),
+    # full-size checkpoints (--gate auto's choice there): FULL_PRESET below
 }
+
+
+# `--gate auto` (the CLI's default): the gate's cost is its Euler steps and chat tokens through every variant and
+# the FP32 reference, and one Euler step costs ~2 x (decoder-layer parameters) x 2 x 576 FLOPs. Below
+# AUTO_DEFAULT_MAX_LLM_PARAMS decoder-layer parameters (tiny 0.1 M, small 6.4 M, golden 37 M) the gate is
+# issue 24's `default` bar (seconds to minutes); at JanusFlow-1.3B's 1.2 B (~10 s per FP32 Euler step on a
+# 2-core CPU, and 2x-3x that through ONNX Runtime's FP16) `default` alone would take over an hour, so auto
+# takes the `full` preset: every variant still measured on every kind of figure (chat teacher-forced and free
+# greedy, both CFG weights, every graph's outputs), on fewer held-out inputs and steps.
+AUTO_DEFAULT_MAX_LLM_PARAMS = 300_000_000
+FULL_PRESET = Gate("full", prompts=1, photos=1, questions=2, tokens=10, steps=3, rounds=1, rank_samples=2)
+GATES["full"] = FULL_PRESET
+GATE_CHOICES = ("auto", *GATES)
+
+
+def llm_layer_params(cfg: JanusFlowConfig) -> int:
+    """Parameters of the LLM's decoder layers (what every token of an Euler step or a chat runs through)."""
+    return sum(math.prod(shape) for k, shape in expected_shapes(cfg).items() if k.startswith(LLM_LAYERS))
+
+
+def choose_gate(name: str, cfg: JanusFlowConfig) -> tuple[Gate, str]:
+    """`--gate NAME` -> (the preset, why: recorded in the manifest's quality_gate.choice)."""
+    if name not in GATE_CHOICES:
+        raise InputError(f"--gate: unknown preset {name!r}; choose from {', '.join(GATE_CHOICES)}")
+    if name != "auto":
+        return GATES[name], f"--gate {name}"
+    n = llm_layer_params(cfg)
+    small = n < AUTO_DEFAULT_MAX_LLM_PARAMS
+    preset = GATES["default" if small else "full"]
+    return preset, (f"--gate auto: {n / 1e6:.1f} M LLM decoder-layer parameters "
+                    f"{'<' if small else '>='} {AUTO_DEFAULT_MAX_LLM_PARAMS / 1e6:.0f} M -> {preset.name}")
 
 
 def split(inputs: InputSet, gate: Gate) -> tuple[InputSet, InputSet]:
@@ -147,7 +182,8 @@ class _Measure:
                "t2i": {f"{w:g}": {k: g[k] for k in ("latent_cosine_min", "psnr_db_min", "finite")}
                        for w, g in r["t2i"].items()},
                "graphs": {name: {o: {k: m[k] for k in ("cosine", "max_abs", "finite")} for o, m in outs.items()}
-                          for name, outs in per_graph(self.out, self.cfg, self.ref.data, precision).items()}}
+                          for name, outs in per_graph(self.out, self.cfg, self.ref.data, precision,
+                                                             self.tmp / "fp32-outputs").items()}}
         fig["checks"] = checks(fig, precision)
         return fig
 
@@ -171,11 +207,13 @@ def _drop(out: Path, entries: dict[str, Any], precision: str) -> None:
 def run_gate(out: Path, model_dir: Path, cfg: JanusFlowConfig, specs: dict[str, GraphSpec],
              entries: dict[str, Any], manifest: dict[str, Any], calib: CalibrationData, held: InputSet,
              gate: Gate, precisions: list[str], method: str | None = None, plan: Plan | None = None,
-             accept_miss: bool = False, progress: bool = True) -> dict[str, Any]:
+             accept_miss: bool = False, progress: bool = True, choice: str = "given") -> dict[str, Any]:
     """Measure every variant in `precisions` (not fp32) in the export directory `out`; search exclusions
-    for a missing INT8 one; drop (or, accept_miss, flag) one still missing. -> manifest['quality_gate']."""
-    record: dict[str, Any] = {"gate": asdict(gate), "heldout": {"prompts": len(held.prompts), "pairs": len(held.pairs),
-                                                                "sha256": held.sha256()}, "precisions": {}}
+    for a missing INT8 one; drop (or, accept_miss, flag) one still missing. choice: why this preset
+    (choose_gate), recorded. -> manifest['quality_gate']."""
+    record: dict[str, Any] = {"gate": asdict(gate), "choice": choice,
+                              "heldout": {"prompts": len(held.prompts), "pairs": len(held.pairs),
+                                          "sha256": held.sha256()}, "precisions": {}}
     manifest["quality_gate"] = record
     missing = [g for g in ALL_GRAPHS if g not in entries]
     if missing:  # check_graphs let it through: accept_miss

@@ -280,3 +280,26 @@ def test_fp16_calibration_check_one_session_at_a_time(tiny_dir, fp16_onnx, monke
     assert r["min_cosine"].keys() == want.keys()
     for name, c in want.items():
         assert r["min_cosine"][name] == pytest.approx(c, rel=1e-6, abs=1e-6), name
+
+
+def test_to_float16_equals_the_converters_bytes():
+    """fp16.to_float16 (the streamed FP16 weights' conversion) writes the bytes of the float16 converter's
+    convert_np_to_float16: zeros, NaN, inf, values at and around both clamps, subnormals, and a spread over
+    80 binary orders of magnitude, across chunk boundaries (chunk=7)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from janusflow_trt.export.fp16 import to_float16
+
+    f32 = np.float32
+    edge = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 5.96e-08, -5.96e-08, np.nextafter(f32(5.96e-08), f32(0)),
+                     np.nextafter(f32(5.96e-08), f32(1)), 3e-8, -3e-8, 1e-45, -1e-45, 65504.0, -65504.0,
+                     np.nextafter(f32(65504), f32(1e9)), -65505.0, 65519.0, 65520.0, -7e4, 3e38, -3e38, 1.0, -2.5,
+                     1e-5, -6.1e-5], np.float32)
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal(20_000) * np.exp2(rng.uniform(-60, 20, 20_000))
+    for a in (edge, spread.astype(np.float32).reshape(100, 200)):
+        want = convert_np_to_float16(a)
+        for chunk in (7, 1 << 22):
+            got = to_float16(a, chunk)
+            assert got.dtype == np.float16 and got.shape == a.shape
+            assert got.tobytes() == want.tobytes(), np.flatnonzero(got.view(np.uint16) != want.view(np.uint16))[:5]
