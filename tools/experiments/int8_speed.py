@@ -11,8 +11,8 @@ Per initialisation (make-tiny --size golden --init default|peaked, seed 0), in W
 3. one process, the bench's own measurement (benchmarks/bench.py: measure, the pipeline users run):
    fp32 ORT, int8-cpu (gate), int8-cpu (no exclusions), every init, back to back after the machine's
    floors; ratios are FP32 time / variant time of the same init in this run.
-Existing WORK directories are reused (delete them to export again; the gate recorded is the manifest's). Writes one JSON (default
-docs/results/int8_golden_bench.json) and prints the ratios.
+Existing WORK directories are reused (delete them to export again; the gate recorded is the manifest's).
+Writes one JSON (default docs/results/int8_golden_bench.json) and prints the ratios.
 
   PYTHONPATH=. python tools/experiments/int8_speed.py [--work /tmp/int8_speed] [--size golden] [--gate quick]
 """
