@@ -162,13 +162,17 @@ TIMED_SAMPLES = 6  # per graph, spread over the gate's recorded inputs (chat pre
 TIMED_REPEAT = 5
 
 
-def graph_ms(paths: list[Path], spec: GraphSpec, precision: str, data: CalibrationData) -> list[float]:
+def graph_ms(paths: list[Path], spec: GraphSpec, precision: str,
+             data: CalibrationData) -> list[float | None]:
     """What an exclusion costs in speed: each graph file's ONNX Runtime CPU session on the same recorded
     inputs (the gate's FP32 run: up to TIMED_SAMPLES spread), run alternately (A B A B ...: the machine's
-    drift falls on both), one warm-up pass, then the minimum over TIMED_REPEAT passes. -> ms per pass."""
+    drift falls on both), one warm-up pass, then the minimum over TIMED_REPEAT passes. -> ms per pass
+    (None each when the gate recorded no input of the graph)."""
     var = precision_variant(spec, precision)
     feeds = [{t.name: np.asarray(f[t.name], t.dtype) for t in var.inputs}
              for f in data.samples(spec.name, TIMED_SAMPLES)]
+    if not feeds:
+        return [None] * len(paths)
     sessions = [ort_session(p) for p in paths]
     best = [float("inf")] * len(sessions)
     for k in range(TIMED_REPEAT + 1):
@@ -281,16 +285,17 @@ def _search(out: Path, measure: _Measure, specs, entries, manifest, calib, p: st
         before = _keep_copy(out, entries[g]["precisions"][p], measure.tmp / f"before-{len(tried)}")
         derive_int8_entry(out, specs, entries, calib, g, p, method, plan, exclude=dict(excluded[g]), progress=progress)
         _refresh(out, manifest, entries, specs)
-        ms = graph_ms([before, out / entries[g]["precisions"][p]["file"]], specs[g], p, measure.ref.data)
+        t0, t1 = graph_ms([before, out / entries[g]["precisions"][p]["file"]], specs[g], p, measure.ref.data)
         shutil.rmtree(before.parent)
+        cost = {"graph_ms_before": round(t0, 3), "graph_ms_after": round(t1, 3),
+                "graph_time_ratio": round(t1 / t0, 4)} if t0 and t1 else {"graph_time_ratio": None}
         fig = measure(p)
         failed = [c["target"] for c in fig["checks"] if not c["met"]]
         tried.append({**r, "budget_spent": round(spent[g] / max(total[g], 1), 4), "missed_after": failed,
-                      "chat_top1_min_after": fig["chat"]["teacher_forced_top1_min"],
-                      "graph_ms_before": round(ms[0], 3), "graph_ms_after": round(ms[1], 3),
-                      "graph_time_ratio": round(ms[1] / ms[0], 4)})
+                      "chat_top1_min_after": fig["chat"]["teacher_forced_top1_min"], **cost})
         if progress:
+            speed = f"; {g} {t0:.1f} -> {t1:.1f} ms on the recorded inputs" if t0 and t1 else ""
             print(f"gate {p}: kept {g}:{r['node']} float (cosine alone {r['cosine_alone']:.5f}, "
-                  f"{r['weight_bytes'] / 2**20:.1f} MiB; {g} {ms[0]:.1f} -> {ms[1]:.1f} ms on the recorded inputs); "
-                  f"missed now: {', '.join(failed) or 'none'}", file=sys.stderr, flush=True)
+                  f"{r['weight_bytes'] / 2**20:.1f} MiB{speed}); missed now: {', '.join(failed) or 'none'}",
+                  file=sys.stderr, flush=True)
     return fig, tried
