@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,13 +98,13 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     contexts = [int(c) for c in a.contexts.split(",")]
-    runs = {}
+    runs: dict[str, tuple[Path, dict[str, Any]]] = {}
     for init in a.inits.split(","):
         d = work / f"{a.size}-{init}"
         ckpt, gate_dir, noexcl = d / "ckpt", d / "gate", d / "noexcl"
         if not ckpt.exists():
             make_tiny(ckpt, size=a.size, init=init, seed=0)
-        info = {"export": export(ckpt, gate_dir, a.gate)} if not gate_dir.exists() else {"export": "reused"}
+        info: dict[str, Any] = {"export": export(ckpt, gate_dir, a.gate) if not gate_dir.exists() else "reused"}
         m = json.loads((gate_dir / "manifest.json").read_text())
         rec = m["quality_gate"]["precisions"][P]
         info["gate"] = {"name": m["quality_gate"]["gate"]["name"], "met": rec["met"], "miss": rec.get("miss"),
