@@ -6,8 +6,8 @@ Per initialisation (make-tiny --size golden --init default|peaked, seed 0), in W
    (the gate's graphs: whatever its search kept float; --accept-quality-miss so that a variant the gate
    would refuse is still there to time, flagged; its verdict is recorded);
 2. noexcl/: a copy whose int8-cpu graphs with gate exclusions are re-derived without them (the same
-   calibration set, export/variants.py: derive_int8_entry); skipped when the gate excluded nothing (the
-   two would be the same files);
+   calibration set, export/variants.py: derive_int8_entry); when the gate excluded nothing the two would
+   be the same files, and the gate's int8-cpu is benched a second time instead (the run's own noise);
 3. one process, the bench's own measurement (benchmarks/bench.py: measure, the pipeline users run):
    fp32 ORT, int8-cpu (gate), int8-cpu (no exclusions), every init, back to back after the machine's
    floors; ratios are FP32 time / variant time of the same init in this run.
@@ -114,8 +114,10 @@ def main() -> None:
         ex = gate_exclusions(m)
         if ex and not noexcl.exists():
             without_exclusions(ckpt, gate_dir, noexcl)
+        # no exclusion: the gate's graphs are the recipe's; they run twice, the spread between the two
+        # columns being this run's own noise
         info["variants"] = {"fp32": (gate_dir, "fp32"), f"{P}-gate": (gate_dir, P),
-                            **({f"{P}-noexcl": (noexcl, P)} if ex else {})}
+                            **({f"{P}-noexcl": (noexcl, P)} if ex else {f"{P}-gate-again": (gate_dir, P)})}
         runs[init] = (ckpt, info)
 
     torch.set_num_threads(a.threads)
