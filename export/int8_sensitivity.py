@@ -19,8 +19,9 @@ from onnx import numpy_helper
 
 from janusflow_trt.calibration.int8_calib import RecordedReader
 
-from .int8 import QUANT_OPS, derive_int8
+from .int8 import QUANT_OPS, derive_int8, named_streamed
 from .onnx_graph import name_nodes
+from .onnx_io import external_files
 from .quality_metrics import cosine
 from .smoothquant import load_smoothed
 
@@ -210,32 +211,67 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
     included), then each quantized node alone (only_quantized: the others read FP32 again) on `samples`
     spread calibration samples vs FP32: the worst cosine over every output and sample. -> rows, most
     sensitive first: node, op, cosine_alone, weight_bytes. exclude: nodes already kept float. outputs: the
-    outputs compared (default all; the LLM's `logits` alone for a chat miss)."""
+    outputs compared (default all; the LLM's `logits` alone for a chat miss).
+    A graph with external weights (the full-size LLM: 5.4 GB, past protobuf's 2 GB) is probed weightless:
+    the probe calibration and the FP32 weights (smoothed as the probe: named_streamed) are written as
+    graphs with data files into one temporary folder, and each probe is the proto with external
+    references saved there (graph only) and opened by path: no weight is serialised or held twice."""
     names = outputs or spec.output_names
     feeds = list(calib.samples(spec.name, samples))
     s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     ref = [s32.run(names, f) for f in feeds]
     del s32
+    weightless = bool(external_files(onnx.load(str(fp32_path), load_external_data=False)))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="janusflow-rank-") as tmp:
         probe = Path(tmp) / "probe.onnx"
-        r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit)
+        r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit, big=weightless)
         smoothing = r["recipe"].get("smoothquant")
-        q = onnx.load(str(probe))
-    f32 = onnx.load(str(fp32_path))
-    name_nodes(f32)
-    sizes = weight_bytes(f32)
-    weights32 = float_weights(fp32_path, spec, calib, smoothing) if isinstance(smoothing, dict) else f32
-    dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = sorted(n.name for n in q.graph.node if n.op_type in QUANT_OPS and set(n.input) & dq_out)
-    ops = {n.name: n.op_type for n in q.graph.node}
-    rows = []
-    for node in quantized:
-        s = ort.InferenceSession(only_quantized(q, weights32, {node}).SerializeToString(), so,
-                                 providers=["CPUExecutionProvider"])
-        worst = min(cosine(b, a) for f, r32 in zip(feeds, ref, strict=True)
-                    for a, b in zip(r32, s.run(names, f), strict=True))
-        rows.append({"graph": spec.name, "node": node, "op": ops[node], "cosine_alone": worst, "outputs": names,
-                     "weight_bytes": sizes.get(node, 0)})
+        q = onnx.load(str(probe), load_external_data=not weightless)
+        if weightless:
+            weights32 = _streamed_float_weights(fp32_path, spec, calib, smoothing, Path(tmp) / "float32.onnx")
+        else:
+            f32 = onnx.load(str(fp32_path))
+            name_nodes(f32)
+            weights32 = float_weights(fp32_path, spec, calib, smoothing) if isinstance(smoothing, dict) else f32
+        sizes = weight_bytes(weights32)  # dims only: the same names and shapes as the FP32 graph's
+        dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        quantized = sorted(n.name for n in q.graph.node if n.op_type in QUANT_OPS and set(n.input) & dq_out)
+        ops = {n.name: n.op_type for n in q.graph.node}
+        rows = []
+        for node in quantized:
+            s = _probe_session(only_quantized(q, weights32, {node}), Path(tmp) if weightless else None, so)
+            worst = min(cosine(b, a) for f, r32 in zip(feeds, ref, strict=True)
+                        for a, b in zip(r32, s.run(names, f), strict=True))
+            del s
+            rows.append({"graph": spec.name, "node": node, "op": ops[node], "cosine_alone": worst, "outputs": names,
+                         "weight_bytes": sizes.get(node, 0)})
     return sorted(rows, key=lambda r: r["cosine_alone"])
+
+
+def _streamed_float_weights(fp32_path: Path, spec, calib, smoothing: dict | str | None,
+                            path: Path) -> onnx.ModelProto:
+    """float_weights without loading the weights: the FP32 graph, named and smoothed as the probe's record
+    says, written to `path` + its data file (export/int8.py: named_streamed, the quantizer's own input);
+    -> its weightless proto (external references to that data file)."""
+    skeleton = onnx.load(str(fp32_path), load_external_data=False)
+    if isinstance(smoothing, dict):
+        again = named_streamed(fp32_path, skeleton, path, RecordedReader(calib, spec, smoothing["limit"]).feeds,
+                               smoothing["alpha"])
+        if again["products"] != smoothing["products"]:
+            raise ValueError(f"{fp32_path}: smoothed, it gives other products than the probe's record")
+    else:
+        named_streamed(fp32_path, skeleton, path, None, None)
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _probe_session(model: onnx.ModelProto, folder: Path | None, so: ort.SessionOptions) -> ort.InferenceSession:
+    """A probe graph's CPU session: inline (folder None) from its bytes; weightless, saved into `folder`
+    (where the data files its external references name lie; onnx writes no tensor that has no raw data)
+    and opened by path."""
+    if folder is None:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    path = folder / "one.onnx"
+    onnx.save_model(model, str(path))
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

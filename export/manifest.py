@@ -286,7 +286,9 @@ def gate_lines(m: dict[str, Any], precision: str) -> list[str]:
     t2i = ", ".join(f"CFG {w}: latent cosine {v['latent_cosine_min']:.6f}, PSNR {v['psnr_db_min']:.2f} dB"
                     for w, v in f["t2i"].items())
     worst = min((o["cosine"], f"{n} {k}") for n, outs in f["graphs"].items() for k, o in outs.items())
-    excl = "; ".join(f"{e['graph']}:{e['node']} ({e['weight_bytes'] / 2**20:.2f} MiB, alone {e['cosine_alone']:.5f})"
+    excl = "; ".join(f"{e['graph']}:{e['node']} ({e['weight_bytes'] / 2**20:.2f} MiB, alone {e['cosine_alone']:.5f}"
+                     + (f", {e['graph']} {e['graph_ms_before']:.1f} -> {e['graph_ms_after']:.1f} ms "
+                        f"(x{e['graph_time_ratio']:.2f})" if e.get("graph_time_ratio") else "") + ")"
                      for e in r.get("exclusions", []))
     return [f"quality gate ({g['gate']['name']}: {g['heldout']['pairs']} held-out pairs x {g['gate']['tokens']} "
             f"tokens, {g['heldout']['prompts']} prompts x {g['gate']['steps']} steps): "

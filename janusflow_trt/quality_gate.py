@@ -13,7 +13,8 @@ siglip; images: llm, gen_enc, gen_dec; a graph's own cosine: that graph) have th
 ranked by measured sensitivity (export/int8_sensitivity.py: rank_nodes, each node quantized alone on
 calibration samples), the most sensitive is kept float, the graph re-derived and the variant
 re-measured, for at most `rounds` rounds and within `budget` (excluded weight bytes / the graph's
-quantized weight bytes). Each exclusion is recorded with its measurement. A variant still missing is
+quantized weight bytes). Each exclusion is recorded with its measurement and its speed cost: the graph
+before and after it, timed alternately on the gate's recorded inputs (graph_ms). A variant still missing is
 not written (its files removed, one line saying which target, by how much, what was tried), unless
 `accept_miss`: then it is kept with manifest["quality_gate"]["precisions"][p]["accepted_miss"], which the
 runtime prints once when it loads the variant (export/manifest.py: warn_quality_miss).
@@ -22,11 +23,15 @@ runtime prints once when it loads the variant (export/manifest.py: warn_quality_
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from janusflow_trt.calibration.data import InputSet, split_heldout
 from janusflow_trt.calibration.record import CalibrationData, Plan
@@ -34,7 +39,8 @@ from janusflow_trt.errors import InputError, JanusFlowError
 from janusflow_trt.export.int8 import NOT_QUANTIZED
 from janusflow_trt.export.int8_sensitivity import rank_nodes
 from janusflow_trt.export.manifest import write_manifest
-from janusflow_trt.export.specs import GraphSpec
+from janusflow_trt.export.onnx_io import ort_session
+from janusflow_trt.export.specs import GraphSpec, precision_variant
 from janusflow_trt.export.variants import derive_int8_entry
 from janusflow_trt.export.views import add_views
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
@@ -188,6 +194,43 @@ class _Measure:
         return fig
 
 
+TIMED_SAMPLES = 6  # per graph, spread over the gate's recorded inputs (chat prefills, Euler steps)
+TIMED_REPEAT = 5
+
+
+def graph_ms(paths: list[Path], spec: GraphSpec, precision: str,
+             data: CalibrationData) -> list[float | None]:
+    """What an exclusion costs in speed: each graph file's ONNX Runtime CPU session on the same recorded
+    inputs (the gate's FP32 run: up to TIMED_SAMPLES spread), run alternately (A B A B ...: the machine's
+    drift falls on both), one warm-up pass, then the minimum over TIMED_REPEAT passes. -> ms per pass
+    (None each when the gate recorded no input of the graph)."""
+    var = precision_variant(spec, precision)
+    feeds = [{t.name: np.asarray(f[t.name], t.dtype) for t in var.inputs}
+             for f in data.samples(spec.name, TIMED_SAMPLES)]
+    if not feeds:
+        return [None] * len(paths)
+    sessions = [ort_session(p) for p in paths]
+    best = [float("inf")] * len(sessions)
+    for k in range(TIMED_REPEAT + 1):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            for f in feeds:
+                s.run(None, f)
+            if k:  # pass 0 warms up
+                best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def _keep_copy(out: Path, entry: dict[str, Any], dst: Path) -> Path:
+    """A variant's graph file (and its data file) copied into dst under the same names (a graph names its
+    data file relatively); -> the copy of the graph. The timing's 'before' once the graph is re-derived."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for r in (entry, entry.get("external_data")):
+        if r and r.get("file"):
+            shutil.copyfile(out / r["file"], dst / Path(r["file"]).name)
+    return dst / Path(entry["file"]).name
+
+
 def _refresh(out: Path, manifest: dict[str, Any], entries: dict[str, Any], specs: dict[str, GraphSpec]) -> None:
     add_views(out, entries, specs)
     write_manifest(out, manifest)
@@ -277,14 +320,20 @@ def _search(out: Path, measure: _Measure, specs, entries, manifest, calib, p: st
         excluded[g][r["node"]] = (f"quality gate: the most sensitive left (quantized alone: worst cosine of "
                                   f"{','.join(r['outputs'])} {r['cosine_alone']:.5f} on {gate.rank_samples} "
                                   "calibration samples)")
+        before = _keep_copy(out, entries[g]["precisions"][p], measure.tmp / f"before-{len(tried)}")
         derive_int8_entry(out, specs, entries, calib, g, p, method, plan, exclude=dict(excluded[g]), progress=progress)
         _refresh(out, manifest, entries, specs)
+        t0, t1 = graph_ms([before, out / entries[g]["precisions"][p]["file"]], specs[g], p, measure.ref.data)
+        shutil.rmtree(before.parent)
+        cost = {"graph_ms_before": round(t0, 3), "graph_ms_after": round(t1, 3),
+                "graph_time_ratio": round(t1 / t0, 4)} if t0 and t1 else {"graph_time_ratio": None}
         fig = measure(p)
         failed = [c["target"] for c in fig["checks"] if not c["met"]]
         tried.append({**r, "budget_spent": round(spent[g] / max(total[g], 1), 4), "missed_after": failed,
-                      "chat_top1_min_after": fig["chat"]["teacher_forced_top1_min"]})
+                      "chat_top1_min_after": fig["chat"]["teacher_forced_top1_min"], **cost})
         if progress:
+            speed = f"; {g} {t0:.1f} -> {t1:.1f} ms on the recorded inputs" if t0 and t1 else ""
             print(f"gate {p}: kept {g}:{r['node']} float (cosine alone {r['cosine_alone']:.5f}, "
-                  f"{r['weight_bytes'] / 2**20:.1f} MiB); missed now: {', '.join(failed) or 'none'}",
+                  f"{r['weight_bytes'] / 2**20:.1f} MiB{speed}); missed now: {', '.join(failed) or 'none'}",
                   file=sys.stderr, flush=True)
     return fig, tried

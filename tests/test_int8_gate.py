@@ -219,3 +219,67 @@ def test_export_gate_both_inits(init, tmp_path):
 
     calib, _ = split(builtin_calibration(), GATES["quick"])
     assert json.loads((out / "calib" / "index.json").read_text())["inputs_sha256"] == calib.sha256()
+
+
+# -- the exclusion search's probes on a graph with external weights --------------------------------------
+def test_rank_nodes_external_weights(int8_onnx, tiny_dir, tmp_path, monkeypatch):
+    """rank_nodes on the tiny LLM forced to external data (its weights in llm.onnx.data, as the full-size
+    LLM past 2 GB) ranks the same nodes with the same cosines as on the inline file, and no probe session is
+    opened from serialised bytes holding the weights (the inline path's SerializeToString would fail above
+    protobuf's 2 GB at full size)."""
+    import onnxruntime as ort
+
+    from janusflow_trt.export import int8_sensitivity as S
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    calib = CalibrationData(int8_onnx / "calib")
+    src = int8_onnx / _manifest(int8_onnx)["graphs"]["llm"]["file"]
+    ext = tmp_path / "llm.onnx"
+    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="llm.onnx.data")
+    weight_bytes = (tmp_path / "llm.onnx.data").stat().st_size
+    opened: list[int] = []
+    real = ort.InferenceSession
+
+    def spy(model, *a, **kw):  # the real session (every one opened, probes and calibration); the bytes passed
+        opened.append(len(model) if isinstance(model, bytes) else 0)
+        return real(model, *a, **kw)
+
+    args = (spec, calib, "int8-cpu", None, 8, 2)
+    inline = S.rank_nodes(src, *args, outputs=["logits"])
+    monkeypatch.setattr(S.ort, "InferenceSession", spy)
+    external = S.rank_nodes(ext, *args, outputs=["logits"])
+    assert len(opened) > len(external) and max(opened) < weight_bytes / 10, (opened, weight_bytes)
+    assert [r["node"] for r in external] == [r["node"] for r in inline] and len(inline) > 5
+    for a, b in zip(inline, external, strict=True):
+        assert abs(a["cosine_alone"] - b["cosine_alone"]) < 1e-6 and a["weight_bytes"] == b["weight_bytes"], (a, b)
+    assert inline[0]["cosine_alone"] < inline[-1]["cosine_alone"]  # the probes differ: a ranking, not a constant
+
+
+@pytest.mark.slow  # ~70 s on the shared machine: the search ranks llm, siglip, gen_dec and gen_enc
+def test_search_records_exclusion_speed(int8_onnx, tiny_dir, tmp_path):
+    """One round of the exclusion search on the clipped int8-cpu LLM: the node kept float is recorded with
+    the graph's time before and after it on the gate's recorded inputs (timed alternately in the gate), and
+    `verify` / `quality` print it (export/manifest.py: gate_lines); the re-derived graph's recipe says why
+    the node is float."""
+    from janusflow_trt.export.manifest import gate_lines
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.export.views import add_views
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    d = _copy(int8_onnx, tmp_path / "o")
+    _divide_activation_scales(d, "llm", "int8-cpu")
+    m = _manifest(d)
+    add_views(d, m["graphs"], build_specs(load_config(tiny_dir)))
+    (d / "manifest.json").write_text(json.dumps(m, indent=2))
+    rec, m = _run_gate(d, tiny_dir, ["int8-cpu"], _gate(rounds=1, rank_samples=1), accept=True)
+    (e,) = rec["precisions"]["int8-cpu"]["exclusions"]
+    assert e["graph_ms_before"] > 0 and e["graph_ms_after"] > 0, e
+    assert e["graph_time_ratio"] == pytest.approx(e["graph_ms_after"] / e["graph_ms_before"], rel=1e-3)
+    recipe = m["graphs"][e["graph"]]["precisions"]["int8-cpu"]["recipe"]
+    assert recipe["excluded"][e["node"]].startswith("quality gate:"), recipe["excluded"]
+    line = next(x for x in gate_lines(m, "int8-cpu") if "kept float by the gate's search" in x)
+    assert f"{e['graph']}:{e['node']}" in line and f"(x{e['graph_time_ratio']:.2f})" in line, line
+    assert f"{e['graph_ms_before']:.1f} -> {e['graph_ms_after']:.1f} ms" in line, line
