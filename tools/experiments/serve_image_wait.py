@@ -18,6 +18,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import uvicorn
+from serve_images import clients_loop, one  # this folder's load client (sys.path[0] when run as a script)
 
 import janusflow_trt.image_batch as ib
 from janusflow_trt import Pipeline
@@ -59,37 +60,12 @@ def instrument() -> None:
 
 
 def closed_loop(base: str, clients: int, requests: int) -> list[float]:
-    def one(c: httpx.Client, seed: int) -> float:
-        body = {"prompt": "a red fox in the snow", "stream": True, "seed": seed, "num_inference_steps": STEPS}
-        t0 = time.perf_counter()
-        with c.stream("POST", base + "/v1/images/generations", json=body, timeout=600) as r:
-            first = time.perf_counter() - t0
-            for _ in r.iter_bytes():
-                pass
-        return first
-
     with httpx.Client() as c:
-        one(c, 0)  # warm-up
+        one(c, base, STEPS, 0)  # warm-up
     spans.clear()
     taken.clear()
     routed.clear()
-    todo, lock, firsts = iter(range(requests)), threading.Lock(), []
-
-    def client() -> None:
-        with httpx.Client() as c:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                firsts.append(one(c, i))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return firsts
+    return clients_loop(base, clients, requests, STEPS)
 
 
 def main() -> None:

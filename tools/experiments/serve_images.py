@@ -98,9 +98,9 @@ def one(c: httpx.Client, base: str, steps: int, seed: int) -> tuple[float, float
     return first, time.perf_counter() - t0
 
 
-def closed_loop(base: str, concurrency: int, requests: int, steps: int) -> dict[str, float]:
-    with httpx.Client() as c:
-        one(c, base, steps, 0)  # warm-up
+def clients_loop(base: str, concurrency: int, requests: int, steps: int) -> list[float]:
+    """`concurrency` client threads, each sending its next request (seeds 0..requests-1) when its previous
+    one ends. -> each request's time to first Euler step."""
     firsts: list[float] = []
     todo = iter(range(requests))
     lock = threading.Lock()
@@ -116,12 +116,19 @@ def closed_loop(base: str, concurrency: int, requests: int, steps: int) -> dict[
                 with lock:
                     firsts.append(first)
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return firsts
+
+
+def closed_loop(base: str, concurrency: int, requests: int, steps: int) -> dict[str, float]:
+    with httpx.Client() as c:
+        one(c, base, steps, 0)  # warm-up
+    t0 = time.perf_counter()
+    firsts = clients_loop(base, concurrency, requests, steps)
     wall = time.perf_counter() - t0
     text = httpx.get(base + "/metrics").text
     rounds = {k: float(v) for k, v in (ln.split() for ln in text.splitlines()
