@@ -116,27 +116,36 @@ def test_manifest_accounts_for_the_view(ext_onnx, tiny_dir, tmp_path):
         resolve_graph(_manifest(d), d, "llm_gen", "fp16")
 
 
-def test_euler_loop_latents_unchanged_by_the_view(ext_onnx, tiny_dir, processor):
-    """The Euler loop on the view == the same loop on the full llm graph (the backend's fallback for
-    exports without the view), on the same ORT artifacts."""
+def test_ort_runs_the_view_on_the_llm_session(ext_onnx, tiny_dir, processor):
+    """OrtBackend runs llm_gen on the llm's session with only last_hidden_state bound (one session, one copy
+    of the weights); its Euler loop == the same loop with llm_gen run by a session of the view's own file."""
     from rt import rt_euler
 
-    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.backends import OrtBackend, SeamWrapper
+
+    class ViewFileSession(SeamWrapper):  # llm_gen by an ORT session of llm_gen.onnx itself
+        def __init__(self, inner):
+            super().__init__(inner)
+            m = _manifest(ext_onnx)
+            self.gen = onnx_io.ort_session(ext_onnx / resolve_graph(m, ext_onnx, "llm_gen", "fp32")["file"])
+
+        def run(self, graph, feeds):
+            if graph != "llm_gen":
+                return self.inner.run(graph, feeds)
+            (h,) = self.gen.run(None, {k: v.numpy() for k, v in feeds.items()})
+            return {"last_hidden_state": torch.from_numpy(h)}
 
     cfg = load_config(tiny_dir)
     z = np.random.default_rng(0).standard_normal((2, 4, 48, 48)).astype(np.float32)
-    runs = {}
-    for kind in ("view", "full"):
-        b = OrtBackend(ext_onnx, cfg, threads=2)
-        if kind == "full":
-            b.view_parent = {"llm_gen": "llm"}
-        runs[kind] = rt_euler(b, cfg, processor, "a red fox", z, 3, 2.0)
-        assert ("llm_gen" in b.sessions) == (kind == "view")  # each run really took its path
-    for a, b_ in zip(runs["view"], runs["full"], strict=True):
+    b = OrtBackend(ext_onnx, cfg, threads=2)
+    got = rt_euler(b, cfg, processor, "a red fox", z, 3, 2.0)
+    assert "llm" in b.sessions and "llm_gen" not in b.sessions  # the weights loaded once
+    want = rt_euler(ViewFileSession(OrtBackend(ext_onnx, cfg, threads=2)), cfg, processor, "a red fox", z, 3, 2.0)
+    for a, b_ in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b_)  # the same kernels on the same nodes
 
 
-def test_export_without_views_falls_back_to_the_llm(ext_onnx, tiny_dir, tmp_path):
+def test_export_without_views_runs_generation(ext_onnx, tiny_dir, tmp_path):
     """An export written before views (no 'views' in its manifest, no view files) still runs generation."""
     from janusflow_trt.runtime.backends import OrtBackend
 
@@ -150,8 +159,10 @@ def test_export_without_views_falls_back_to_the_llm(ext_onnx, tiny_dir, tmp_path
 
     b = OrtBackend(d, load_config(tiny_dir), threads=2)
     spec = b.specs["llm_gen"]
-    out = run_np(b, "llm_gen", dummy_inputs(spec, seed=0))
-    assert list(out) == ["last_hidden_state"] and "llm_gen" not in b.sessions and "llm" in b.sessions
+    feeds = dummy_inputs(spec, seed=0)
+    out = run_np(b, "llm_gen", feeds)
+    assert list(out) == ["last_hidden_state"] and list(b.sessions) == ["llm"]
+    np.testing.assert_array_equal(out["last_hidden_state"], run_np(b, "llm", feeds)["last_hidden_state"])
 
 
 def test_torch_backend_view_module(tiny_model):
