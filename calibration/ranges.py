@@ -1,12 +1,18 @@
 """Range measurement: every float tensor of an FP32 ONNX graph over the calibration samples.
 
-The graph is re-saved next to the original (so external data still resolves, and no weight is
-copied) with chosen intermediate tensors added as outputs, in chunks of at most `chunk_bytes` of
+`measure` (the FP16 ranges) computes each tensor's figures inside the graph: per tensor a few nodes
+(Abs, IsNaN/IsInf, ReduceMax, ReduceSum of masks) whose outputs are scalars, so one run per sample
+reads every tensor, and ONNX Runtime frees each activation once its last reader has run (at full size
+the LLM's weights plus one run's live activations, instead of holding gigabytes of exposed tensors).
+The statistics graph is saved next to the original (so external data still resolves, no weight copied)
+and runs unoptimised, so every tensor is the value the unfused graph computes.
+
+`walk_exposed` hands whole tensors to Python (the INT8 histograms and SmoothQuant's channel maxima
+need them): chosen intermediate tensors added as outputs, in chunks of at most `chunk_bytes` of
 exposed activations per run (ONNX Runtime holds every requested output until the run ends; at full
 size one Euler-step LLM sample has ~14 GB of them: 2 rows x 577 tokens, attention scores
 2x16x577x602 fp32 = 44 MB each), sized by shape inference on the largest sample's input shapes.
-Every chunk walks all samples once, so the cost is chunks x samples runs. ONNX Runtime runs it
-unoptimised, so every tensor is the value the unfused graph computes.
+Every chunk walks all samples once, so the cost is chunks x samples runs.
 """
 
 from __future__ import annotations
@@ -30,15 +36,14 @@ class Range:
     flushed: int = 0  # nonzero in FP32, zero in FP16
     nonfinite: int = 0
 
-    def update(self, x: np.ndarray) -> None:
-        a = np.abs(x.astype(np.float32, copy=False))
-        fin = np.isfinite(a)
-        self.nonfinite += int(a.size - fin.sum())
-        if fin.any():
-            self.absmax = max(self.absmax, float(a[fin].max()))
-        nz = a != 0
-        self.nonzero += int(nz.sum())
-        self.flushed += int((nz & (a < FP16_TINY / 2)).sum())
+    def add(self, absmax: float, nonzero: int, flushed: int, nonfinite: int) -> None:
+        """One run's figures of the tensor (from stats_model's outputs): absmax over its finite values (0
+        when none), counts of nonzero values, of those FP16 flushes to zero, and of NaN / inf values."""
+        if np.isfinite(absmax):  # ReduceMax over an empty tensor gives -inf
+            self.absmax = max(self.absmax, float(absmax))
+        self.nonzero += int(nonzero)
+        self.flushed += int(flushed)
+        self.nonfinite += int(nonfinite)
 
     @property
     def flush_fraction(self) -> float:
@@ -50,7 +55,7 @@ class Ranges:
     tensors: dict[str, Range] = field(default_factory=dict)
     samples: int = 0
     unmeasured: list[str] = field(default_factory=list)  # outputs of unknown type (shape inference gave none)
-    chunks: int = 0  # runs per sample (exposed-tensor chunks)
+    chunks: int = 0  # runs per sample
 
 
 def float_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -109,7 +114,19 @@ def chunks(names: list[str], size: dict[str, int], budget: int) -> list[list[str
     return [c for c in out if c]
 
 
-CHUNK_BYTES = 4 << 30  # exposed activations per run; the full-size LLM's FP32 weights (~6 GB) come on top
+CHUNK_BYTES = 2 << 30  # exposed activations per run; the full-size LLM's FP32 weights (~6 GB) come on top
+
+
+def _lean_options(threads: int = 0) -> ort.SessionOptions:
+    """Unoptimised (every tensor is the unfused graph's value), no memory arena, no weight prepacking."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False  # activations go back to the OS between runs, not to an arena
+    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
 
 
 def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], names: list[str],
@@ -129,13 +146,7 @@ def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.n
     if parts is None:
         parts = plan_chunks(model, samples, [n for n in names if n not in inputs], chunk_bytes)
     fed = [n for n in names if n in inputs]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    so.enable_cpu_mem_arena = False  # activations go back to the OS between runs, not to an arena
-    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
-    if threads:
-        so.intra_op_num_threads = threads
+    so = _lean_options(threads)
     if fed:
         for k, feeds in enumerate(samples()):
             yield k, {n: feeds[n] for n in fed}
@@ -169,18 +180,71 @@ def plan_chunks(model: onnx.ModelProto, samples: Callable[[], Iterable[dict[str,
     return chunks(names, size, chunk_bytes)
 
 
-def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]],
-            chunk_bytes: int = CHUNK_BYTES, threads: int = 0) -> Ranges:
-    """samples: a callable returning a fresh iterator of FP32 feeds (it is walked once per chunk)."""
+STATS = ("absmax", "size", "zeros", "below", "finite")  # stats_model's outputs per tensor, in order
+
+
+def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `model` (a proto loaded without external data) that also outputs, per float tensor of
+    `names`, the STATS as scalars (len(STATS) per name, in order): max |x| over the finite values (0 when
+    none; -inf for an empty tensor), the element count, and the counts of |x| == 0, of |x| < FP16_TINY / 2
+    (zeros included) and of |x| < inf (NaN is neither). Counts are int32 (a tensor is < 2**31 elements)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g, mk, T = m.graph, onnx.helper.make_node, onnx.TensorProto
+    g.initializer.extend([onnx.helper.make_tensor(f"rs.{k}", T.FLOAT, [], [v]) for k, v in
+                          (("zero", 0.0), ("half_tiny", FP16_TINY / 2), ("inf", np.inf))])
+    stats: dict[str, list[onnx.NodeProto]] = {}
+    outs: list[str] = []
+    for i, n in enumerate(names):
+        p = f"rs.{i}."
+        o = [f"{p}{k}" for k in STATS]
+
+        def count(op: str, bound: str, out: str, a: str = p + "abs") -> list[onnx.NodeProto]:
+            mask = f"{out}.mask"
+            return [mk(op, [a, f"rs.{bound}"], [mask]), mk("Cast", [mask], [mask + "32"], to=T.INT32),
+                    mk("ReduceSum", [mask + "32"], [out], keepdims=0)]
+
+        stats[n] = [mk("Abs", [n], [p + "abs"]), mk("Size", [n], [o[1]]),
+                    *count("Equal", "zero", o[2]), *count("Less", "half_tiny", o[3]), *count("Less", "inf", o[4]),
+                    mk("Where", [f"{o[4]}.mask", p + "abs", "rs.zero"], [p + "fin"]),
+                    mk("ReduceMax", [p + "fin"], [o[0]], keepdims=0)]
+        g.output.extend(onnx.helper.make_tensor_value_info(x, t, []) for x, t in
+                        zip(o, (T.FLOAT, T.INT64, T.INT32, T.INT32, T.INT32), strict=True))
+        outs += o
+    # each tensor's statistics right after its producer in the node list: run in that order (PRIORITY_BASED
+    # breaks ties by node index), a tensor is reduced as soon as it exists and freed once its own readers ran
+    nodes = list(g.node)
+    del g.node[:]
+    for node in nodes:
+        g.node.append(node)
+        for x in node.output:
+            g.node.extend(stats.get(x, ()))
+    return m, outs
+
+
+def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], threads: int = 0) -> Ranges:
+    """samples: a callable returning a fresh iterator of FP32 feeds. One run per sample of the statistics
+    graph (stats_model) saved next to `path`: unoptimised, no memory arena, no weight prepacking."""
+    path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     names, unknown = float_tensors(model)  # node outputs only: no graph input among them
-    parts = plan_chunks(model, samples, names, chunk_bytes)
-    res = Ranges(unmeasured=unknown, chunks=len(parts))
+    stats, outs = stats_model(model, names)
     del model
-    seen: set[int] = set()
-    for k, values in walk_exposed(path, samples, names, parts, threads=threads):
-        seen.add(k)
-        for n, x in values.items():
-            res.tensors.setdefault(n, Range()).update(x)
-    res.samples = len(seen)
+    res = Ranges(unmeasured=unknown, chunks=1)
+    side = path.parent / f".ranges-{path.name}"
+    try:
+        onnx.save_model(stats, str(side))
+        del stats
+        so = _lean_options(threads)
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the node list's order (stats_model)
+        sess = ort.InferenceSession(str(side), so, providers=["CPUExecutionProvider"])
+        for feeds in samples():
+            values = sess.run(outs, feeds)
+            for k, n in enumerate(names):
+                v = values[len(STATS) * k:len(STATS) * (k + 1)]
+                size, zeros, below, finite = (int(x) for x in v[1:])
+                res.tensors.setdefault(n, Range()).add(float(v[0]), size - zeros, below - zeros, size - finite)
+            res.samples += 1
+    finally:
+        side.unlink(missing_ok=True)
     return res

@@ -19,7 +19,7 @@ from janusflow_trt.calibration.data import InputSet, calibration_set
 from janusflow_trt.calibration.int8_calib import check_inputs
 from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan, recording_key
 from janusflow_trt.export.manifest import build_manifest, is_export_dir, write_manifest
-from janusflow_trt.export.memory import PeakRSS, max_rss_mb, release_memory
+from janusflow_trt.export.memory import PeakRSS, max_rss_mb, release_freed_promptly, release_memory
 from janusflow_trt.export.torch_to_onnx import check_opset, export_fp32, parse_graphs, resolve_vae
 from janusflow_trt.export.variants import (
     CALIB_DIR,
@@ -82,6 +82,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
     (`--gate`: auto or a preset of quality_gate.GATES) is resolved by quality_gate.choose_gate (auto: by
     the checkpoint's LLM size), the choice recorded in the manifest."""
     t_run = time.perf_counter()
+    release_freed_promptly()
     names = parse_graphs(graphs)
     precs = parse_precisions(precisions)
     int8 = [p for p in precs if p.startswith("int8")]

@@ -39,6 +39,7 @@ from janusflow_trt.errors import InputError, JanusFlowError
 from janusflow_trt.export.int8 import NOT_QUANTIZED
 from janusflow_trt.export.int8_sensitivity import rank_nodes
 from janusflow_trt.export.manifest import write_manifest
+from janusflow_trt.export.memory import release_memory
 from janusflow_trt.export.onnx_io import ort_session
 from janusflow_trt.export.specs import GraphSpec, precision_variant
 from janusflow_trt.export.variants import derive_int8_entry
@@ -176,11 +177,13 @@ class _Measure:
         b32 = make_backend("ort", model_dir, out, cfg, precision="fp32")
         self.ref = reference(b32, cfg, self.processor, held, gate.tokens, gate.steps, tmp, gate.cfgs, progress)
         del b32
+        release_memory()  # the FP32 sessions are gone before a variant's load (at full size 7+ GB each)
 
     def __call__(self, precision: str) -> dict[str, Any]:
         b = make_backend("ort", self.model_dir, self.out, self.cfg, precision=precision)
         r, _ = compare(b, self.ref, self.cfg, self.processor, self.tmp, self.progress, precision)
         del b
+        release_memory()
         c = r["chat"]
         keys = ("teacher_forced_top1_min", "teacher_forced_top1", "free_agreement", "identical_answers")
         chat = {k: c[k] for k in keys} | {"pairs": len(c["pairs"]), "first_answer": c["pairs"][0]["tokens"][:16]}

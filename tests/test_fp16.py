@@ -223,10 +223,10 @@ def test_lean_plan_and_cap_recorded(lean_onnx):
 
 def test_chunks_by_bytes(fp16_onnx):
     """Exposed tensors in byte-sized chunks: the estimate never below what ONNX Runtime returns, and the
-    ranges do not depend on the chunking."""
+    tensors walked do not depend on the chunking."""
     import onnxruntime as ort
 
-    from janusflow_trt.calibration.ranges import float_tensors, measure, tensor_bytes
+    from janusflow_trt.calibration.ranges import float_tensors, plan_chunks, tensor_bytes, walk_exposed
 
     data = CalibrationData(fp16_onnx / "calib")
     path = fp16_onnx / "llm.onnx"
@@ -244,9 +244,67 @@ def test_chunks_by_bytes(fp16_onnx):
         assert sum(est[n] == x.nbytes for n, x in zip(names, got, strict=True)) > 0.7 * len(names)
         model = onnx.load(str(path))
     samples = lambda: data.samples("llm", 4)  # noqa: E731
-    one, many = measure(path, samples), measure(path, samples, chunk_bytes=1 << 20)
-    assert one.chunks == 1 and many.chunks > 3
-    assert one.tensors.keys() == many.tensors.keys() and one.tensors == many.tensors
+    whole = {(k, n): x for k, vals in walk_exposed(path, samples, names) for n, x in vals.items()}
+    parts = plan_chunks(onnx.load(str(path), load_external_data=False), samples, names, 1 << 20)
+    assert len(parts) > 3
+    cut = {(k, n): x for k, vals in walk_exposed(path, samples, names, parts) for n, x in vals.items()}
+    assert whole.keys() == cut.keys() and all(np.array_equal(whole[k], cut[k], equal_nan=True) for k in whole)
+
+
+def _figures(x: np.ndarray) -> tuple[float, int, int, int]:
+    """A tensor's range figures by numpy: (absmax over finite values, nonzero, FP16-flushed, non-finite)."""
+    a = np.abs(x.astype(np.float64))
+    fin = np.isfinite(a)
+    return (float(a[fin].max()) if fin.any() else 0.0, int((a != 0).sum()),
+            int(((a != 0) & (a < 2.0**-25)).sum()), int((~fin).sum()))
+
+
+def test_measure_in_graph_equals_numpy_on_the_tensors(fp16_onnx):
+    """measure's in-graph statistics (one run per sample) == the figures numpy computes from the same
+    tensors exposed as outputs, summed / maxed over the samples, for every float tensor of the graph."""
+    from janusflow_trt.calibration.ranges import float_tensors, measure, walk_exposed
+
+    data = CalibrationData(fp16_onnx / "calib")
+    path = fp16_onnx / "llm.onnx"
+    names, _ = float_tensors(onnx.load(str(path), load_external_data=False))
+    samples = lambda: data.samples("llm", 4)  # noqa: E731
+    want: dict[str, list] = {}
+    for _, vals in walk_exposed(path, samples, names):
+        for n, x in vals.items():
+            f = _figures(x)
+            w = want.setdefault(n, [0.0, 0, 0, 0])
+            want[n] = [max(w[0], f[0]), w[1] + f[1], w[2] + f[2], w[3] + f[3]]
+    got = measure(path, samples)
+    assert got.samples == 4 and got.chunks == 1 and set(got.tensors) == set(names) == set(want)
+    for n in names:
+        r = got.tensors[n]
+        assert [r.absmax, r.nonzero, r.flushed, r.nonfinite] == pytest.approx(want[n], rel=1e-7, abs=0), n
+
+
+def test_measure_counts_flushes_and_non_finite_values(tmp_path):
+    """The figures FP16 islands are chosen by, on values built to hit each: zeros, FP16 underflow,
+    NaN / inf, a finite maximum beside an inf, and an empty tensor."""
+    from janusflow_trt.calibration.ranges import measure
+
+    h = onnx.helper
+    FLOAT = onnx.TensorProto.FLOAT
+    g = h.make_graph([h.make_node("Mul", ["x", "two"], ["y"]), h.make_node("Slice", ["y", "s", "e"], ["empty"]),
+                      h.make_node("Identity", ["empty"], ["z"])], "g",
+                     [h.make_tensor_value_info("x", FLOAT, [8])], [h.make_tensor_value_info("z", FLOAT, [0])],
+                     [h.make_tensor("two", FLOAT, [], [2.0]), h.make_tensor("s", onnx.TensorProto.INT64, [1], [3]),
+                      h.make_tensor("e", onnx.TensorProto.INT64, [1], [3])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "g.onnx"))
+    feeds = [np.array([0, 0, 1e-9, -2e-8, 3.0, np.inf, np.nan, -1e-3], np.float32),
+             np.array([0, 5e-9, 0, 0, -7.5, 0, 0, 1.0], np.float32)]
+    r = measure(tmp_path / "g.onnx", lambda: ({"x": x} for x in feeds))
+    y = r.tensors["y"]
+    want = [_figures(2 * x) for x in feeds]
+    assert (y.absmax, y.nonzero, y.flushed, y.nonfinite) == (15.0, sum(w[1] for w in want),
+                                                            sum(w[2] for w in want), 2)
+    assert y.flushed == 2 and y.nonzero == 9  # 2e-9 and 1e-8 underflow in FP16, -4e-8 does not; NaN, inf count
+    e = r.tensors["empty"]
+    assert (e.absmax, e.nonzero, e.flushed, e.nonfinite) == (0.0, 0, 0, 0)
 
 
 # -- the SDXL-VAE overflow case ---------------------------------------------------------------------
