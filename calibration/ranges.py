@@ -1,7 +1,7 @@
 """Range measurement: every float tensor of an FP32 ONNX graph over the calibration samples.
 
 `measure` (the FP16 ranges) computes each tensor's figures inside the graph: per tensor a few nodes
-(Abs, IsNaN/IsInf, ReduceMax, ReduceSum of masks) whose outputs are scalars, so one run per sample
+(Abs, Size, Equal / Less masks summed, Where + ReduceMax) whose outputs are scalars, so one run per sample
 reads every tensor, and ONNX Runtime frees each activation once its last reader has run (at full size
 the LLM's weights plus one run's live activations, instead of holding gigabytes of exposed tensors).
 The statistics graph is saved next to the original (so external data still resolves, no weight copied)
