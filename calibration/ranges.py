@@ -195,18 +195,20 @@ def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
                           (("zero", 0.0), ("half_tiny", FP16_TINY / 2), ("inf", np.inf))])
     stats: dict[str, list[onnx.NodeProto]] = {}
     outs: list[str] = []
+
+    def count(op: str, a: str, bound: str, out: str) -> list[onnx.NodeProto]:
+        """out = the number of elements where op(a, rs.<bound>) holds."""
+        mask = f"{out}.mask"
+        return [mk(op, [a, f"rs.{bound}"], [mask]), mk("Cast", [mask], [mask + "32"], to=T.INT32),
+                mk("ReduceSum", [mask + "32"], [out], keepdims=0)]
+
     for i, n in enumerate(names):
         p = f"rs.{i}."
         o = [f"{p}{k}" for k in STATS]
-
-        def count(op: str, bound: str, out: str, a: str = p + "abs") -> list[onnx.NodeProto]:
-            mask = f"{out}.mask"
-            return [mk(op, [a, f"rs.{bound}"], [mask]), mk("Cast", [mask], [mask + "32"], to=T.INT32),
-                    mk("ReduceSum", [mask + "32"], [out], keepdims=0)]
-
-        stats[n] = [mk("Abs", [n], [p + "abs"]), mk("Size", [n], [o[1]]),
-                    *count("Equal", "zero", o[2]), *count("Less", "half_tiny", o[3]), *count("Less", "inf", o[4]),
-                    mk("Where", [f"{o[4]}.mask", p + "abs", "rs.zero"], [p + "fin"]),
+        a = p + "abs"
+        stats[n] = [mk("Abs", [n], [a]), mk("Size", [n], [o[1]]), *count("Equal", a, "zero", o[2]),
+                    *count("Less", a, "half_tiny", o[3]), *count("Less", a, "inf", o[4]),
+                    mk("Where", [f"{o[4]}.mask", a, "rs.zero"], [p + "fin"]),
                     mk("ReduceMax", [p + "fin"], [o[0]], keepdims=0)]
         g.output.extend(onnx.helper.make_tensor_value_info(x, t, []) for x, t in
                         zip(o, (T.FLOAT, T.INT64, T.INT32, T.INT32, T.INT32), strict=True))
