@@ -55,7 +55,7 @@ from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
 from janusflow_trt.precision import Precision
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.backends import Backend, read_manifest
+from janusflow_trt.runtime.backends import Backend, read_manifest, release
 from janusflow_trt.runtime.chat import chat_prefill, chat_tokens
 from janusflow_trt.runtime.decode import Decoder
 from janusflow_trt.runtime.factory import make_backend
@@ -124,6 +124,10 @@ def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: in
     return z.cpu().numpy(), img
 
 
+# graphs a chat runs that text-to-image does not: released between the two (runtime/backends.py: release)
+CHAT_ONLY = ["siglip"]
+
+
 @dataclass
 class Reference:
     """The FP32 side of a comparison, run once: each held-out pair's greedy answer, each prompt's seeded
@@ -146,6 +150,7 @@ def reference(b32: Backend, cfg, processor, held: InputSet, tokens: int, steps: 
         answer = record_chat(rec, cfg, processor, image, q, tokens, None)
         logits32 = teacher_forced(b32, cfg, processor, image, q, answer)[1]  # the FP32 margins (margin_rows)
         chats.append((name, image, q, answer, logits32))
+    release(b32, CHAT_ONLY)
     t2i: dict[float, list] = {w: [] for w in cfgs}
     for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i fp32", disable=not progress)):
         z0 = initial_latents(1, seed=2000 + i)
@@ -169,6 +174,7 @@ def compare(b: Backend, ref: Reference, cfg, processor, tmp: Path, progress: boo
         chats.append({"pair": name, "question": q, "fp32_tokens": r, "tokens": free,
                       "teacher_forced_top1": agreement(tf, r), "free_agreement": agreement(free, r),
                       "first_divergence": first_divergence(free, r), **margin_rows(tf, r, logits32, precision)})
+    release(b, CHAT_ONLY)
     t2i: dict[float, dict[str, Any]] = {}
     images: dict[float, list[np.ndarray]] = {}
     for w, runs in ref.t2i.items():

@@ -201,6 +201,25 @@ class OrtBackend:
         sess.run_with_iobinding(binding)
         return out
 
+    def release(self, graphs: list[str]) -> None:
+        """Drop the sessions of `graphs` (a view's parent too: name the view's parent only when neither
+        runs again) and every output buffer (other graphs' come back at their next call, at most one
+        allocation each); a later run() loads a dropped session again. At full size a chat's SigLIP session
+        and its prefill buffers are ~2 GB that text-to-image never reads (the quality gate: quality.py)."""
+        for g in graphs:
+            self.sessions.pop(self.view_parent.get(g, g), None)
+        self.buffers.pool.clear()
+
+
+def release(backend: Backend, graphs: list[str]) -> None:
+    """A pipeline done with `graphs` frees what running them holds where the backend can (OrtBackend.release,
+    through any SeamWrapper); the torch and TensorRT backends keep theirs (one set of modules / engines
+    loaded up front, the engines' buffers bound into captured steps)."""
+    while isinstance(backend, SeamWrapper):
+        backend = backend.inner
+    if isinstance(backend, OrtBackend):
+        backend.release(graphs)
+
 
 class OutputBuffers:
     """Preallocated outputs of each graph, per set of output shapes: two sets used in turn, so a result

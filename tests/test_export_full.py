@@ -230,3 +230,50 @@ def test_load_model_reads_one_tensor_at_a_time(tiny_dir, tmp_path, monkeypatch):
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or unreadable safetensors"):
         weights.load_model(ck)
+
+
+def test_gate_text_to_image_runs_without_the_chat_sessions(tiny_dir, fp16_onnx, tmp_path, monkeypatch):
+    """The quality gate's reference and variant runs (quality.reference / compare over OrtBackend) drop the
+    chat's SigLIP session and the chat's output buffers before text-to-image (at full size ~2 GB that
+    text-to-image never reads), and give the same figures as with everything kept loaded."""
+    from dataclasses import replace as dc_replace
+
+    from janusflow_trt import quality
+    from janusflow_trt.calibration.data import builtin_heldout
+    from janusflow_trt.janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.processor import Processor
+    from janusflow_trt.runtime.backends import OrtBackend, SeamWrapper
+
+    cfg, processor = load_config(tiny_dir), Processor(tiny_dir)
+    h = builtin_heldout()
+    held = dc_replace(h, prompts=h.prompts[:1], pairs=h.pairs[:1])
+    seen: list[tuple[str, set[str], dict[str, int]]] = []  # graph, sessions, shape sets per graph's buffers
+
+    class Watch(SeamWrapper):  # what the backend holds at each call
+        def run(self, graph, feeds):
+            seen.append((graph, set(self.inner.sessions), {g: len(v) for g, v in self.inner.buffers.pool.items()}))
+            return self.inner.run(graph, feeds)
+
+    def run(tag):
+        seen.clear()
+        ref = quality.reference(Watch(OrtBackend(fp16_onnx, cfg, threads=2)), cfg, processor, held, 4, 2,
+                                tmp_path / f"{tag}-ref", (2.0,), False)
+        fig, _ = quality.compare(Watch(OrtBackend(fp16_onnx, cfg, threads=2, precision="fp16")), ref, cfg,
+                                 processor, tmp_path / f"{tag}-cmp", False, "fp16")
+        return ref, fig
+
+    ref, fig = run("released")
+    assert sum(g == "siglip" for g, _, _ in seen) == 4  # each side: a greedy chat and a teacher-forced one
+    t2i = [(sessions, pool) for g, sessions, pool in seen if g in ("gen_enc", "llm_gen", "gen_dec", "vae_dec")]
+    assert len(t2i) >= 2 * (2 * 2 + 1)  # both runs' Euler steps (gen_enc, llm_gen, gen_dec) and VAE
+    assert all("siglip" not in sessions and "siglip" not in pool for sessions, pool in t2i), \
+        "SigLIP's session or buffers kept through text-to-image"
+    firsts = [pool for g, _, pool in seen if g == "gen_enc"][::2]  # each image's first Euler step
+    assert [p["llm"] for p in firsts] == [1, 1], "the chat's LLM buffers kept (only the prefix prefill's expected)"
+    monkeypatch.setattr(quality, "release", lambda b, graphs: None)  # everything kept loaded
+    ref_kept, fig_kept = run("kept")
+    for (_, _, z, img), (_, _, zk, imgk) in zip(ref.t2i[2.0], ref_kept.t2i[2.0], strict=True):
+        np.testing.assert_array_equal(z, zk)
+        np.testing.assert_array_equal(img, imgk)
+    assert [c[3] for c in ref.chats] == [c[3] for c in ref_kept.chats]
+    assert fig == fig_kept
