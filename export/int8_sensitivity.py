@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from janusflow_trt.calibration.int8_calib import RecordedReader
+from janusflow_trt.calibration.ranges import walk_exposed
 
 from .int8 import QUANT_OPS, derive_int8, named_streamed
 from .onnx_graph import name_nodes
@@ -34,20 +35,18 @@ def _activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def outlier_ratios(fp32_path: Path, samples) -> dict[str, float]:
-    model = onnx.load(str(fp32_path))
+    """node -> absmax / rms of its activation input over `samples` (a list of feeds), the activations read
+    through calibration/ranges.py: walk_exposed (chunks of exposed tensors, unoptimised, no arena, no
+    prepacking: at full size the LLM's weights plus one chunk, not every activation at once)."""
+    model = onnx.load(str(fp32_path), load_external_data=False)
     name_nodes(model)
     acts = _activation_inputs(model)
     names = sorted({a for a in acts.values() if a})
-    outs = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None)
-                              for a in names if a not in outs)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
     amax: dict[str, float] = {}
     sq: dict[str, list[float]] = {}
-    for feeds in samples:
-        for a, x in zip(names, sess.run(names, feeds), strict=True):
+    for _, values in walk_exposed(fp32_path, lambda: samples, names):
+        for a, x in values.items():
             x = np.asarray(x, np.float64)
             amax[a] = max(amax.get(a, 0.0), float(np.abs(x).max()))
             sq.setdefault(a, []).append(float(np.mean(x * x)))
@@ -206,31 +205,33 @@ def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None, limit: int | None,
                samples: int = 4, exclude: dict[str, str] | None = None,
-               outputs: list[str] | None = None) -> list[dict[str, Any]]:
+               outputs: list[str] | None = None, probes: int | None = None) -> list[dict[str, Any]]:
     """The quality gate's ranking: one calibration of the graph (FP32 float parts; the same recipe, SmoothQuant
     included), then each quantized node alone (only_quantized: the others read FP32 again) on `samples`
     spread calibration samples vs FP32: the worst cosine over every output and sample. -> rows, most
-    sensitive first: node, op, cosine_alone, weight_bytes. exclude: nodes already kept float. outputs: the
-    outputs compared (default all; the LLM's `logits` alone for a chat miss).
+    sensitive first: node, op, cosine_alone, weight_bytes, outlier_ratio (when measured), probed_of ([nodes
+    probed, nodes quantized]). exclude: nodes already kept float. outputs: the outputs compared (default all; the
+    LLM's `logits` alone for a chat miss).
+    probes: probe at most this many nodes, those whose activation input has the largest outlier ratio
+    (absmax / rms, measured on the same samples in the float graph the probes start from, smoothed as
+    they are): per-tensor INT8 spends its levels on the absmax, so these are the likely worst. None: every
+    node (a probe of the full-size LLM costs a session over its 5.4 GB of weights: ~170 probes are hours).
     A graph with external weights (the full-size LLM: 5.4 GB, past protobuf's 2 GB) is probed weightless:
     the probe calibration and the FP32 weights (smoothed as the probe: named_streamed) are written as
     graphs with data files into one temporary folder, and each probe is the proto with external
     references saved there (graph only) and opened by path: no weight is serialised or held twice."""
     names = outputs or spec.output_names
     feeds = list(calib.samples(spec.name, samples))
-    s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    ref = [s32.run(names, f) for f in feeds]
-    del s32
     weightless = bool(external_files(onnx.load(str(fp32_path), load_external_data=False)))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="janusflow-rank-") as tmp:
-        probe = Path(tmp) / "probe.onnx"
+        probe, float32 = Path(tmp) / "probe.onnx", Path(tmp) / "float32.onnx"
         r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit, big=weightless)
         smoothing = r["recipe"].get("smoothquant")
         q = onnx.load(str(probe), load_external_data=not weightless)
         if weightless:
-            weights32 = _streamed_float_weights(fp32_path, spec, calib, smoothing, Path(tmp) / "float32.onnx")
+            weights32 = _streamed_float_weights(fp32_path, spec, calib, smoothing, float32)
         else:
             f32 = onnx.load(str(fp32_path))
             name_nodes(f32)
@@ -239,6 +240,16 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
         dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         quantized = sorted(n.name for n in q.graph.node if n.op_type in QUANT_OPS and set(n.input) & dq_out)
         ops = {n.name: n.op_type for n in q.graph.node}
+        ratios: dict[str, float] = {}
+        n_quantized = len(quantized)
+        if probes is not None and len(quantized) > probes:
+            if not weightless:
+                onnx.save_model(weights32, str(float32))
+            ratios = outlier_ratios(float32, feeds)
+            quantized = sorted(quantized, key=lambda n: (-ratios.get(n, 0.0), n))[:probes]
+        s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        ref = [s32.run(names, f) for f in feeds]  # after the calibration: never held beside its walk
+        del s32
         rows = []
         for node in quantized:
             s = _probe_session(only_quantized(q, weights32, {node}), Path(tmp) if weightless else None, so)
@@ -246,7 +257,8 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
                         for a, b in zip(r32, s.run(names, f), strict=True))
             del s
             rows.append({"graph": spec.name, "node": node, "op": ops[node], "cosine_alone": worst, "outputs": names,
-                         "weight_bytes": sizes.get(node, 0)})
+                         "weight_bytes": sizes.get(node, 0), "outlier_ratio": ratios.get(node),
+                         "probed_of": [len(quantized), n_quantized]})
     return sorted(rows, key=lambda r: r["cosine_alone"])
 
 

@@ -59,7 +59,8 @@ class Gate:
     """What the gate holds out and runs. prompts / photos: taken out of the calibration set; questions:
     asked of each held-out photo (pairs = photos x questions); tokens, steps: per chat / image; cfgs: the
     CFG weights images are compared at; budget: excluded weight bytes / a graph's quantized weight bytes;
-    rounds: exclusions tried (each one re-derives a graph and re-measures the variant)."""
+    rounds: exclusions tried (each one re-derives a graph and re-measures the variant); probes: nodes probed
+    per implicated graph, those of largest activation outlier ratio (None: all; int8_sensitivity.rank_nodes)."""
 
     name: str
     prompts: int
@@ -71,6 +72,7 @@ class Gate:
     budget: float = 0.25
     rounds: int = 4
     rank_samples: int = 4
+    probes: int | None = None
 
 
 GATES = {
@@ -90,7 +92,9 @@ GATES = {
 # takes the `full` preset: every variant still measured on every kind of figure (chat teacher-forced and free
 # greedy, both CFG weights, every graph's outputs), on fewer held-out inputs and steps.
 AUTO_DEFAULT_MAX_LLM_PARAMS = 300_000_000
-FULL_PRESET = Gate("full", prompts=1, photos=1, questions=2, tokens=10, steps=3, rounds=1, rank_samples=2)
+# its search probes the 4 nodes of largest outlier ratio per graph: a probe of the full-size LLM is a session
+# over its 5.4 GB of FP32 weights and 2 runs (~40 s); all ~170 of its quantized nodes would be hours
+FULL_PRESET = Gate("full", prompts=1, photos=1, questions=2, tokens=10, steps=3, rounds=1, rank_samples=2, probes=4)
 GATES["full"] = FULL_PRESET
 GATE_CHOICES = ("auto", *GATES)
 
@@ -307,7 +311,7 @@ def _search(out: Path, measure: _Measure, specs, entries, manifest, calib, p: st
     for g in graphs:  # the LLM's output the miss reads: logits (chat) or the hidden states (an Euler step)
         outs = (["logits"] if chat_only else ["last_hidden_state"] if images_only else None) if g == "llm" else None
         ranked += rank_nodes(out / entries[g]["file"], specs[g], calib, p, method, limit, gate.rank_samples,
-                             outputs=outs)
+                             outputs=outs, probes=gate.probes)
     ranked.sort(key=lambda r: r["cosine_alone"])
     total = {g: sum(r["weight_bytes"] for r in ranked if r["graph"] == g) for g in graphs}
     excluded: dict[str, dict[str, str]] = {g: {} for g in graphs}

@@ -258,6 +258,39 @@ def test_rank_nodes_external_weights(int8_onnx, tiny_dir, tmp_path, monkeypatch)
     assert inline[0]["cosine_alone"] < inline[-1]["cosine_alone"]  # the probes differ: a ranking, not a constant
 
 
+def test_rank_nodes_probes_the_largest_outlier_ratios(int8_onnx, tiny_dir, tmp_path, monkeypatch):
+    """rank_nodes(probes=k) (the full-size preset's bounded search) probes only the k quantized nodes whose
+    activation input has the largest outlier ratio in the float graph the probes start from, with the same
+    cosines as probing every node; inline and external-weights graphs choose the same nodes."""
+    from janusflow_trt.export import int8_sensitivity as S
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    calib = CalibrationData(int8_onnx / "calib")
+    src = int8_onnx / _manifest(int8_onnx)["graphs"]["llm"]["file"]
+    ext = tmp_path / "llm.onnx"
+    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="llm.onnx.data")
+    args = (spec, calib, "int8-cpu", None, 8, 2)
+    every = {r["node"]: r for r in S.rank_nodes(src, *args, outputs=["logits"])}
+    seen: list[dict[str, float]] = []
+    real = S.outlier_ratios
+    monkeypatch.setattr(S, "outlier_ratios", lambda path, feeds: seen.append(real(path, feeds)) or seen[-1])
+    k = 3
+    for path in (src, ext):
+        some = S.rank_nodes(path, *args, outputs=["logits"], probes=k)
+        ratios = {n: v for n, v in seen[-1].items() if n in every}
+        assert set(ratios) == set(every)  # a ratio for every quantized node
+        top = sorted(ratios, key=lambda n: -ratios[n])[:k]
+        assert ratios[top[-1]] > sorted(ratios.values(), reverse=True)[k]  # no tie at the cut
+        assert sorted(r["node"] for r in some) == sorted(top), path
+        for r in some:
+            assert r["probed_of"] == [k, len(every)] and r["outlier_ratio"] == ratios[r["node"]]
+            assert abs(r["cosine_alone"] - every[r["node"]]["cosine_alone"]) < 1e-6, r
+    assert len(seen) == 2
+
+
 @pytest.mark.slow  # ~70 s on the shared machine: the search ranks llm, siglip, gen_dec and gen_enc
 def test_search_records_exclusion_speed(int8_onnx, tiny_dir, tmp_path):
     """One round of the exclusion search on the clipped int8-cpu LLM: the node kept float is recorded with
