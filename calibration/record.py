@@ -94,16 +94,17 @@ def _stat(path: Path) -> list:
     return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan: Plan) -> str:
+def recording_key(model_dir: Path, vae_dir: Path | None, inputs: InputSet, plan: Plan, backend: str) -> str:
     """What the recorded set depends on: the checkpoint (config + weight files' size and mtime; hashing
-    GBs of weights on every export would cost more than re-recording), the inputs and the plan."""
+    GBs of weights on every export would cost more than re-recording), the inputs, the plan and the
+    backend that ran the loops (janusflow_trt/recording.py: recorder_backend)."""
     # lazy: the ModelOpt worker imports this module in ModelOpt's own environment (pinned packages) only
     # to read recorded sets; the config parser (transformers) is needed only for a key
     from janusflow_trt.janusflow_ref.config import load_config
 
     doc = {"v": RECORDER_VERSION, "config": load_config(model_dir).sha256, "weights": _stat(model_dir),
            "vae": _stat(vae_dir) if vae_dir else None, "inputs": inputs.sha256(),
-           "plan": {k: v for k, v in plan.__dict__.items() if k != "name"}}
+           "plan": {k: v for k, v in plan.__dict__.items() if k != "name"}, "backend": backend}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

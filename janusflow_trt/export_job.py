@@ -1,7 +1,7 @@
-"""`janusflow export` end to end: FP32 graphs -> calibration recording (the runtime's own loops, through
-janusflow_trt/recording.py) -> FP16 / INT8 variants -> views -> manifest, all written into a temporary
-directory that replaces OUT atomically (files.dir_transaction). It runs the runtime, so it sits above
-it; export/ holds the steps and imports no runtime."""
+"""`janusflow export` end to end: FP32 graphs -> calibration recording (the runtime's own loops over
+those FP32 graphs, through janusflow_trt/recording.py) -> FP16 / INT8 variants -> views -> manifest, all
+written into a temporary directory that replaces OUT atomically (files.dir_transaction). It runs the
+runtime, so it sits above it; export/ holds the steps and imports no runtime."""
 
 from __future__ import annotations
 
@@ -33,14 +33,15 @@ from janusflow_trt.export.views import add_views
 from janusflow_trt.files import check_out_dir, dir_transaction
 from janusflow_trt.janusflow_ref.config import load_config
 from janusflow_trt.quality_gate import Gate, check_graphs, choose_gate, run_gate, split
-from janusflow_trt.recording import check_prompts, record
+from janusflow_trt.recording import check_prompts, record, recorder_backend
 
 
 def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: Path, inputs: InputSet,
-                     plan: Plan, progress: bool) -> tuple[CalibrationData, bool]:
-    """The set in tmp/calib: copied from the previous OUT when its key (checkpoint, inputs, plan) matches,
-    else recorded. -> (the set, reused?)."""
-    key = recording_key(model_dir, vae_dir, inputs, plan)
+                     plan: Plan, graphs: list[str], progress: bool) -> tuple[CalibrationData, bool]:
+    """The set in tmp/calib: copied from the previous OUT when its key (checkpoint, inputs, plan, backend)
+    matches, else recorded, through the FP32 graphs of `graphs` just written to tmp where they hold every
+    graph the recording runs (recording.recorder_backend). -> (the set, reused?)."""
+    key = recording_key(model_dir, vae_dir, inputs, plan, recorder_backend(graphs))
     old = old_out / CALIB_DIR
     try:
         reusable = json.loads((old / "index.json").read_text()).get("key") == key
@@ -49,7 +50,7 @@ def calibration_data(model_dir: Path, vae_dir: Path | None, tmp: Path, old_out: 
     if reusable:
         shutil.copytree(old, tmp / CALIB_DIR)
     else:
-        record(model_dir, vae_dir, tmp / CALIB_DIR, inputs, plan, progress=progress)
+        record(model_dir, vae_dir, tmp / CALIB_DIR, inputs, plan, progress=progress, artifacts=tmp, graphs=graphs)
     return CalibrationData(tmp / CALIB_DIR), reusable
 
 
@@ -110,10 +111,11 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
             cfg, specs, entries = export_fp32(model_dir, vae, tmp, names, opset, force_legacy, progress)
         manifest = build_manifest(cfg, entries)
         if inputs is not None:
+            write_manifest(tmp, manifest)  # the FP32 export as a runtime reads it: the recording runs on it
             plan = calib_plan or PLANS["default"]
             t0 = time.perf_counter()
             with phase("calibration"):
-                calib, reused = calibration_data(model_dir, vae, tmp, out, inputs, plan, progress)
+                calib, reused = calibration_data(model_dir, vae, tmp, out, inputs, plan, list(entries), progress)
             record_s = time.perf_counter() - t0
             if progress:
                 tqdm.write(f"calibration set: {'reused' if reused else 'recorded'} in {record_s:.1f} s")

@@ -154,15 +154,56 @@ def test_refuses_precision_not_exported(tiny_onnx, tiny_model):
 
 
 def test_calibration_reused(fp16_onnx, tiny_dir, tmp_path):
-    """Re-exporting into the same OUT with the same inputs reuses the recorded set (same hash)."""
+    """Re-exporting into the same OUT with the same inputs reuses the recorded set (same hash); a set
+    recorded by another backend is not reused (an export of some graphs records on torch-fast)."""
     from janusflow_trt.export_job import export_graphs
 
     out = tmp_path / "onnx"
     shutil.copytree(fp16_onnx, out)
+    old = json.loads((fp16_onnx / "manifest.json").read_text())["calibration"]
     m = export_graphs(tiny_dir, None, out, graphs="embed", progress=False, precisions="fp32,fp16",
                       calib_inputs=small_inputs(), calib_plan=PLAN, force=True)
-    old = json.loads((fp16_onnx / "manifest.json").read_text())["calibration"]
+    assert not m["calibration"]["reused"] and m["calibration"]["sha256"] != old["sha256"]
+    shutil.rmtree(out)
+    shutil.copytree(fp16_onnx, out)
+    m = export_graphs(tiny_dir, None, out, progress=False, precisions="fp32,fp16",
+                      calib_inputs=small_inputs(), calib_plan=PLAN, force=True)
     assert m["calibration"]["reused"] and m["calibration"]["sha256"] == old["sha256"]
+
+
+def test_recording_runs_on_the_fp32_export(fp16_onnx, lean_onnx, tiny_dir, tmp_path, monkeypatch):
+    """The export records its calibration set through ONNX Runtime over the FP32 graphs it just wrote (all
+    graphs exported) and on torch-fast on the checkpoint otherwise (lean_onnx: llm and gen_enc only); the
+    ORT-recorded Euler-step inputs are those the ORT pipeline over the export gives (replayed here: the
+    first steps' z of the full run), not torch-fast's."""
+    from rt import rt_euler
+
+    from janusflow_trt.calibration.record import CalibrationData
+    from janusflow_trt.janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.generation import initial_latents
+    from janusflow_trt.janusflow_ref.processor import Processor
+    from janusflow_trt.runtime.backends import OrtBackend
+    from janusflow_trt.runtime.torch_backend import load_torch_backend
+
+    assert json.loads((fp16_onnx / "calib" / "index.json").read_text())["backend"] == "ort"
+    assert json.loads((lean_onnx / "calib" / "index.json").read_text())["backend"] == "torch-fast"
+    data = CalibrationData(fp16_onnx / "calib")
+    cfg, processor = load_config(tiny_dir), Processor(tiny_dir)
+    ort_b, torch_b = OrtBackend(fp16_onnx, cfg), load_torch_backend(tiny_dir, None, None)
+    checked = 0
+    for p in range(PLAN.full_runs):  # the full runs: prompt p from initial_latents(seed 1000 + p)
+        prompt, z0 = small_inputs().prompts[p], initial_latents(1, seed=1000 + p).numpy()
+        ort_z, torch_z = (rt_euler(b, cfg, processor, prompt, z0, PLAN.steps, PLAN.cfg_weight)
+                          for b in (ort_b, torch_b))
+        for f in data.index["files"]:
+            if f["graph"] == "gen_enc" and f["source"].startswith(f"t2i:{p}:step") and f["source"] != f"t2i:{p}:step0":
+                k = int(f["source"].rsplit("step", 1)[1])
+                with np.load(fp16_onnx / "calib" / f["file"]) as npz:
+                    z = npz["z"]  # the CFG pair's two rows: the image's z twice
+                np.testing.assert_array_equal(z, np.concatenate([ort_z[k - 1]] * 2))
+                assert np.abs(z - torch_z[k - 1]).max() > 0  # the other backend's z differs
+                checked += 1
+    assert checked >= 2
 
 
 # -- the measurement's budget: sample cap, lean recording, byte-sized chunks -----------------------
