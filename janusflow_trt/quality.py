@@ -56,7 +56,7 @@ from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
 from janusflow_trt.precision import Precision
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import Backend, read_manifest, release
-from janusflow_trt.runtime.chat import chat_prefill, chat_tokens
+from janusflow_trt.runtime.chat import CHAT_ONLY, chat_prefill, chat_tokens
 from janusflow_trt.runtime.decode import Decoder
 from janusflow_trt.runtime.factory import make_backend
 from janusflow_trt.runtime.registry import BACKENDS, check_request
@@ -122,10 +122,6 @@ def _t2i(rec: Recorder, cfg, processor, prompt: str, z0: torch.Tensor, steps: in
     img = text2img.vae_decode(rec, z).cpu().numpy().copy()
     rec.active = set()
     return z.cpu().numpy(), img
-
-
-# graphs a chat runs that text-to-image does not: released between the two (runtime/backends.py: release)
-CHAT_ONLY = ["siglip"]
 
 
 @dataclass

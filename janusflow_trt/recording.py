@@ -31,8 +31,8 @@ from janusflow_trt.janusflow_ref.generation import initial_latents, prompt_ids
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.sampling import SamplingParams
 from janusflow_trt.runtime import text2img
-from janusflow_trt.runtime.backends import Backend, SeamWrapper
-from janusflow_trt.runtime.chat import chat_tokens
+from janusflow_trt.runtime.backends import Backend, SeamWrapper, release
+from janusflow_trt.runtime.chat import CHAT_ONLY, chat_tokens
 from janusflow_trt.runtime.euler_step import euler_loop
 from janusflow_trt.runtime.factory import make_backend
 from janusflow_trt.validation import text
@@ -136,6 +136,7 @@ def record(model_dir: str | Path, vae_dir: str | Path | None, out: str | Path, i
         for name, image, question in tqdm(inputs.pairs, desc="calib chat", disable=not progress):
             rec.source, rec.active = f"chat:{name}", {"siglip", "embed", "llm"}
             record_chat(rec, cfg, processor, image, question, CHAT_TOKENS, plan.decode_stride)
+        release(backend, CHAT_ONLY)
         n = len(inputs.prompts)
         for p, prompt in enumerate(tqdm(inputs.prompts, desc="calib t2i", disable=not progress)):
             full = p < plan.full_runs

@@ -16,6 +16,10 @@ from .decode import decode_tokens
 from .kv_cache import KVCache
 from .llm import new_cache, prefill
 
+# the graphs a chat runs and text-to-image does not: a job that runs chats, then images, releases them
+# between the two (backends.release: at full size SigLIP's FP32 session and the chat's buffers are ~2 GB)
+CHAT_ONLY = ["siglip"]
+
 
 def prompt_embeds(backend: Backend, inputs: ChatInputs) -> torch.Tensor:
     """The chat prefill input [1, T, H]: token embeddings with the image embeddings spliced in."""

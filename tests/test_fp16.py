@@ -171,6 +171,35 @@ def test_calibration_reused(fp16_onnx, tiny_dir, tmp_path):
     assert m["calibration"]["reused"] and m["calibration"]["sha256"] == old["sha256"]
 
 
+def test_recording_releases_siglip_before_the_images(fp16_onnx, tiny_dir, tmp_path, monkeypatch):
+    """The ORT recording drops SigLIP's session after the chats (runtime/backends.release): no text-to-image
+    call runs with it loaded; the recorded set is the same as with it kept (the fixture's, same plan)."""
+    from janusflow_trt import recording
+    from janusflow_trt.export.torch_to_onnx import resolve_vae
+    from janusflow_trt.runtime.backends import SeamWrapper
+
+    seen: list[tuple[str, set[str]]] = []
+
+    class Watch(SeamWrapper):
+        def run(self, graph, feeds):
+            seen.append((graph, set(self.inner.sessions)))
+            return self.inner.run(graph, feeds)
+
+    real = recording.make_backend
+    monkeypatch.setattr(recording, "make_backend", lambda *a, **k: Watch(real(*a, **k)))
+    graphs = list(json.loads((fp16_onnx / "manifest.json").read_text())["graphs"])
+    vae = resolve_vae(tiny_dir, None, True)  # the export's: the checkpoint's vae/ folder
+    index = recording.record(tiny_dir, vae, tmp_path / "calib", small_inputs(), PLAN, False, fp16_onnx, graphs)
+    assert any(g == "siglip" for g, _ in seen)
+    t2i = [s for g, s in seen if g in ("gen_enc", "llm_gen", "gen_dec")]
+    assert t2i and all("siglip" not in s for s in t2i)
+    old = json.loads((fp16_onnx / "calib" / "index.json").read_text())
+    assert [(f["graph"], f["source"]) for f in index["files"]] == [(f["graph"], f["source"]) for f in old["files"]]
+    for f in index["files"]:  # the same values recorded, file by file (npz bytes carry a zip timestamp)
+        with np.load(tmp_path / "calib" / f["file"]) as a, np.load(fp16_onnx / "calib" / f["file"]) as b:
+            assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files), f["file"]
+
+
 def test_recording_runs_on_the_fp32_export(fp16_onnx, lean_onnx, tiny_dir, tmp_path, monkeypatch):
     """The export records its calibration set through ONNX Runtime over the FP32 graphs it just wrote (all
     graphs exported) and on torch-fast on the checkpoint otherwise (lean_onnx: llm and gen_enc only); the
