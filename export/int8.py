@@ -138,7 +138,8 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     alpha = smooth_alpha if spec.name in SMOOTH_GRAPHS else None
     named = out_path.with_name(f".named-{out_path.name}")
     skeleton = onnx.load(str(fp32_path), load_external_data=False)
-    weightless = streamed and bool(external_files(skeleton))
+    skeleton_files = external_files(skeleton)
+    weightless = streamed and bool(skeleton_files)
     if weightless:
         smoothing = named_streamed(fp32_path, skeleton, named, RecordedReader(calib, spec, limit).feeds, alpha)
         nodes = quantizable_nodes(skeleton)
@@ -172,7 +173,14 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     cache = out_path.with_name(f".ranges-{out_path.name}.json")
     try:
         reader = RecordedReader(calib, spec, limit)
-        save_tensors_data(tensor_ranges(named, reader.feeds, method, PERCENTILE), cache)
+        # the FP32 graph's activation ranges (smoothed as above) depend on neither the flavour nor the
+        # exclusions: measured once per graph file and recipe from this set, then reused by the other
+        # flavour and by every re-derivation of the quality gate's search (at full size the LLM's walk is
+        # ~4 min and the export's peak)
+        key = (str(Path(fp32_path).resolve()), _stamp(fp32_path, skeleton_files), method, PERCENTILE, limit, alpha)
+        if key not in calib.ranges:
+            calib.ranges[key] = tensor_ranges(named, reader.feeds, method, PERCENTILE)
+        save_tensors_data(calib.ranges[key], cache)
         quantize_static(str(named), str(out_path), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=sorted(exclude),
                         calibrate_method=cal, use_external_data_format=big, calibration_cache_path=str(cache),
@@ -215,6 +223,12 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "calibration_samples_by_kind": calib.kinds(spec.name, limit),
     }
     return {"data": data, "recipe": recipe}
+
+
+def _stamp(fp32_path: Path, data_files) -> tuple[tuple[str, int, int], ...]:
+    """The graph file and its data files as (name, size, mtime_ns): a rewritten graph is another key."""
+    paths = [Path(fp32_path)] + [Path(fp32_path).parent / f for f in data_files]
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 def named_streamed(fp32_path: Path, model: onnx.ModelProto, named: Path, feeds, alpha: float | None) -> Any:

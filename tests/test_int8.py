@@ -777,3 +777,33 @@ def test_smoothing_groups_hand_graphs():
     assert [n.name for n in g["h"].products] == ["p1", "p2"]
     assert smoothing_groups(graph(shared=True)) == {}
     assert smoothing_groups(graph(shared=False, out_too=True)) == {}
+
+
+def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_dir, tmp_path, monkeypatch):
+    """derive_int8 measures a graph's activation ranges once per calibration set, graph file and recipe:
+    the other flavour and a re-derivation with exclusions (the quality gate's search) reuse them, and give
+    the same graph bytes as a derivation that measures afresh; a rewritten FP32 graph is measured again."""
+    from janusflow_trt.export import int8 as I
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["gen_dec"]
+    src = tmp_path / "gen_dec.onnx"
+    shutil.copyfile(int8_onnx / "gen_dec.onnx", src)
+    walks: list[str] = []
+    real = I.tensor_ranges
+    monkeypatch.setattr(I, "tensor_ranges", lambda path, *a, **k: walks.append(str(path)) or real(path, *a, **k))
+    calib = CalibrationData(int8_onnx / "calib")
+    some = next(n.name for n in onnx.load(str(int8_onnx / "gen_dec.int8-cpu.onnx")).graph.node if n.op_type == "MatMul")
+    runs = [("int8-cpu", None), ("int8", None), ("int8-cpu", {some: "kept float"})]
+    for k, (p, ex) in enumerate(runs):
+        I.derive_int8(src, spec, calib, tmp_path / f"cached{k}.onnx", p, exclude=ex)
+    assert len(walks) == 1, walks
+    for k, (p, ex) in enumerate(runs):  # each against a derivation that measures afresh
+        I.derive_int8(src, spec, CalibrationData(int8_onnx / "calib"), tmp_path / f"fresh{k}.onnx", p, exclude=ex)
+        assert (tmp_path / f"fresh{k}.onnx").read_bytes() == (tmp_path / f"cached{k}.onnx").read_bytes(), runs[k]
+    assert len(walks) == 1 + len(runs)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the FP32 graph rewritten
+    I.derive_int8(src, spec, calib, tmp_path / "again.onnx", "int8-cpu")
+    assert len(walks) == 2 + len(runs)
