@@ -8,20 +8,23 @@ the quality gate's int8-cpu graphs, their recorded calibration set), one process
    (B = 2 for CFG, 577 new tokens, the prompt prefix in the K/V cache); FP32 and int8-cpu calls
    alternate, `--repeat` rounds, min per call; ratios are FP32 time / int8-cpu time of this run;
 2. ONNX Runtime's profiler (SessionOptions.enable_profiling) on a second pair of backends, `--profile`
-   runs after one warm-up: per op type and per node kernel time, each node put in one class:
-   int8 weight product (MatMulIntegerToFloat, QGemm, ...), (de)quantize, float weight product, float
-   attention product (activation x activation MatMul: Q@K^T, P@V), float Conv, other float (norms,
-   softmax pieces, masks, RoPE, GELU, layout).
+   runs after one warm-up, FP32 and int8-cpu alternating: per op type and per node kernel time, each
+   node put in one class: int8 weight product (MatMulIntegerToFloat, QGemm, ...), (de)quantize, float
+   weight product, float attention product (activation x activation MatMul: Q@K^T, P@V), float Conv,
+   other float (norms, softmax pieces, masks, RoPE, GELU, layout);
 3. `--knobs` (first init only): the int8-cpu recipe's knobs the profile points at, each a variant of the
    llm re-derived from the same FP32 graph and calibration set (export/int8.py: derive_int8, the lean
    plan's 8 samples, the recipe patched for the one knob): attention's score products Q@K^T quantized
-   (`qk`), all attention products quantized (`allbmm`), only those of the present block (this call's own
-   keys: `present_qk`, `present_bmm`; the K/V cache's block stays float), per-tensor weights (`pertensor`), int8 (s8s8)
-   activations (`s8s8`); each timed as the llm_gen call (last_hidden_state only) on a plain session with
-   the runtime's session options, alternating with FP32 and the recipe's int8-cpu, min of `--repeat`.
-The profiler's kernel sums run a few percent above the untimed calls (its own bookkeeping); the shares,
-not the sums, are the result. Writes one JSON (default docs/results/int8_euler_profile.json) and prints
-per graph and for the step: ms per class, FP32 vs int8-cpu, and the float time int8-cpu keeps.
+   (`qk`), all attention products quantized (`allbmm`), only those of the present block (this call's
+   own keys: `present_qk`, `present_bmm`, `present_bmm_s8` with their B operand int8 symmetric for the
+   u8s8 kernel; the K/V cache's block stays float), per-tensor weights
+   (`pertensor`), int8 (s8s8) activations (`s8s8`); each timed as the llm_gen call (last_hidden_state
+   only) on a plain session with the runtime's session options, alternating with FP32 and the recipe's
+   int8-cpu, min of `--repeat`.
+Each node's profiled time is its minimum over the profiled runs (robust to other jobs on the machine),
+so a graph's kernel sum can read below its timed call; the shares and classes are the result. Writes
+one JSON (default docs/results/int8_euler_profile.json) and prints per graph and for the step: ms per
+class, FP32 vs int8-cpu, and the float time int8-cpu keeps. ~3-4 min alone on 2 cores.
 
   PYTHONPATH=. python tools/experiments/int8_euler_profile.py [--work /tmp/int8_speed] [--inits default,peaked]
 """
@@ -82,30 +85,45 @@ def node_class(op: str, node: str, attention: set[str]) -> str:
     return "float conv" if op == "Conv" else "other float"
 
 
-def profile(backend: OrtBackend, graph: str, feeds: dict[str, torch.Tensor], runs: int, attention: set[str]) -> dict:
-    """ONNX Runtime's profiler over `runs` calls after one warm-up -> ms per run by class, op type, node."""
-    backend.run(graph, feeds)  # session created with profiling on; the warm-up's events are dropped below
-    sess = backend.sessions[backend.view_parent.get(graph, graph)]
+def profiled(backends: dict[str, OrtBackend], graph: str, feeds: dict[str, torch.Tensor], runs: int,
+             attention: set[str]) -> dict[str, dict]:
+    """ONNX Runtime's profiler on each backend's session of `graph` (created with profiling on), `runs`
+    calls after one warm-up, the backends alternating call by call -> per backend: ms by class, op type and
+    node, each node's time its minimum over the runs (what a quiet run reads; a run slowed by another job
+    on the machine does not count)."""
+    for b in backends.values():
+        b.run(graph, feeds)
     for _ in range(runs):
-        backend.run(graph, feeds)
-    path = sess.end_profiling()
-    events = json.loads(Path(path).read_text())
-    os.remove(path)
-    # events carry µs offsets from the session's start; keep those of the timed runs (the last `runs`)
-    runs_ev = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    first = runs_ev[-runs]["ts"]
+        for b in backends.values():
+            b.run(graph, feeds)
+    out = {}
+    for p, b in backends.items():
+        path = b.sessions[b.view_parent.get(graph, graph)].end_profiling()
+        out[p] = summarise(json.loads(Path(path).read_text()), runs, attention)
+        os.remove(path)
+    return out
+
+
+def summarise(events: list[dict], runs: int, attention: set[str]) -> dict:
+    """The profiler's events -> per op class / op type / node ms, over the last `runs` model runs."""
+    timed = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                   key=lambda e: e["ts"])[-runs:]
+    per_node: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            k = next((i for i, r in enumerate(timed) if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]), None)
+            if k is not None:  # a timed run's node (not the warm-up's)
+                key = (e["args"]["op_name"], e["name"][: -len("_kernel_time")])
+                per_node.setdefault(key, [0.0] * runs)[k] += e["dur"] / 1e3
     by_op: Counter = Counter()
     by_class: Counter = Counter()
     by_node: Counter = Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
-            op, node = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
-            ms = e["dur"] / 1e3 / runs
-            by_op[op] += ms
-            by_class[node_class(op, node, attention)] += ms
-            by_node[f"{node} ({op})"] += ms
+    for (op, node), ms in per_node.items():
+        by_op[op] += min(ms)
+        by_class[node_class(op, node, attention)] += min(ms)
+        by_node[f"{node} ({op})"] += min(ms)
     total = sum(by_op.values())
-    return {"kernel_ms": round(total, 3), "model_run_ms": round(sum(e["dur"] for e in runs_ev[-runs:]) / 1e3 / runs, 3),
+    return {"kernel_ms": round(total, 3), "model_run_ms_min": round(min(r["dur"] for r in timed) / 1e3, 3),
             "by_class_ms": {c: round(by_class[c], 3) for c in CLASSES},
             "by_op_ms": {k: round(v, 3) for k, v in by_op.most_common()},
             "share_by_op": {k: round(v / total, 4) for k, v in by_op.most_common()},
@@ -138,12 +156,15 @@ def past_products(model: onnx.ModelProto) -> set[str]:
     return {n.name for n in model.graph.node if n.name in set(activation_matmuls(model)) and cached(n.input[1])}
 
 
-KNOBS = ("qk", "allbmm", "present_qk", "present_bmm", "pertensor", "s8s8")
+KNOBS = ("qk", "allbmm", "present_qk", "present_bmm", "present_bmm_s8", "pertensor", "s8s8")
 
 
 def derive_knob(art: Path, cfg, calib: CalibrationData, knob: str, out: Path) -> dict:
     """The llm's int8-cpu re-derived with one knob changed (the recipe's functions patched for the call)."""
     plan, options = recipe.cpu_plan, recipe.flavour_options
+    fp32 = onnx.load(str(art / "llm.onnx"), load_external_data=False)
+    present = set(activation_matmuls(fp32)) - past_products(fp32)
+    signed_b = sorted({n.input[1] for n in fp32.graph.node if n.name in present})  # present K^T and V
 
     def cpu_plan(model):
         keep = plan(model)
@@ -152,7 +173,7 @@ def derive_knob(art: Path, cfg, calib: CalibrationData, knob: str, out: Path) ->
             keep = {k: v for k, v in keep.items() if k not in score}
         elif knob == "allbmm":
             keep = {k: v for k, v in keep.items() if k not in set(activation_matmuls(model))}
-        elif knob.startswith("present_"):
+        elif knob.startswith("present_bmm") or knob == "present_qk":
             quantized = set(activation_matmuls(model)) - past_products(model)
             if knob == "present_qk":
                 quantized -= value_products(model)
@@ -166,6 +187,9 @@ def derive_knob(art: Path, cfg, calib: CalibrationData, knob: str, out: Path) ->
         elif knob == "s8s8":
             o["activation_type"] = QuantType.QInt8
             o["extra_options"] = {**o["extra_options"], "ActivationSymmetric": True}
+        elif knob == "present_bmm_s8":  # their B operand int8 symmetric: ORT's u8s8 kernel, not u8u8
+            o["extra_options"] = {**o["extra_options"], "TensorQuantOverrides": {
+                t: [{"quant_type": QuantType.QInt8, "symmetric": True}] for t in signed_b}}
         return o
 
     with mock.patch.object(recipe, "cpu_plan", cpu_plan), mock.patch.object(recipe, "flavour_options", flavour_options):
@@ -211,7 +235,7 @@ def main() -> None:
     ap.add_argument("--size", default="golden")
     ap.add_argument("--inits", default="default,peaked")
     ap.add_argument("--repeat", type=int, default=8, help="timed rounds, FP32 and int8-cpu alternating")
-    ap.add_argument("--profile", type=int, default=3, help="profiled runs per graph and precision")
+    ap.add_argument("--profile", type=int, default=5, help="profiled runs per graph and precision")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--knobs", default=",".join(KNOBS), help="int8-cpu recipe knobs tried on the first init's "
                     "llm ('' for none): " + ", ".join(KNOBS))
@@ -223,6 +247,7 @@ def main() -> None:
                     "command": "PYTHONPATH=. python tools/experiments/int8_euler_profile.py " + " ".join(
                         f"--{k} {v}" for k, v in vars(a).items()),
                     "machine": machine_info(a.threads), "repeat": a.repeat, "profiled_runs": a.profile, "inits": {}}
+    result["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]  # other jobs on the machine
     measure_floors(result)
     for init in a.inits.split(","):
         art = Path(a.work) / f"{a.size}-{init}" / "gate"
@@ -250,18 +275,18 @@ def main() -> None:
                                          for p, d in ms.items()}}
         info["speedup_vs_fp32"] = {**{g: round(mins["fp32"][g] / mins[P][g], 3) for g in STEP},
                                    "step": round(sum(mins["fp32"].values()) / sum(mins[P].values()), 3)}
-        prof: dict = {}
+        prof: dict = {p: {} for p in ("fp32", P)}
         with tempfile.TemporaryDirectory() as tmp:
-            for p in ("fp32", P):
-                b = OrtBackend(art, cfg, a.threads, precision=p)
-                b.options.enable_profiling = True
-                b.options.profile_file_prefix = f"{tmp}/{p}"
-                prof[p] = {}
-                for g in STEP:
-                    fp32_file = art / b.manifest["graphs"][b.view_parent.get(g, g)]["file"]
-                    attention = set(activation_matmuls(onnx.load(str(fp32_file), load_external_data=False)))
-                    prof[p][g] = profile(b, g, feeds[g], a.profile, attention)
-                del b
+            backends = {p: OrtBackend(art, cfg, a.threads, precision=p) for p in prof}
+            for g in STEP:
+                for p, b in backends.items():
+                    b.options.enable_profiling = True  # read when the graph's session is created
+                    b.options.profile_file_prefix = f"{tmp}/{p}-{g}"
+                fp32_file = art / backends["fp32"].graph_file(g).name
+                attention = set(activation_matmuls(onnx.load(str(fp32_file), load_external_data=False)))
+                for p, r in profiled(backends, g, feeds[g], a.profile, attention).items():
+                    prof[p][g] = r
+            del backends
         step = {p: {c: round(sum(prof[p][g]["by_class_ms"][c] for g in STEP), 3) for c in CLASSES} for p in prof}
         info["profile"] = prof
         info["step_by_class_ms"] = step
@@ -281,6 +306,7 @@ def main() -> None:
             result["knobs"] = {"init": init, "graph": "llm (llm_gen call)",
                                "variants": knobs(art, cfg, calib, feeds["llm_gen"], a.knobs.split(","), a.repeat,
                                                  a.threads)}
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     write_all([(Path(a.out), lambda t: Path(t).write_text(json.dumps(result, indent=2)))])
     print(f"wrote {a.out}; floors {'NOISY' if result['floors']['noisy'] else 'steady'}")
     for init, info in result["inits"].items():
