@@ -36,7 +36,7 @@ import json
 import os
 import tempfile
 import time
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 from unittest import mock
 
@@ -115,9 +115,9 @@ def summarise(events: list[dict], runs: int, attention: set[str]) -> dict:
             if k is not None:  # a timed run's node (not the warm-up's)
                 key = (e["args"]["op_name"], e["name"][: -len("_kernel_time")])
                 per_node.setdefault(key, [0.0] * runs)[k] += e["dur"] / 1e3
-    by_op: Counter = Counter()
-    by_class: Counter = Counter()
-    by_node: Counter = Counter()
+    by_op: defaultdict[str, float] = defaultdict(float)
+    by_class: defaultdict[str, float] = defaultdict(float)
+    by_node: defaultdict[str, float] = defaultdict(float)
     for (op, node), ms in per_node.items():
         by_op[op] += min(ms)
         by_class[node_class(op, node, attention)] += min(ms)
@@ -125,9 +125,13 @@ def summarise(events: list[dict], runs: int, attention: set[str]) -> dict:
     total = sum(by_op.values())
     return {"kernel_ms": round(total, 3), "model_run_ms_min": round(min(r["dur"] for r in timed) / 1e3, 3),
             "by_class_ms": {c: round(by_class[c], 3) for c in CLASSES},
-            "by_op_ms": {k: round(v, 3) for k, v in by_op.most_common()},
-            "share_by_op": {k: round(v / total, 4) for k, v in by_op.most_common()},
-            "top_nodes_ms": {k: round(v, 3) for k, v in by_node.most_common(12)}}
+            "by_op_ms": {k: round(v, 3) for k, v in largest(by_op)},
+            "share_by_op": {k: round(v / total, 4) for k, v in largest(by_op)},
+            "top_nodes_ms": {k: round(v, 3) for k, v in largest(by_node)[:12]}}
+
+
+def largest(d: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(d.items(), key=lambda kv: -kv[1])
 
 
 def value_products(model: onnx.ModelProto) -> set[str]:
