@@ -117,7 +117,7 @@ def chunks(names: list[str], size: dict[str, int], budget: int) -> list[list[str
 CHUNK_BYTES = 2 << 30  # exposed activations per run; the full-size LLM's FP32 weights (~6 GB) come on top
 
 
-def _lean_options(threads: int = 0) -> ort.SessionOptions:
+def lean_options(threads: int = 0) -> ort.SessionOptions:
     """Unoptimised (every tensor is the unfused graph's value), no memory arena, no weight prepacking."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -146,7 +146,7 @@ def walk_exposed(path: str | Path, samples: Callable[[], Iterable[dict[str, np.n
     if parts is None:
         parts = plan_chunks(model, samples, [n for n in names if n not in inputs], chunk_bytes)
     fed = [n for n in names if n in inputs]
-    so = _lean_options(threads)
+    so = lean_options(threads)
     if fed:
         for k, feeds in enumerate(samples()):
             yield k, {n: feeds[n] for n in fed}
@@ -237,7 +237,7 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
     try:
         onnx.save_model(stats, str(side))
         del stats
-        so = _lean_options(threads)
+        so = lean_options(threads)
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the node list's order (stats_model)
         sess = ort.InferenceSession(str(side), so, providers=["CPUExecutionProvider"])
         for feeds in samples():

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from janusflow_trt.calibration.int8_calib import RecordedReader
-from janusflow_trt.calibration.ranges import walk_exposed
+from janusflow_trt.calibration.ranges import lean_options, walk_exposed
 
 from .int8 import QUANT_OPS, derive_int8, named_streamed
 from .onnx_graph import name_nodes
@@ -223,8 +223,10 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
     names = outputs or spec.output_names
     feeds = list(calib.samples(spec.name, samples))
     weightless = bool(external_files(onnx.load(str(fp32_path), load_external_data=False)))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # the reference and every probe unoptimised, without prepacking or an arena (calibration/ranges.py):
+    # a default session prepacks a second copy of the weights, and at full size the gate's search peaked
+    # at 16.7 GB while the LLM's reference and probe sessions ran; a handful of probes need no fast kernels
+    so = lean_options()
     with tempfile.TemporaryDirectory(prefix="janusflow-rank-") as tmp:
         probe, float32 = Path(tmp) / "probe.onnx", Path(tmp) / "float32.onnx"
         r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit, big=weightless)
@@ -247,7 +249,7 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
                 onnx.save_model(weights32, str(float32))
             ratios = outlier_ratios(float32, feeds)
             quantized = sorted(quantized, key=lambda n: (-ratios.get(n, 0.0), n))[:probes]
-        s32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+        s32 = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
         ref = [s32.run(names, f) for f in feeds]  # after the calibration: never held beside its walk
         del s32
         rows = []
