@@ -1,6 +1,6 @@
 """Calibration recording: the runtime's own chat and text-to-image loops (runtime/chat.py,
 runtime/euler_step.py) on an FP32 backend, with a Recorder wrapped around the seam; which calls are kept
-is the Plan's choice (calibration/record.py). The backend (RECORDERS): `ort` over the FP32 export the
+is the Plan's choice (calibration/record.py). The backend (recorder_backend): `ort` over the FP32 export the
 variants are derived from, when it holds every graph the recording runs (the graphs the variants'
 ranges are measured on, and at full size the faster CPU path: 7.8 s per Euler-step LLM call vs ~17 s
 eager); else `torch-fast` on the checkpoint (an export of some graphs only). It runs pipelines, so it
@@ -39,13 +39,11 @@ from janusflow_trt.validation import text
 
 EULER_GRAPHS = frozenset({"gen_enc", "llm", "gen_dec"})  # what one Euler step calls (llm_gen records as llm)
 RUNS = frozenset({"siglip", "embed", "llm", "gen_enc", "gen_dec"})  # the graphs a recording runs (+ vae_dec)
-RECORDERS = ("ort", "torch-fast")
 
 
 def recorder_backend(graphs: list[str] | None) -> str:
-    """`ort` when the FP32 export holds every graph the recording runs (vae_dec too where the export has a
-    VAE: the recording then runs it), else `torch-fast` on the checkpoint. graphs: the export's; None: no
-    export given."""
+    """`ort` when the FP32 export holds every graph the recording runs (its VAE decode runs where the export
+    has vae_dec), else `torch-fast` on the checkpoint. graphs: the export's; None: no export given."""
     return "ort" if graphs is not None and RUNS <= set(graphs) else "torch-fast"
 
 
