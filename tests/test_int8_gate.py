@@ -222,6 +222,20 @@ def test_export_gate_both_inits(init, tmp_path):
 
 
 # -- the exclusion search's probes on a graph with external weights --------------------------------------
+def _llm_inline_and_external(int8_onnx, tiny_dir, tmp_path):
+    """(the llm spec, the export's calibration set, its inline FP32 llm file, the same graph saved with its
+    weights in llm.onnx.data, as the full-size LLM past 2 GB is)."""
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    src = int8_onnx / _manifest(int8_onnx)["graphs"]["llm"]["file"]
+    ext = tmp_path / "llm.onnx"
+    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="llm.onnx.data")
+    return spec, CalibrationData(int8_onnx / "calib"), src, ext
+
+
 def test_rank_nodes_external_weights(int8_onnx, tiny_dir, tmp_path, monkeypatch):
     """rank_nodes on the tiny LLM forced to external data (its weights in llm.onnx.data, as the full-size
     LLM past 2 GB) ranks the same nodes with the same cosines as on the inline file, and no probe session is
@@ -230,15 +244,7 @@ def test_rank_nodes_external_weights(int8_onnx, tiny_dir, tmp_path, monkeypatch)
     import onnxruntime as ort
 
     from janusflow_trt.export import int8_sensitivity as S
-    from janusflow_trt.export.specs import build_specs
-    from janusflow_trt.janusflow_ref.config import load_config
-
-    spec = build_specs(load_config(tiny_dir))["llm"]
-    calib = CalibrationData(int8_onnx / "calib")
-    src = int8_onnx / _manifest(int8_onnx)["graphs"]["llm"]["file"]
-    ext = tmp_path / "llm.onnx"
-    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="llm.onnx.data")
+    spec, calib, src, ext = _llm_inline_and_external(int8_onnx, tiny_dir, tmp_path)
     weight_bytes = (tmp_path / "llm.onnx.data").stat().st_size
     opened: list[int] = []
     real = ort.InferenceSession
@@ -263,15 +269,7 @@ def test_rank_nodes_probes_the_largest_outlier_ratios(int8_onnx, tiny_dir, tmp_p
     activation input has the largest outlier ratio in the float graph the probes start from, with the same
     cosines as probing every node; inline and external-weights graphs choose the same nodes."""
     from janusflow_trt.export import int8_sensitivity as S
-    from janusflow_trt.export.specs import build_specs
-    from janusflow_trt.janusflow_ref.config import load_config
-
-    spec = build_specs(load_config(tiny_dir))["llm"]
-    calib = CalibrationData(int8_onnx / "calib")
-    src = int8_onnx / _manifest(int8_onnx)["graphs"]["llm"]["file"]
-    ext = tmp_path / "llm.onnx"
-    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="llm.onnx.data")
+    spec, calib, src, ext = _llm_inline_and_external(int8_onnx, tiny_dir, tmp_path)
     args = (spec, calib, "int8-cpu", None, 8, 2)
     every = {r["node"]: r for r in S.rank_nodes(src, *args, outputs=["logits"])}
     seen: list[dict[str, float]] = []
