@@ -21,7 +21,7 @@ from janusflow_trt.calibration.int8_calib import RecordedReader
 from janusflow_trt.calibration.ranges import lean_options, walk_exposed
 
 from .int8 import QUANT_OPS, derive_int8, named_streamed
-from .onnx_graph import name_nodes
+from .onnx_graph import drop_dead, name_nodes
 from .onnx_io import external_files
 from .quality_metrics import cosine
 from .smoothquant import load_smoothed
@@ -80,7 +80,10 @@ def sensitivity(fp32_path: Path, spec, calib, precision: str = "int8", method: s
 def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
     """The calibrated Q/DQ graph (FP32 float parts) with only the nodes in `keep` quantized: every other
     MatMul/Gemm/Conv reads its FP32 inputs again (activations are still in the graph, weights come back
-    from the FP32 graph). One calibration for every probe, and the kept nodes keep the product's scales."""
+    from the FP32 graph). One calibration for every probe, and the kept nodes keep the product's scales.
+    The Q/DQ nodes and INT8 weights left unread are dropped (onnx_graph.drop_dead): an unoptimised probe
+    session would load every INT8 weight beside the FP32 ones and dequantize them all on each run (at full
+    size the LLM's probe sessions peaked 12-13 GB over the process, its reference session 7)."""
     m = copy.deepcopy(qdq)
     inputs32 = {n.name: list(n.input) for n in fp32.graph.node if n.op_type in QUANT_OPS}
     inits32 = {t.name: t for t in fp32.graph.initializer}
@@ -94,6 +97,7 @@ def only_quantized(qdq: onnx.ModelProto, fp32: onnx.ModelProto, keep: set[str]) 
                 if i in inits32 and i not in have:
                     m.graph.initializer.append(inits32[i])
                     have.add(i)
+    drop_dead(m)
     return m
 
 

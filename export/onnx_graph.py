@@ -44,6 +44,41 @@ def restore_initializers(model: onnx.ModelProto, hidden: dict[str, onnx.TensorPr
     model.graph.initializer.extend(t for n, t in hidden.items() if n in read)
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads: its inputs and, inside any subgraph (If / Loop / Scan), every name read there
+    (a subgraph reads the outer scope implicitly)."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                  list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            for n in g.node:
+                names |= _reads(n)
+    return names
+
+
+def drop_dead(model: onnx.ModelProto) -> int:
+    """Remove the nodes whose outputs nothing reads (no later node, no graph output), then the initializers
+    no remaining node reads: an unoptimised ONNX Runtime session would still load the one and run the other.
+    The node list is topologically sorted (ONNX requires it), so one backward pass finds every dead chain.
+    -> the number of nodes removed."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    for n in reversed(g.node):
+        if any(o and o in needed for o in n.output):
+            keep.append(n)
+            needed |= _reads(n)
+    removed = len(g.node) - len(keep)
+    if removed:
+        del g.node[:]
+        g.node.extend(reversed(keep))
+    inits = [t for t in g.initializer if t.name in needed]
+    if len(inits) < len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(inits)
+    return removed
+
+
 def name_nodes(model: onnx.ModelProto) -> None:
     """Give unnamed nodes a stable name: the FP16 converter blocks nodes by name, and the INT8 recipes and
     sensitivity tables refer to them."""

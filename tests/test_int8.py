@@ -428,11 +428,12 @@ def test_int8_not_exported_refused(tiny_onnx, tiny_dir, test_image):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_sensitivity_probes(int8_onnx, tiny_dir):
+def test_sensitivity_probes(int8_onnx, tiny_dir, monkeypatch):
     """chat_sensitivity's probe graphs: none quantized runs as FP32, all quantized as the product, one node
     quantized differs from both (the same calibrated scales, one calibration)."""
     import onnxruntime as ort
 
+    from janusflow_trt.export import int8_sensitivity as S
     from janusflow_trt.export.fp16 import name_nodes
     from janusflow_trt.export.int8_sensitivity import float_weights, only_quantized
     from janusflow_trt.export.specs import build_specs
@@ -459,8 +460,32 @@ def test_sensitivity_probes(int8_onnx, tiny_dir):
     assert not np.allclose(logits(only_quantized(q, f32, set())), ref, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(logits(only_quantized(q, w32, set())), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(logits(only_quantized(q, w32, quantized)), prod)
-    one = logits(only_quantized(q, w32, {sorted(quantized)[0]}))
+    node = sorted(quantized)[0]
+    probe = only_quantized(q, w32, {node})
+    one = logits(probe)
     assert not np.allclose(one, ref, rtol=0, atol=1e-7) and not np.allclose(one, prod, rtol=0, atol=1e-7)
+    # the probe holds no Q/DQ node and no INT8 weight but the probed node's own (an unoptimised session
+    # would load and dequantize every INT8 weight), and computes what the graph with them does
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    tensors = {o: n for n in probe.graph.node for o in n.output}
+    feeding = set()
+    todo = [i for n in probe.graph.node if n.name == node for i in n.input]
+    while todo:
+        x = todo.pop()
+        if x in tensors and tensors[x].op_type in ("QuantizeLinear", "DequantizeLinear") and x not in feeding:
+            feeding.add(x)
+            todo += tensors[x].input
+    qdq = [n for n in probe.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(n.output[0] in feeding for n in qdq), [n.name for n in qdq if n.output[0] not in feeding]
+    def weights8(m):  # INT8 initializers dequantized (not zero points)
+        dq_in = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+        return [t.name for t in m.graph.initializer if t.data_type in int8 and t.name in dq_in]
+
+    assert len(weights8(probe)) == 1 < len(weights8(q)), weights8(probe)
+    monkeypatch.setattr(S, "drop_dead", lambda m: 0)
+    unpruned = only_quantized(q, w32, {node})
+    assert len(unpruned.graph.node) > len(probe.graph.node)
+    np.testing.assert_array_equal(logits(unpruned), one)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int8-cpu"])
