@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Collection
 from functools import lru_cache
 
 import numpy as np
@@ -105,27 +106,32 @@ HISTOGRAM = {  # ORT create_calibrator's defaults per method (onnxruntime/quanti
 }
 
 
-def calibrated_tensors(model) -> list[str]:
+def calibrated_tensors(model, skip: Collection[str] = ()) -> list[str]:
     """ORT's selection (CalibraterBase.select_tensors_to_calibrate with op_types_to_calibrate = the quantized
     op types): every float input or output of a MatMul / Gemm / Conv that is not an initializer, in graph
-    order. `model`: the graph proto (weights not needed), typed by shape inference here."""
+    order. `model`: the graph proto (weights not needed), typed by shape inference here.
+    skip: nodes the quantizer is told to keep float (a flavour's fixed plan: int8-cpu's attention products
+    and Convs); a tensor only they read or write is not calibrated: quantize_static reads no range of it.
+    At full size that is most of the LLM's exposed bytes (the 2x16x577x602 attention scores of every layer)."""
     g = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input]}
     inits = {t.name for t in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    skip = set(skip)
     out: dict[str, None] = {}
     for n in model.graph.node:
-        if n.op_type in QUANT_OPS:
+        if n.op_type in QUANT_OPS and n.name not in skip:
             for t in [*n.input, *n.output]:
                 if t and t not in inits and types.get(t) in floats:
                     out[t] = None
     return list(out)
 
 
-def tensor_ranges(path, samples, method: str, percentile: float, chunk_bytes: int | None = None):
+def tensor_ranges(path, samples, method: str, percentile: float, chunk_bytes: int | None = None,
+                  skip: Collection[str] = ()):
     """-> onnxruntime.quantization TensorsData of the graph at `path` over `samples()` (a callable giving a
-    fresh iterator of feeds), as ORT's calibrator of `method` computes it."""
-    names = calibrated_tensors(onnx.load(str(path), load_external_data=False))
+    fresh iterator of feeds), as ORT's calibrator of `method` computes it; skip: calibrated_tensors'."""
+    names = calibrated_tensors(onnx.load(str(path), load_external_data=False), skip)
     walk = walk_exposed(path, samples, names, chunk_bytes=chunk_bytes or CHUNK_BYTES)
     if method == "minmax":  # MinMaxCalibrater: ReduceMin / ReduceMax per run, then nanmin / nanmax over runs
         lo: dict[str, np.ndarray] = {}

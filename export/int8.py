@@ -34,7 +34,7 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 import janusflow_trt
@@ -42,6 +42,7 @@ from janusflow_trt.calibration.int8_calib import (
     METHODS,
     QUANT_OPS,
     RecordedReader,
+    calibrated_tensors,
     check_sample,
     cpu_has_vnni,
     tensor_ranges,
@@ -166,21 +167,15 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
             named.unlink(missing_ok=True)
             Path(f"{named}.data").unlink(missing_ok=True)
     opts = flavour_options(precision)
-    if precision == "int8-cpu":
-        exclude = {**cpu_plan(onnx.load(str(named), load_external_data=False)), **exclude}
+    plan = cpu_plan(onnx.load(str(named), load_external_data=False)) if precision == "int8-cpu" else {}
+    exclude = {**plan, **exclude}
     cal = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
            "entropy": CalibrationMethod.Entropy}[method]
     cache = out_path.with_name(f".ranges-{out_path.name}.json")
     try:
         reader = RecordedReader(calib, spec, limit)
-        # the FP32 graph's activation ranges (smoothed as above) depend on neither the flavour nor the
-        # exclusions: measured once per graph file and recipe from this set, then reused by the other
-        # flavour and by every re-derivation of the quality gate's search (at full size the LLM's walk is
-        # ~4 min and the export's peak)
         key = (str(Path(fp32_path).resolve()), _stamp(fp32_path, skeleton_files), method, PERCENTILE, limit, alpha)
-        if key not in calib.ranges:
-            calib.ranges[key] = tensor_ranges(named, reader.feeds, method, PERCENTILE)
-        save_tensors_data(calib.ranges[key], cache)
+        save_tensors_data(_activation_ranges(calib, key, named, reader.feeds, method, frozenset(plan)), cache)
         quantize_static(str(named), str(out_path), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=sorted(exclude),
                         calibrate_method=cal, use_external_data_format=big, calibration_cache_path=str(cache),
@@ -223,6 +218,23 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
         "calibration_samples_by_kind": calib.kinds(spec.name, limit),
     }
     return {"data": data, "recipe": recipe}
+
+
+def _activation_ranges(calib, key: tuple, named: Path, feeds, method: str, skip: frozenset[str]) -> TensorsData:
+    """The FP32 graph's activation ranges (smoothed as derive_int8 does) for a derivation whose fixed plan
+    keeps the nodes in `skip` float: they depend on neither the flavour nor the quality gate's exclusions,
+    so they are measured once per graph file and recipe (`key`) from this calibration set and reused by
+    the other flavour and by every re-derivation of the gate's search (at full size the LLM's walk is
+    minutes and the export's peak). A set measured for fewer skipped nodes covers more tensors: reused,
+    cut to the tensors this derivation calibrates (calibrated_tensors), so the quantizer reads the same."""
+    for (k, measured_skip), ranges in calib.ranges.items():
+        if k == key and measured_skip <= skip:
+            if measured_skip == skip:
+                return ranges
+            needed = calibrated_tensors(onnx.load(str(named), load_external_data=False), skip)
+            return TensorsData(ranges.calibration_method, {n: ranges.data[n] for n in needed})
+    calib.ranges[(key, skip)] = ranges = tensor_ranges(named, feeds, method, PERCENTILE, skip=skip)
+    return ranges
 
 
 def _stamp(fp32_path: Path, data_files) -> tuple[tuple[str, int, int], ...]:

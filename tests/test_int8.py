@@ -806,21 +806,30 @@ def test_smoothing_groups_hand_graphs():
 
 def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_dir, tmp_path, monkeypatch):
     """derive_int8 measures a graph's activation ranges once per calibration set, graph file and recipe:
-    the other flavour and a re-derivation with exclusions (the quality gate's search) reuse them, and give
-    the same graph bytes as a derivation that measures afresh; a rewritten FP32 graph is measured again."""
+    int8-cpu (whose plan keeps the attention products float: their tensors are not walked) and a
+    re-derivation with exclusions (the quality gate's search) reuse int8's, and give the same graph bytes
+    as a derivation that measures afresh and as one handed every tensor's range; a rewritten FP32 graph
+    is measured again."""
     from janusflow_trt.export import int8 as I
     from janusflow_trt.export.specs import build_specs
     from janusflow_trt.janusflow_ref.config import load_config
 
-    spec = build_specs(load_config(tiny_dir))["gen_dec"]
-    src = tmp_path / "gen_dec.onnx"
-    shutil.copyfile(int8_onnx / "gen_dec.onnx", src)
-    walks: list[str] = []
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    src = tmp_path / "llm.onnx"
+    shutil.copyfile(int8_onnx / "llm.onnx", src)
+    walks: list[tuple[str, int]] = []
     real = I.tensor_ranges
-    monkeypatch.setattr(I, "tensor_ranges", lambda path, *a, **k: walks.append(str(path)) or real(path, *a, **k))
+
+    def spy(path, *a, **k):
+        r = real(path, *a, **k)
+        walks.append((str(path), len(r.data)))
+        return r
+
+    monkeypatch.setattr(I, "tensor_ranges", spy)
     calib = CalibrationData(int8_onnx / "calib")
-    some = next(n.name for n in onnx.load(str(int8_onnx / "gen_dec.int8-cpu.onnx")).graph.node if n.op_type == "MatMul")
-    runs = [("int8-cpu", None), ("int8", None), ("int8-cpu", {some: "kept float"})]
+    some = next(n.name for n in onnx.load(str(int8_onnx / "llm.int8-cpu.onnx")).graph.node
+                if n.op_type == "MatMul" and "DequantizeLinear" in str(n.input))
+    runs = [("int8", None), ("int8-cpu", None), ("int8-cpu", {some: "kept float"})]
     for k, (p, ex) in enumerate(runs):
         I.derive_int8(src, spec, calib, tmp_path / f"cached{k}.onnx", p, exclude=ex)
     assert len(walks) == 1, walks
@@ -828,6 +837,15 @@ def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_di
         I.derive_int8(src, spec, CalibrationData(int8_onnx / "calib"), tmp_path / f"fresh{k}.onnx", p, exclude=ex)
         assert (tmp_path / f"fresh{k}.onnx").read_bytes() == (tmp_path / f"cached{k}.onnx").read_bytes(), runs[k]
     assert len(walks) == 1 + len(runs)
+    every, cpu = walks[0][1], walks[2][1]
+    assert cpu < every * 0.8, walks  # int8-cpu walks fewer tensors: the attention products' are skipped
+    # int8-cpu handed every tensor's range (ORT's own selection) quantizes to the same bytes
+    monkeypatch.setattr(I, "_activation_ranges",
+                        lambda calib, key, named, feeds, method, skip: real(named, feeds, method, I.PERCENTILE))
+    I.derive_int8(src, spec, calib, tmp_path / "all.onnx", "int8-cpu")
+    assert (tmp_path / "all.onnx").read_bytes() == (tmp_path / "cached1.onnx").read_bytes()
+    monkeypatch.undo()
+    monkeypatch.setattr(I, "tensor_ranges", spy)
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the FP32 graph rewritten
     I.derive_int8(src, spec, calib, tmp_path / "again.onnx", "int8-cpu")
