@@ -142,11 +142,12 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     skeleton_files = external_files(skeleton)
     weightless = streamed and bool(skeleton_files)
     if weightless:
-        smoothing = named_streamed(fp32_path, skeleton, named, RecordedReader(calib, spec, limit).feeds, alpha)
+        amax = smoothing_maxima(fp32_path, spec, calib, limit) if alpha is not None else None
+        smoothing = named_streamed(fp32_path, skeleton, named, amax, alpha)
         nodes = quantizable_nodes(skeleton)
     else:
         if alpha is not None:
-            model, smoothing = load_smoothed(fp32_path, RecordedReader(calib, spec, limit).feeds, alpha)
+            model, smoothing = load_smoothed(fp32_path, smoothing_maxima(fp32_path, spec, calib, limit), alpha)
         else:
             model = onnx.load(str(fp32_path))
         name_nodes(model)  # stable names: the recipe's exclusions and the sensitivity table refer to them
@@ -227,14 +228,27 @@ def _activation_ranges(calib, key: tuple, named: Path, feeds, method: str, skip:
     the other flavour and by every re-derivation of the gate's search (at full size the LLM's walk is
     minutes and the export's peak). A set measured for fewer skipped nodes covers more tensors: reused,
     cut to the tensors this derivation calibrates (calibrated_tensors), so the quantizer reads the same."""
-    for (k, measured_skip), ranges in calib.ranges.items():
-        if k == key and measured_skip <= skip:
+    for (kind, k, measured_skip), ranges in calib.ranges.items():
+        if kind == "ranges" and k == key and measured_skip <= skip:
             if measured_skip == skip:
                 return ranges
             needed = calibrated_tensors(onnx.load(str(named), load_external_data=False), skip)
             return TensorsData(ranges.calibration_method, {n: ranges.data[n] for n in needed})
-    calib.ranges[(key, skip)] = ranges = tensor_ranges(named, feeds, method, PERCENTILE, skip=skip)
+    calib.ranges[("ranges", key, skip)] = ranges = tensor_ranges(named, feeds, method, PERCENTILE, skip=skip)
     return ranges
+
+
+def smoothing_maxima(fp32_path: Path, spec, calib, limit: int | None) -> dict[str, Any]:
+    """SmoothQuant's input: max |x| per channel of every activation smoothing_groups finds in the FP32 graph,
+    over the graph's calibration samples (limit: at most that many, CalibrationData.select), measured once
+    per graph file and calibration set (calib.ranges) and reused by every derivation and by the gate's
+    probes and float weights (at full size each walk is 8 LLM runs, ~1 min)."""
+    skeleton = onnx.load(str(fp32_path), load_external_data=False)
+    key = ("smoothing", (str(Path(fp32_path).resolve()), _stamp(fp32_path, external_files(skeleton)), limit), None)
+    if key not in calib.ranges:
+        calib.ranges[key] = channel_absmax(fp32_path, RecordedReader(calib, spec, limit).feeds,
+                                           list(smoothing_groups(skeleton)))
+    return calib.ranges[key]
 
 
 def _stamp(fp32_path: Path, data_files) -> tuple[tuple[str, int, int], ...]:
@@ -243,17 +257,17 @@ def _stamp(fp32_path: Path, data_files) -> tuple[tuple[str, int, int], ...]:
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
-def named_streamed(fp32_path: Path, model: onnx.ModelProto, named: Path, feeds, alpha: float | None) -> Any:
+def named_streamed(fp32_path: Path, model: onnx.ModelProto, named: Path, amax: dict[str, Any] | None,
+                   alpha: float | None) -> Any:
     """The quantizer's input written without loading the weights: `model` (fp32_path's weightless proto)
     gets stable node names and, with alpha, SmoothQuant's migration (export/smoothquant.py: the scales from
-    the channel maxima over feeds() and the products' weights, read one at a time); its weights are then
+    the channel maxima `amax` (smoothing_maxima) and the products' weights, read one at a time); its weights are then
     streamed from fp32_path's data file into named's, each scaled by its migration steps in order (the
     same float operations as smooth() on the loaded model: equal bytes). -> the recipe's smoothing record."""
     src = Path(fp32_path).parent
     smoothing: Any = "off"
     steps: list[tuple[str, Any]] = []
     if alpha is not None:
-        amax = channel_absmax(fp32_path, feeds, list(smoothing_groups(model)))
         name_nodes(model)  # the record names the products
         inits = {t.name: t for t in model.graph.initializer}
         steps, products = migrations(model, amax, alpha, lambda name: read_initializer(inits[name], src))

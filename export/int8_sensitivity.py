@@ -17,10 +17,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from janusflow_trt.calibration.int8_calib import RecordedReader
 from janusflow_trt.calibration.ranges import lean_options, walk_exposed
 
-from .int8 import QUANT_OPS, derive_int8, named_streamed
+from .int8 import QUANT_OPS, derive_int8, named_streamed, smoothing_maxima
 from .onnx_graph import drop_dead, name_nodes
 from .onnx_io import external_files
 from .quality_metrics import cosine
@@ -148,7 +147,8 @@ def one_sided(qdq: onnx.ModelProto, weights32: onnx.ModelProto | None = None) ->
 def float_weights(fp32_path: Path, spec, calib, smoothing: dict) -> onnx.ModelProto:
     """The FP32 graph smoothed as a Q/DQ graph's recipe['smoothquant'] says (the same ranges, from the same
     samples): the FP32 weights that go with that graph's smoothed norms."""
-    m, again = load_smoothed(fp32_path, RecordedReader(calib, spec, smoothing["limit"]).feeds, smoothing["alpha"])
+    amax = smoothing_maxima(fp32_path, spec, calib, smoothing["limit"])
+    m, again = load_smoothed(fp32_path, amax, smoothing["alpha"])
     if again["products"] != smoothing["products"]:
         raise ValueError(f"{fp32_path}: smoothed, it gives other products than the Q/DQ graph's record")
     return m
@@ -275,7 +275,7 @@ def _streamed_float_weights(fp32_path: Path, spec, calib, smoothing: dict | str 
     -> its weightless proto (external references to that data file)."""
     skeleton = onnx.load(str(fp32_path), load_external_data=False)
     if isinstance(smoothing, dict):
-        again = named_streamed(fp32_path, skeleton, path, RecordedReader(calib, spec, smoothing["limit"]).feeds,
+        again = named_streamed(fp32_path, skeleton, path, smoothing_maxima(fp32_path, spec, calib, smoothing["limit"]),
                                smoothing["alpha"])
         if again["products"] != smoothing["products"]:
             raise ValueError(f"{fp32_path}: smoothed, it gives other products than the probe's record")

@@ -133,14 +133,12 @@ def smooth(model: onnx.ModelProto, amax: dict[str, np.ndarray], alpha: float) ->
     return done
 
 
-def load_smoothed(fp32_path: str | Path, samples, alpha: float = ALPHA) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The graph file loaded, its nodes named and migrated; -> (model, the recipe's record: alpha and each
-    product's absorber). max |x_j| of every activation smoothing_groups finds is measured over `samples()`
-    on the graph read without its weights, which are loaded only after that walk's session is gone (full
-    size: the two would otherwise be in memory together)."""
-    skeleton = onnx.load(str(fp32_path), load_external_data=False)
-    amax = channel_absmax(fp32_path, samples, list(smoothing_groups(skeleton)))
-    del skeleton
+def load_smoothed(fp32_path: str | Path, amax: dict[str, np.ndarray],
+                  alpha: float = ALPHA) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The graph file loaded, its nodes named and migrated by the channel maxima `amax` (channel_absmax of
+    every activation smoothing_groups finds; export/int8.py: smoothing_maxima measures them on the graph
+    read without its weights, before these are loaded); -> (model, the recipe's record: alpha and each
+    product's absorber)."""
     model = onnx.load(str(fp32_path))
     name_nodes(model)  # the record names the products
     return model, {"alpha": alpha, "products": smooth(model, amax, alpha)}

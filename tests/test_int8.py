@@ -809,7 +809,7 @@ def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_di
     int8-cpu (whose plan keeps the attention products float: their tensors are not walked) and a
     re-derivation with exclusions (the quality gate's search) reuse int8's, and give the same graph bytes
     as a derivation that measures afresh and as one handed every tensor's range; a rewritten FP32 graph
-    is measured again."""
+    is measured again. SmoothQuant's channel maxima likewise."""
     from janusflow_trt.export import int8 as I
     from janusflow_trt.export.specs import build_specs
     from janusflow_trt.janusflow_ref.config import load_config
@@ -826,17 +826,20 @@ def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_di
         return r
 
     monkeypatch.setattr(I, "tensor_ranges", spy)
+    smoothing: list[str] = []  # SmoothQuant's channel-maxima walks (the LLM is smoothed)
+    real_amax = I.channel_absmax
+    monkeypatch.setattr(I, "channel_absmax", lambda path, *a: smoothing.append(str(path)) or real_amax(path, *a))
     calib = CalibrationData(int8_onnx / "calib")
     some = next(n.name for n in onnx.load(str(int8_onnx / "llm.int8-cpu.onnx")).graph.node
                 if n.op_type == "MatMul" and "DequantizeLinear" in str(n.input))
     runs = [("int8", None), ("int8-cpu", None), ("int8-cpu", {some: "kept float"})]
     for k, (p, ex) in enumerate(runs):
         I.derive_int8(src, spec, calib, tmp_path / f"cached{k}.onnx", p, exclude=ex)
-    assert len(walks) == 1, walks
+    assert len(walks) == 1 and len(smoothing) == 1, (walks, smoothing)
     for k, (p, ex) in enumerate(runs):  # each against a derivation that measures afresh
         I.derive_int8(src, spec, CalibrationData(int8_onnx / "calib"), tmp_path / f"fresh{k}.onnx", p, exclude=ex)
         assert (tmp_path / f"fresh{k}.onnx").read_bytes() == (tmp_path / f"cached{k}.onnx").read_bytes(), runs[k]
-    assert len(walks) == 1 + len(runs)
+    assert len(walks) == 1 + len(runs) and len(smoothing) == 1 + len(runs)
     every, cpu = walks[0][1], walks[2][1]
     assert cpu < every * 0.8, walks  # int8-cpu walks fewer tensors: the attention products' are skipped
     # int8-cpu handed every tensor's range (ORT's own selection) quantizes to the same bytes
@@ -848,5 +851,6 @@ def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_di
     monkeypatch.setattr(I, "tensor_ranges", spy)
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the FP32 graph rewritten
+    monkeypatch.setattr(I, "channel_absmax", lambda path, *a: smoothing.append(str(path)) or real_amax(path, *a))
     I.derive_int8(src, spec, calib, tmp_path / "again.onnx", "int8-cpu")
-    assert len(walks) == 2 + len(runs)
+    assert len(walks) == 2 + len(runs) and len(smoothing) == 2 + len(runs)
