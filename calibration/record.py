@@ -140,8 +140,10 @@ class CalibrationData:
         if self.index.get("recorder_version") != RECORDER_VERSION:
             raise CheckpointError(f"calibration data {self.path}: recorder version "
                                   f"{self.index.get('recorder_version')!r}, expected {RECORDER_VERSION}")
-        # statistics measured from this set, kept for the object's life: the INT8 activation ranges per
-        # graph file and recipe (export/int8.py: derive_int8)
+        # statistics measured from this set, kept for the object's life (export/int8.py): the INT8
+        # activation ranges per graph file, recipe and fixed plan (("ranges", key, skipped nodes):
+        # _activation_ranges) and SmoothQuant's channel maxima per graph file (("smoothing", key, None):
+        # smoothing_maxima)
         self.ranges: dict[tuple, Any] = {}
 
     @property
