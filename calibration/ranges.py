@@ -1,9 +1,10 @@
 """Range measurement: every float tensor of an FP32 ONNX graph over the calibration samples.
 
 `measure` (the FP16 ranges) computes each tensor's figures inside the graph: per tensor a few nodes
-(Abs, Size, Equal / Less masks summed, Where + ReduceMax) whose outputs are scalars, so one run per sample
-reads every tensor, and ONNX Runtime frees each activation once its last reader has run (at full size
-the LLM's weights plus one run's live activations, instead of holding gigabytes of exposed tensors).
+(Abs and three reductions of it; masks counted only where a value is non-finite or below FP16's
+smallest subnormal) whose outputs are scalars, so one run per sample reads every tensor, and ONNX
+Runtime frees each activation once its last reader has run (at full size the LLM's weights plus one
+run's live activations, instead of holding gigabytes of exposed tensors).
 The statistics graph is saved next to the original (so external data still resolves, no weight copied)
 and runs unoptimised, so every tensor is the value the unfused graph computes.
 
@@ -193,14 +194,23 @@ def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
     """A copy of `model` (a proto loaded without external data) that also outputs, per float tensor of
     `names`, the STATS as scalars (len(STATS) per name, in order): max |x| over the finite values (0 when
     none; -inf for an empty tensor), the element count, and the counts of |x| == 0, of |x| < FP16_TINY / 2
-    (zeros included) and of |x| < inf (NaN is neither). Counts are int32 (a tensor is < 2**31 elements)."""
+    (zeros included) and of |x| < inf (NaN is neither). Counts are int32 (a tensor is < 2**31 elements).
+
+    Most tensors have every value finite and none below FP16_TINY / 2 (0 included): three reductions of
+    |x| (max, min, sum: a NaN or inf makes the sum non-finite) tell so, and then the counts are known
+    without counting (zeros = below = 0, finite = size; a sum that overflows only sends a tensor down the
+    exact path). Nested Ifs per tensor run the masks only where needed: a finite tensor with small values
+    counts its zeros and those below (compare, cast, sum each); one with a NaN or inf also counts its
+    finite values and takes their maximum (Where + ReduceMax)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    g, mk, T = m.graph, onnx.helper.make_node, onnx.TensorProto
-    g.initializer.extend([onnx.helper.make_tensor(f"rs.{k}", T.FLOAT, [], [v]) for k, v in
+    g, mk, T, h = m.graph, onnx.helper.make_node, onnx.TensorProto, onnx.helper
+    g.initializer.extend([h.make_tensor(f"rs.{k}", T.FLOAT, [], [v]) for k, v in
                           (("zero", 0.0), ("half_tiny", FP16_TINY / 2), ("inf", np.inf))])
+    g.initializer.append(h.make_tensor("rs.none", T.INT32, [], [0]))
     stats: dict[str, list[onnx.NodeProto]] = {}
     outs: list[str] = []
+    types = (T.FLOAT, T.INT64, T.INT32, T.INT32, T.INT32)
 
     def count(op: str, a: str, bound: str, out: str) -> list[onnx.NodeProto]:
         """out = the number of elements where op(a, rs.<bound>) holds."""
@@ -208,16 +218,43 @@ def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
         return [mk(op, [a, f"rs.{bound}"], [mask]), mk("Cast", [mask], [mask + "32"], to=T.INT32),
                 mk("ReduceSum", [mask + "32"], [out], keepdims=0)]
 
+    def branch(name: str, nodes: list[onnx.NodeProto], results: list[str]) -> onnx.GraphProto:
+        return h.make_graph(nodes, name, [], [h.make_tensor_value_info(r, t, []) for r, t in
+                                              zip(results, (T.FLOAT, T.INT32, T.INT32, T.INT32), strict=True)])
+
     for i, n in enumerate(names):
         p = f"rs.{i}."
         o = [f"{p}{k}" for k in STATS]
         a = p + "abs"
-        stats[n] = [mk("Abs", [n], [a]), mk("Size", [n], [o[1]]), *count("Equal", a, "zero", o[2]),
-                    *count("Less", a, "half_tiny", o[3]), *count("Less", a, "inf", o[4]),
-                    mk("Where", [f"{o[4]}.mask", a, "rs.zero"], [p + "fin"]),
-                    mk("ReduceMax", [p + "fin"], [o[0]], keepdims=0)]
-        g.output.extend(onnx.helper.make_tensor_value_info(x, t, []) for x, t in
-                        zip(o, (T.FLOAT, T.INT64, T.INT32, T.INT32, T.INT32), strict=True))
+        size32 = [mk("Cast", [o[1]], [p + "size32"], to=T.INT32)]
+        plain = branch(f"rs_{i}_plain", [mk("Identity", [p + "max"], [p + "p.max"]),
+                                         mk("Identity", ["rs.none"], [p + "p.zeros"]),
+                                         mk("Identity", ["rs.none"], [p + "p.below"]),
+                                         mk("Identity", [p + "size32"], [p + "p.finite"])],
+                       [p + "p.max", p + "p.zeros", p + "p.below", p + "p.finite"])
+        small = branch(f"rs_{i}_small", [mk("Identity", [p + "max"], [p + "s.max"]),
+                                         *count("Equal", a, "zero", p + "s.zeros"),
+                                         *count("Less", a, "half_tiny", p + "s.below"),
+                                         mk("Identity", [p + "size32"], [p + "s.finite"])],
+                       [p + "s.max", p + "s.zeros", p + "s.below", p + "s.finite"])
+        finite = branch(f"rs_{i}_finite", [mk("If", [p + "large?"], [p + "f.max", p + "f.zeros", p + "f.below",
+                                                                     p + "f.finite"],
+                                              then_branch=plain, else_branch=small)],
+                        [p + "f.max", p + "f.zeros", p + "f.below", p + "f.finite"])
+        counted = branch(f"rs_{i}_counted", [*count("Equal", a, "zero", p + "c.zeros"),
+                                             *count("Less", a, "half_tiny", p + "c.below"),
+                                             *count("Less", a, "inf", p + "c.finite"),
+                                             mk("Where", [p + "c.finite.mask", a, "rs.zero"], [p + "fin"]),
+                                             mk("ReduceMax", [p + "fin"], [p + "c.max"], keepdims=0)],
+                         [p + "c.max", p + "c.zeros", p + "c.below", p + "c.finite"])
+        stats[n] = [mk("Abs", [n], [a]), mk("Size", [n], [o[1]]), *size32,
+                    mk("ReduceMax", [a], [p + "max"], keepdims=0), mk("ReduceMin", [a], [p + "min"], keepdims=0),
+                    mk("ReduceSum", [a], [p + "sum"], keepdims=0),
+                    mk("Less", [p + "sum", "rs.inf"], [p + "finite?"]),  # NaN and inf: False
+                    mk("Less", [p + "min", "rs.half_tiny"], [p + "small?"]),
+                    mk("Not", [p + "small?"], [p + "large?"]),
+                    mk("If", [p + "finite?"], [o[0], o[2], o[3], o[4]], then_branch=finite, else_branch=counted)]
+        g.output.extend(h.make_tensor_value_info(x, t, []) for x, t in zip(o, types, strict=True))
         outs += o
     # each tensor's statistics right after its producer in the node list: run in that order (PRIORITY_BASED
     # breaks ties by node index), a tensor is reduced as soon as it exists and freed once its own readers ran
@@ -245,6 +282,11 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
         del stats
         so = lean_options(threads)
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the node list's order (stats_model)
+        # with the arena: the outputs are scalars, so it holds one run's live activations, which it reuses
+        # across the ~1700 tensors and their masks a full-size LLM sample reduces. Without it (and the
+        # export's 1 MB mmap threshold, export/memory.py) each of those buffers was a fresh mapping, and its
+        # page faults cost more than the graph: 36 s a sample there, 12 s here, peak RSS the same (6.9 GB)
+        so.enable_cpu_mem_arena = True
         sess = ort.InferenceSession(str(side), so, providers=["CPUExecutionProvider"])
         for feeds in samples():
             values = sess.run(outs, feeds)
