@@ -21,7 +21,7 @@ from janusflow_trt.calibration.ranges import lean_options, walk_exposed
 
 from .int8 import QUANT_OPS, derive_int8, named_streamed, smoothing_maxima
 from .onnx_graph import drop_dead, name_nodes
-from .onnx_io import external_files
+from .onnx_io import copy_graph, external_files
 from .quality_metrics import cosine
 from .smoothquant import load_smoothed
 
@@ -209,7 +209,8 @@ def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
 def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None, limit: int | None,
                samples: int = 4, exclude: dict[str, str] | None = None,
-               outputs: list[str] | None = None, probes: int | None = None) -> list[dict[str, Any]]:
+               outputs: list[str] | None = None, probes: int | None = None,
+               derived: tuple[Path, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The quality gate's ranking: one calibration of the graph (FP32 float parts; the same recipe, SmoothQuant
     included), then each quantized node alone (only_quantized: the others read FP32 again) on `samples`
     spread calibration samples vs FP32: the worst cosine over every output and sample. -> rows, most
@@ -223,7 +224,11 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
     A graph with external weights (the full-size LLM: 5.4 GB, past protobuf's 2 GB) is probed weightless:
     the probe calibration and the FP32 weights (smoothed as the probe: named_streamed) are written as
     graphs with data files into one temporary folder, and each probe is the proto with external
-    references saved there (graph only) and opened by path: no weight is serialised or held twice."""
+    references saved there (graph only) and opened by path: no weight is serialised or held twice.
+    derived: (graph file, its recipe) of this graph already calibrated with the same recipe, `exclude` and
+    FP32 float parts (the export's int8-cpu variant before the gate keeps a node float): copied in as the
+    probes' calibration instead of deriving it again (at full size the LLM's quantize_static and its
+    smoothed copy: ~1 min)."""
     names = outputs or spec.output_names
     feeds = list(calib.samples(spec.name, samples))
     weightless = bool(external_files(onnx.load(str(fp32_path), load_external_data=False)))
@@ -233,8 +238,13 @@ def rank_nodes(fp32_path: Path, spec, calib, precision: str, method: str | None,
     so = lean_options()
     with tempfile.TemporaryDirectory(prefix="janusflow-rank-") as tmp:
         probe, float32 = Path(tmp) / "probe.onnx", Path(tmp) / "float32.onnx"
-        r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit, big=weightless)
-        smoothing = r["recipe"].get("smoothquant")
+        if derived is None:
+            r = derive_int8(fp32_path, spec, calib, probe, precision, method, exclude=exclude, limit=limit,
+                            big=weightless)
+            smoothing = r["recipe"].get("smoothquant")
+        else:
+            probe = copy_graph(derived[0], Path(tmp))
+            smoothing = derived[1].get("smoothquant")
         q = onnx.load(str(probe), load_external_data=not weightless)
         if weightless:
             weights32 = _streamed_float_weights(fp32_path, spec, calib, smoothing, float32)

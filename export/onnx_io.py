@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,15 @@ def external_files(model: onnx.ModelProto) -> list[str]:
     """The external-data files `model`'s initializers read, sorted."""
     return sorted({kv.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
                    for kv in t.external_data if kv.key == "location"})
+
+
+def copy_graph(graph: Path, dst: Path) -> Path:
+    """The graph file and the external-data files it names, copied into the folder `dst` under the same
+    names (a graph names its data files relative to itself). -> the copy of the graph."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in [graph.name, *external_files(onnx.load(str(graph), load_external_data=False))]:
+        shutil.copyfile(graph.parent / name, dst / name)
+    return dst / graph.name
 
 
 def save_graph(model: onnx.ModelProto, path: Path, data: str | None = None) -> str:

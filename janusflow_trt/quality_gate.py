@@ -40,7 +40,7 @@ from janusflow_trt.export.int8 import NOT_QUANTIZED
 from janusflow_trt.export.int8_sensitivity import rank_nodes
 from janusflow_trt.export.manifest import write_manifest
 from janusflow_trt.export.memory import release_memory
-from janusflow_trt.export.onnx_io import ort_session
+from janusflow_trt.export.onnx_io import copy_graph, ort_session
 from janusflow_trt.export.specs import GraphSpec, precision_variant
 from janusflow_trt.export.variants import derive_int8_entry
 from janusflow_trt.export.views import add_views
@@ -228,16 +228,6 @@ def graph_ms(paths: list[Path], spec: GraphSpec, precision: str,
     return best
 
 
-def _keep_copy(out: Path, entry: dict[str, Any], dst: Path) -> Path:
-    """A variant's graph file (and its data file) copied into dst under the same names (a graph names its
-    data file relatively); -> the copy of the graph. The timing's 'before' once the graph is re-derived."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for r in (entry, entry.get("external_data")):
-        if r and r.get("file"):
-            shutil.copyfile(out / r["file"], dst / Path(r["file"]).name)
-    return dst / Path(entry["file"]).name
-
-
 def _refresh(out: Path, manifest: dict[str, Any], entries: dict[str, Any], specs: dict[str, GraphSpec]) -> None:
     add_views(out, entries, specs)
     write_manifest(out, manifest)
@@ -310,8 +300,12 @@ def _search(out: Path, measure: _Measure, specs, entries, manifest, calib, p: st
     ranked: list[dict[str, Any]] = []
     for g in graphs:  # the LLM's output the miss reads: logits (chat) or the hidden states (an Euler step)
         outs = (["logits"] if chat_only else ["last_hidden_state"] if images_only else None) if g == "llm" else None
+        # int8-cpu's variant, as the export derived it (no node kept float by the gate yet, float parts FP32),
+        # is the calibration the probes start from; int8's has FP16 float parts (or is ModelOpt's)
+        v = entries[g]["precisions"][p]
         ranked += rank_nodes(out / entries[g]["file"], specs[g], calib, p, method, limit, gate.rank_samples,
-                             outputs=outs, probes=gate.probes)
+                             outputs=outs, probes=gate.probes,
+                             derived=(out / v["file"], v["recipe"]) if p == "int8-cpu" else None)
     ranked.sort(key=lambda r: r["cosine_alone"])
     total = {g: sum(r["weight_bytes"] for r in ranked if r["graph"] == g) for g in graphs}
     excluded: dict[str, dict[str, str]] = {g: {} for g in graphs}
@@ -327,7 +321,8 @@ def _search(out: Path, measure: _Measure, specs, entries, manifest, calib, p: st
         excluded[g][r["node"]] = (f"quality gate: the most sensitive left (quantized alone: worst cosine of "
                                   f"{','.join(r['outputs'])} {r['cosine_alone']:.5f} on {gate.rank_samples} "
                                   "calibration samples)")
-        before = _keep_copy(out, entries[g]["precisions"][p], measure.tmp / f"before-{len(tried)}")
+        # the timing's 'before' once the graph is re-derived
+        before = copy_graph(out / entries[g]["precisions"][p]["file"], measure.tmp / f"before-{len(tried)}")
         derive_int8_entry(out, specs, entries, calib, g, p, method, plan, exclude=dict(excluded[g]), progress=progress)
         _refresh(out, manifest, entries, specs)
         t0, t1 = graph_ms([before, out / entries[g]["precisions"][p]["file"]], specs[g], p, measure.ref.data)

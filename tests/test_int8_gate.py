@@ -289,6 +289,33 @@ def test_rank_nodes_probes_the_largest_outlier_ratios(int8_onnx, tiny_dir, tmp_p
     assert len(seen) == 2
 
 
+def test_rank_nodes_starts_from_the_exported_variant(int8_onnx, tiny_dir, tmp_path, monkeypatch):
+    """rank_nodes handed the int8-cpu variant already derived with its recipe (derived=, what the gate passes
+    from the export) probes from a copy of it without calibrating again, and ranks the same nodes with the
+    same cosines as its own derivation: on the export's inline file (recipe read back from the manifest) and
+    on a graph with external weights (the full-size LLM's case: derived here as the export does)."""
+    from test_int8 import PLAN
+
+    from janusflow_trt.export import int8_sensitivity as S
+    spec, calib, src, ext = _llm_inline_and_external(int8_onnx, tiny_dir, tmp_path)
+    v = _manifest(int8_onnx)["graphs"]["llm"]["precisions"]["int8-cpu"]
+    args = (spec, calib, "int8-cpu", None, PLAN.measure_samples, 2)
+    own = {"inline": S.rank_nodes(src, *args, outputs=["logits"]),
+           "external": S.rank_nodes(ext, *args, outputs=["logits"])}
+    made = S.derive_int8(ext, spec, calib, tmp_path / "llm.int8-cpu.onnx", "int8-cpu", limit=PLAN.measure_samples,
+                         big=True)
+    monkeypatch.setattr(S, "derive_int8", lambda *a, **k: pytest.fail("calibrated again"))
+    given = {"inline": S.rank_nodes(src, *args, outputs=["logits"], derived=(int8_onnx / v["file"], v["recipe"])),
+             "external": S.rank_nodes(ext, *args, outputs=["logits"],
+                                      derived=(tmp_path / "llm.int8-cpu.onnx", made["recipe"]))}
+    for k in own:
+        assert [r["node"] for r in given[k]] == [r["node"] for r in own[k]] and len(own[k]) > 5, k
+        for a, b in zip(own[k], given[k], strict=True):
+            assert abs(a["cosine_alone"] - b["cosine_alone"]) < 1e-7, (k, a, b)
+            assert a["weight_bytes"] == b["weight_bytes"], (k, a, b)
+    assert (tmp_path / "llm.int8-cpu.onnx").is_file()  # probed from a copy: the variant given stays
+
+
 @pytest.mark.slow  # ~70 s on the shared machine: the search ranks llm, siglip, gen_dec and gen_enc
 def test_search_records_exclusion_speed(int8_onnx, tiny_dir, tmp_path):
     """One round of the exclusion search on the clipped int8-cpu LLM: the node kept float is recorded with
