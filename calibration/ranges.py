@@ -8,17 +8,18 @@ run's live activations, instead of holding gigabytes of exposed tensors).
 The statistics graph is saved next to the original (so external data still resolves, no weight copied)
 and runs unoptimised, so every tensor is the value the unfused graph computes.
 
-`walk_exposed` hands whole tensors to Python (the INT8 histograms and SmoothQuant's channel maxima
-need them): chosen intermediate tensors added as outputs, in chunks of at most `chunk_bytes` of
-exposed activations per run (ONNX Runtime holds every requested output until the run ends; at full
-size one Euler-step LLM sample has ~14 GB of them: 2 rows x 577 tokens, attention scores
-2x16x577x602 fp32 = 44 MB each), sized by shape inference on the largest sample's input shapes.
+`measure(channels=)` also reduces chosen tensors per last-axis channel (SmoothQuant's maxima) in the
+same runs. `walk_exposed` hands whole tensors to Python (the INT8 histograms need them): chosen
+intermediate tensors added as outputs, in chunks of at most `chunk_bytes` of exposed activations per run
+(ONNX Runtime holds every requested output until the run ends; at full size one Euler-step LLM sample has
+~14 GB of them: 2 rows x 577 tokens, attention scores 2x16x577x602 fp32 = 44 MB each), sized by shape
+inference on the largest sample's input shapes.
 Every chunk walks all samples once, so the cost is chunks x samples runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Ranges:
     samples: int = 0
     unmeasured: list[str] = field(default_factory=list)  # outputs of unknown type (shape inference gave none)
     chunks: int = 0  # runs per sample
+    channels: dict[str, np.ndarray] = field(default_factory=dict)  # measure(channels=): max |x| per last-axis channel
 
 
 def float_tensors(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -190,11 +192,14 @@ def plan_chunks(model: onnx.ModelProto, samples: Callable[[], Iterable[dict[str,
 STATS = ("absmax", "size", "zeros", "below", "finite")  # stats_model's outputs per tensor, in order
 
 
-def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+def stats_model(model: onnx.ModelProto, names: list[str],
+                channels: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of `model` (a proto loaded without external data) that also outputs, per float tensor of
     `names`, the STATS as scalars (len(STATS) per name, in order): max |x| over the finite values (0 when
     none; -inf for an empty tensor), the element count, and the counts of |x| == 0, of |x| < FP16_TINY / 2
     (zeros included) and of |x| < inf (NaN is neither). Counts are int32 (a tensor is < 2**31 elements).
+    Then per tensor of `channels` its max |x| per last-axis channel over every other axis (a [C] vector:
+    SmoothQuant's input; a NaN may be skipped, as ONNX Runtime's ReduceMax does at some positions).
 
     Most tensors have every value finite and none below FP16_TINY / 2 (0 included): three reductions of
     |x| (max, min, sum: a NaN or inf makes the sum non-finite) tell so, and then the counts are known
@@ -207,7 +212,8 @@ def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
     g, mk, T, h = m.graph, onnx.helper.make_node, onnx.TensorProto, onnx.helper
     g.initializer.extend([h.make_tensor(f"rs.{k}", T.FLOAT, [], [v]) for k, v in
                           (("zero", 0.0), ("half_tiny", FP16_TINY / 2), ("inf", np.inf))])
-    g.initializer.append(h.make_tensor("rs.none", T.INT32, [], [0]))
+    g.initializer.extend([h.make_tensor("rs.none", T.INT32, [], [0]), h.make_tensor("rs.rows", T.INT64, [1], [-1]),
+                          h.make_tensor("rs.axis0", T.INT64, [1], [0])])
     stats: dict[str, list[onnx.NodeProto]] = {}
     outs: list[str] = []
     types = (T.FLOAT, T.INT64, T.INT32, T.INT32, T.INT32)
@@ -256,10 +262,21 @@ def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
                     mk("If", [p + "finite?"], [o[0], o[2], o[3], o[4]], then_branch=finite, else_branch=counted)]
         g.output.extend(h.make_tensor_value_info(x, t, []) for x, t in zip(o, types, strict=True))
         outs += o
-    # each tensor's statistics right after its producer in the node list: run in that order (PRIORITY_BASED
-    # breaks ties by node index), a tensor is reduced as soon as it exists and freed once its own readers ran
+    for j, n in enumerate(channels):  # |x| as [rows, C], then the max down the rows (ReduceMax-18: axes input)
+        p = f"rs.ch{j}."
+        stats.setdefault(n, []).extend([
+            mk("Abs", [n], [p + "abs"]), mk("Shape", [n], [p + "c"], start=-1),
+            mk("Concat", ["rs.rows", p + "c"], [p + "2d"], axis=0), mk("Reshape", [p + "abs", p + "2d"], [p + "rows"]),
+            mk("ReduceMax", [p + "rows", "rs.axis0"], [p + "max"], keepdims=0)])
+        g.output.append(h.make_tensor_value_info(p + "max", T.FLOAT, [None]))
+        outs.append(p + "max")
+    # each tensor's statistics right after its producer in the node list (a graph input's first): run in that
+    # order (PRIORITY_BASED breaks ties by node index), a tensor is reduced as soon as it exists and freed once
+    # its own readers ran
     nodes = list(g.node)
     del g.node[:]
+    for i in g.input:
+        g.node.extend(stats.get(i.name, ()))
     for node in nodes:
         g.node.append(node)
         for x in node.output:
@@ -267,13 +284,17 @@ def stats_model(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
     return m, outs
 
 
-def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], threads: int = 0) -> Ranges:
+def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]], threads: int = 0,
+            channels: Sequence[str] = (), ranges: bool = True) -> Ranges:
     """samples: a callable returning a fresh iterator of FP32 feeds. One run per sample of the statistics
-    graph (stats_model) saved next to `path`: unoptimised, no memory arena, no weight prepacking."""
+    graph (stats_model) saved next to `path`: unoptimised, no weight prepacking. ranges: every float
+    tensor's figures (the FP16 ranges); channels: these tensors' max |x| per last-axis channel over every
+    sample too (Ranges.channels, float64; SmoothQuant's, export/smoothquant.py: channel_absmax), measured in
+    the same runs."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    names, unknown = float_tensors(model)  # node outputs only: no graph input among them
-    stats, outs = stats_model(model, names)
+    names, unknown = float_tensors(model) if ranges else ([], [])  # node outputs only: no graph input
+    stats, outs = stats_model(model, names, channels)
     del model
     res = Ranges(unmeasured=unknown, chunks=1)
     side = path.parent / f".ranges-{path.name}"
@@ -294,6 +315,9 @@ def measure(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarra
                 v = values[len(STATS) * k:len(STATS) * (k + 1)]
                 size, zeros, below, finite = (int(x) for x in v[1:])
                 res.tensors.setdefault(n, Range()).add(float(v[0]), size - zeros, below - zeros, size - finite)
+            for n, c in zip(channels, values[len(STATS) * len(names):], strict=True):
+                c = np.asarray(c, np.float64)
+                res.channels[n] = c if n not in res.channels else np.maximum(res.channels[n], c)
             res.samples += 1
     finally:
         side.unlink(missing_ok=True)

@@ -143,7 +143,7 @@ class CalibrationData:
         # statistics measured from this set, kept for the object's life (export/int8.py): the INT8
         # activation ranges per graph file, recipe and fixed plan (("ranges", key, skipped nodes):
         # _activation_ranges) and SmoothQuant's channel maxima per graph file (("smoothing", key, None):
-        # smoothing_maxima)
+        # smoothing_maxima, or the FP16 range walk's: keep_smoothing_maxima)
         self.ranges: dict[tuple, Any] = {}
 
     @property

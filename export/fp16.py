@@ -262,10 +262,13 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
 
 
 def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bool,
-                all_fp32: str | None = None, limit: int | None = None, check: int = 4) -> dict[str, Any]:
+                all_fp32: str | None = None, limit: int | None = None, check: int = 4,
+                channels: list[str] | None = None) -> dict[str, Any]:
     """FP32 graph file -> FP16 graph file next to it; -> the recipe. calib: CalibrationData.
     all_fp32: a reason to keep every node FP32 (then only the boundary changes). limit: at most this many
     samples (CalibrationData.select, spread) are measured; check: samples of the FP16-vs-FP32 check.
+    channels: activations whose max |x| per channel the range walk also measures (SmoothQuant's, for an
+    INT8 variant derived next): returned as 'channel_absmax' (absent with all_fp32: no walk).
     Memory, in order: the range measurement (one ORT session of the FP32 graph), then the FP32 model
     converted in place and saved (big: converted weightless, the weights then streamed one at a time,
     stream_weights), then the two sessions of the check: never all at once."""
@@ -275,7 +278,7 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
     if all_fp32:
         ranges = Ranges(samples=len(calib.select(spec.name, limit)))
     else:
-        ranges = measure(fp32_path, samples)
+        ranges = measure(fp32_path, samples, channels=channels or ())
     # big: converted on the weightless proto, then the weights streamed into the FP16 data file one at a time
     model = load_typed(fp32_path, weights=not big)
     types = {t.name: t.data_type for t in model.graph.initializer}
@@ -304,7 +307,10 @@ def derive_fp16(fp32_path: Path, spec: GraphSpec, calib, out_path: Path, big: bo
         "calibration_samples_by_kind": calib.kinds(spec.name, limit), "measure_runs_per_sample": ranges.chunks,
         "calibration_check": checked,
     }
-    return {"data": data, "recipe": recipe}
+    out = {"data": data, "recipe": recipe}
+    if channels and not all_fp32:
+        out["channel_absmax"] = ranges.channels
+    return out
 
 
 def fp16_feeds(spec16: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -242,13 +242,31 @@ def smoothing_maxima(fp32_path: Path, spec, calib, limit: int | None) -> dict[st
     """SmoothQuant's input: max |x| per channel of every activation smoothing_groups finds in the FP32 graph,
     over the graph's calibration samples (limit: at most that many, CalibrationData.select), measured once
     per graph file and calibration set (calib.ranges) and reused by every derivation and by the gate's
-    probes and float weights (at full size each walk is 8 LLM runs, ~1 min)."""
-    skeleton = onnx.load(str(fp32_path), load_external_data=False)
-    key = ("smoothing", (str(Path(fp32_path).resolve()), _stamp(fp32_path, external_files(skeleton)), limit), None)
+    probes and float weights (at full size each walk is 8 LLM runs, ~1 min). The FP16 variant's range walk
+    over the same samples measures them alongside when it runs first (keep_smoothing_maxima)."""
+    key = _smoothing_key(fp32_path, limit)
     if key not in calib.ranges:
         calib.ranges[key] = channel_absmax(fp32_path, RecordedReader(calib, spec, limit).feeds,
-                                           list(smoothing_groups(skeleton)))
+                                           smoothed_activations(fp32_path, spec))
     return calib.ranges[key]
+
+
+def smoothed_activations(fp32_path: Path, spec) -> list[str]:
+    """The activations SmoothQuant migrates in this graph (none outside SMOOTH_GRAPHS)."""
+    if spec.name not in SMOOTH_GRAPHS:
+        return []
+    return list(smoothing_groups(onnx.load(str(fp32_path), load_external_data=False)))
+
+
+def keep_smoothing_maxima(fp32_path: Path, calib, limit: int | None, amax: dict[str, Any]) -> None:
+    """Channel maxima of smoothed_activations measured elsewhere on calib.samples(graph, limit) (the FP16
+    range walk) kept for smoothing_maxima: its walk is then not run again."""
+    calib.ranges.setdefault(_smoothing_key(fp32_path, limit), amax)
+
+
+def _smoothing_key(fp32_path: Path, limit: int | None) -> tuple:
+    skeleton = onnx.load(str(fp32_path), load_external_data=False)
+    return ("smoothing", (str(Path(fp32_path).resolve()), _stamp(fp32_path, external_files(skeleton)), limit), None)
 
 
 def _stamp(fp32_path: Path, data_files) -> tuple[tuple[str, int, int], ...]:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from janusflow_trt.calibration.ranges import walk_exposed
+from janusflow_trt.calibration.ranges import measure
 
 from .onnx_graph import name_nodes, tensor_readers
 
@@ -84,14 +84,10 @@ def smoothing_groups(model: onnx.ModelProto) -> dict[str, Group]:
 
 def channel_absmax(path: str | Path, samples: Callable[[], Iterable[dict[str, np.ndarray]]],
                    names: list[str]) -> dict[str, np.ndarray]:
-    """name -> max |x| per last-axis channel over every sample (float64), through the chunked,
-    arena-free walk the range measurements use."""
-    amax: dict[str, np.ndarray] = {}
-    for _, values in walk_exposed(path, samples, names):
-        for n, x in values.items():
-            c = np.abs(np.asarray(x, np.float64).reshape(-1, x.shape[-1])).max(axis=0)
-            amax[n] = c if n not in amax else np.maximum(amax[n], c)
-    return amax
+    """name -> max |x| per last-axis channel over every sample (float64), reduced inside the graph
+    (calibration/ranges.py: measure, one run per sample; the FP16 range walk measures them alongside when
+    an INT8 variant follows: export/variants.py)."""
+    return measure(path, samples, channels=names, ranges=False).channels
 
 
 def scales(x_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:

@@ -19,7 +19,15 @@ from janusflow_trt.calibration.record import PLANS, CalibrationData, Plan
 from janusflow_trt.errors import JanusFlowError
 
 from .fp16 import derive_fp16
-from .int8 import NOT_QUANTIZED, derive_int8, fp16_islands, modelopt_python, passthrough_recipe
+from .int8 import (
+    NOT_QUANTIZED,
+    derive_int8,
+    fp16_islands,
+    keep_smoothing_maxima,
+    modelopt_python,
+    passthrough_recipe,
+    smoothed_activations,
+)
 from .manifest import precision_entry
 from .memory import PeakRSS, release_memory
 from .onnx_io import needs_external_data
@@ -53,8 +61,11 @@ def _big(out: Path, e: dict[str, Any]) -> bool:
 
 
 def add_fp16(out: Path, specs: dict[str, GraphSpec], entries: dict[str, dict[str, Any]], calib: CalibrationData,
-             vae_precision: str = "fp16", plan: Plan | None = None, progress: bool = True) -> None:
-    """Write out/<graph>.fp16.onnx for every exported graph; fill entries[g]['precisions']['fp16']."""
+             vae_precision: str = "fp16", plan: Plan | None = None, progress: bool = True,
+             smoothing: bool = False) -> None:
+    """Write out/<graph>.fp16.onnx for every exported graph; fill entries[g]['precisions']['fp16'].
+    smoothing: an INT8 variant follows; the range walk of a graph SmoothQuant migrates also measures its
+    channel maxima (the same samples), so the INT8 derivation does not walk the graph again for them."""
     plan = plan or PLANS["default"]
     bar = tqdm(entries.items(), desc="fp16", unit="graph", disable=not progress)
     for name, e in bar:
@@ -67,8 +78,11 @@ def add_fp16(out: Path, specs: dict[str, GraphSpec], entries: dict[str, dict[str
         else:
             with PeakRSS() as rss:
                 file = f"{name}.fp16.onnx"
+                channels = smoothed_activations(out / src, specs[name]) if smoothing else []
                 r = derive_fp16(out / src, specs[name], calib, out / file, _big(out, e), limit=plan.measure_samples,
-                                check=plan.check_samples)
+                                check=plan.check_samples, channels=channels)
+                if "channel_absmax" in r:
+                    keep_smoothing_maxima(out / src, calib, plan.measure_samples, r["channel_absmax"])
             v = precision_entry(out, file, r["data"], r["recipe"], src)
             v.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=rss.peak_mb)
             release_memory()

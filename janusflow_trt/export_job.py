@@ -121,7 +121,7 @@ def export_graphs(model_dir: str | Path, vae_dir: str | Path | None, out_dir: st
                 tqdm.write(f"calibration set: {'reused' if reused else 'recorded'} in {record_s:.1f} s")
             if "fp16" in precs:
                 with phase("fp16"):
-                    add_fp16(tmp, specs, entries, calib, vae_precision, plan, progress)
+                    add_fp16(tmp, specs, entries, calib, vae_precision, plan, progress, smoothing=bool(int8))
             if int8:  # after fp16: the TensorRT flavour takes the FP16 variant's islands
                 with phase(",".join(int8)):
                     add_int8(tmp, specs, entries, calib, int8, calib_method, plan, progress)

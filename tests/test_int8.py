@@ -3,6 +3,7 @@ deterministic calibration on the recorded data, and the bad inputs of int8 expor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -802,6 +803,60 @@ def test_smoothing_groups_hand_graphs():
     assert [n.name for n in g["h"].products] == ["p1", "p2"]
     assert smoothing_groups(graph(shared=True)) == {}
     assert smoothing_groups(graph(shared=False, out_too=True)) == {}
+
+
+def test_channel_maxima_measured_in_graph(int8_onnx, tiny_dir):
+    """SmoothQuant's channel maxima reduced inside the graph (ranges.measure(channels=)) equal numpy's max |x|
+    per last-axis channel of the same tensors handed out whole (walk_exposed), over the samples; measured in
+    the FP16 range walk, they and the FP16 figures are those of each measured alone."""
+    from janusflow_trt.calibration.ranges import measure, walk_exposed
+    from janusflow_trt.export.int8 import smoothed_activations
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    path, calib = int8_onnx / "llm.onnx", CalibrationData(int8_onnx / "calib")
+    names = smoothed_activations(path, spec)
+    samples = lambda: calib.samples("llm", 4)  # noqa: E731
+    want: dict[str, np.ndarray] = {}
+    for _, vals in walk_exposed(path, samples, names):
+        for n, x in vals.items():
+            c = np.abs(x.astype(np.float64)).reshape(-1, x.shape[-1]).max(axis=0)
+            want[n] = np.maximum(want[n], c) if n in want else c
+    alone = measure(path, samples, channels=names, ranges=False)
+    both = measure(path, samples, channels=names)
+    fp16 = measure(path, samples)
+    assert len(names) >= 4 and set(want) == set(names) == set(alone.channels) == set(both.channels)
+    assert not alone.tensors and not fp16.channels and both.tensors == fp16.tensors
+    for n in names:
+        assert want[n].ndim == 1 and want[n].size > 1, n
+        assert np.array_equal(alone.channels[n], want[n]) and np.array_equal(both.channels[n], want[n]), n
+
+
+def test_fp16_walk_keeps_smoothquant_maxima(int8_onnx, tiny_dir, tmp_path, monkeypatch):
+    """add_fp16(smoothing=True) (an INT8 variant follows) measures the LLM's SmoothQuant channel maxima in
+    its range walk: the INT8 derivation after it walks the graph for none, and writes the same bytes as one
+    that measures them itself; without the flag the derivation walks for them."""
+    from janusflow_trt.export import int8 as I
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.export.variants import add_fp16
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    specs = build_specs(load_config(tiny_dir))
+    d = tmp_path / "o"
+    d.mkdir()
+    shutil.copyfile(int8_onnx / "llm.onnx", d / "llm.onnx")
+    walks: list[str] = []
+    real = I.channel_absmax
+    monkeypatch.setattr(I, "channel_absmax", lambda path, *a: walks.append(str(path)) or real(path, *a))
+    plan = dataclasses.replace(PLAN, measure_samples=3)  # the walks' sample cap, a part of the cache key
+    for smoothing in (True, False):
+        calib = CalibrationData(int8_onnx / "calib")
+        add_fp16(d, specs, {"llm": {"file": "llm.onnx"}}, calib, plan=plan, progress=False, smoothing=smoothing)
+        I.derive_int8(d / "llm.onnx", specs["llm"], calib, tmp_path / f"after{smoothing}.onnx", "int8-cpu",
+                      limit=plan.measure_samples)
+        assert len(walks) == (0 if smoothing else 1), (smoothing, walks)
+    assert (tmp_path / "afterTrue.onnx").read_bytes() == (tmp_path / "afterFalse.onnx").read_bytes()
 
 
 def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_dir, tmp_path, monkeypatch):
