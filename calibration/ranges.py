@@ -262,11 +262,13 @@ def stats_model(model: onnx.ModelProto, names: list[str],
                     mk("If", [p + "finite?"], [o[0], o[2], o[3], o[4]], then_branch=finite, else_branch=counted)]
         g.output.extend(h.make_tensor_value_info(x, t, []) for x, t in zip(o, types, strict=True))
         outs += o
+    index = {n: i for i, n in enumerate(names)}
     for j, n in enumerate(channels):  # |x| as [rows, C], then the max down the rows (ReduceMax-18: axes input)
         p = f"rs.ch{j}."
+        a = f"rs.{index[n]}.abs" if n in index else p + "abs"  # a tensor with FP16 figures has its |x| already
         stats.setdefault(n, []).extend([
-            mk("Abs", [n], [p + "abs"]), mk("Shape", [n], [p + "c"], start=-1),
-            mk("Concat", ["rs.rows", p + "c"], [p + "2d"], axis=0), mk("Reshape", [p + "abs", p + "2d"], [p + "rows"]),
+            *([] if n in index else [mk("Abs", [n], [a])]), mk("Shape", [n], [p + "c"], start=-1),
+            mk("Concat", ["rs.rows", p + "c"], [p + "2d"], axis=0), mk("Reshape", [a, p + "2d"], [p + "rows"]),
             mk("ReduceMax", [p + "rows", "rs.axis0"], [p + "max"], keepdims=0)])
         g.output.append(h.make_tensor_value_info(p + "max", T.FLOAT, [None]))
         outs.append(p + "max")

@@ -175,7 +175,7 @@ def derive_int8(fp32_path: Path, spec, calib, out_path: Path, precision: str, me
     cache = out_path.with_name(f".ranges-{out_path.name}.json")
     try:
         reader = RecordedReader(calib, spec, limit)
-        key = (str(Path(fp32_path).resolve()), _stamp(fp32_path, skeleton_files), method, PERCENTILE, limit, alpha)
+        key = (_graph_file(fp32_path, skeleton_files), method, PERCENTILE, limit, alpha)
         save_tensors_data(_activation_ranges(calib, key, named, reader.feeds, method, frozenset(plan)), cache)
         quantize_static(str(named), str(out_path), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=sorted(exclude),
@@ -266,13 +266,14 @@ def keep_smoothing_maxima(fp32_path: Path, calib, limit: int | None, amax: dict[
 
 def _smoothing_key(fp32_path: Path, limit: int | None) -> tuple:
     skeleton = onnx.load(str(fp32_path), load_external_data=False)
-    return ("smoothing", (str(Path(fp32_path).resolve()), _stamp(fp32_path, external_files(skeleton)), limit), None)
+    return ("smoothing", (_graph_file(fp32_path, external_files(skeleton)), limit), None)
 
 
-def _stamp(fp32_path: Path, data_files) -> tuple[tuple[str, int, int], ...]:
-    """The graph file and its data files as (name, size, mtime_ns): a rewritten graph is another key."""
+def _graph_file(fp32_path: Path, data_files) -> tuple:
+    """A graph file's identity in the statistics cache keys: its resolved path, and it and its data files as
+    (name, size, mtime_ns) (a rewritten graph is another key)."""
     paths = [Path(fp32_path)] + [Path(fp32_path).parent / f for f in data_files]
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    return str(Path(fp32_path).resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 def named_streamed(fp32_path: Path, model: onnx.ModelProto, named: Path, amax: dict[str, Any] | None,
