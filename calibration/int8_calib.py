@@ -107,9 +107,10 @@ HISTOGRAM = {  # ORT create_calibrator's defaults per method (onnxruntime/quanti
 
 
 def calibrated_tensors(model, skip: Collection[str] = ()) -> list[str]:
-    """ORT's selection (CalibraterBase.select_tensors_to_calibrate with op_types_to_calibrate = the quantized
-    op types): every float input or output of a MatMul / Gemm / Conv that is not an initializer, in graph
-    order. `model`: the graph proto (weights not needed), typed by shape inference here.
+    """What quantize_static reads a range of: every float input of a MatMul / Gemm / Conv that is not an
+    initializer, in graph order (ORT's own selection, CalibraterBase.select_tensors_to_calibrate, also takes
+    their outputs; the export quantizes no output: export/int8.py flavour_options, OUTPUT_NOT_QUANTIZED).
+    `model`: the graph proto (weights not needed), typed by shape inference here.
     skip: nodes the quantizer is told to keep float (a flavour's fixed plan: int8-cpu's attention products
     and Convs); a tensor only they read or write is not calibrated: quantize_static reads no range of it.
     At full size that is most of the LLM's exposed bytes (the 2x16x577x602 attention scores of every layer)."""
@@ -121,7 +122,7 @@ def calibrated_tensors(model, skip: Collection[str] = ()) -> list[str]:
     out: dict[str, None] = {}
     for n in model.graph.node:
         if n.op_type in QUANT_OPS and n.name not in skip:
-            for t in [*n.input, *n.output]:
+            for t in n.input:
                 if t and t not in inits and types.get(t) in floats:
                     out[t] = None
     return list(out)

@@ -316,9 +316,9 @@ def test_derive_int8_limit_recorded(int8_onnx, tiny_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_chunked_ranges_equal_ort_calibrator(int8_onnx, tiny_dir, tmp_path, method):
     """tensor_ranges (chunked exposure, what the export feeds quantize_static as its cache) gives the ranges
-    ORT's own calibrator computes on the same samples: same tensors, same values (to float32 GEMM noise: its
-    session prepacks the weights, ours does not), with chunks small
-    enough that every tensor is exposed in a run of its own."""
+    ORT's own calibrator computes on the same samples: same tensors (those quantized: the inputs), same
+    values (to float32 GEMM noise: its session prepacks the weights, ours does not), with chunks small enough
+    that every tensor is exposed in a run of its own."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
@@ -339,8 +339,12 @@ def test_chunked_ranges_equal_ort_calibrator(int8_onnx, tiny_dir, tmp_path, meth
         reader.set_range(k, k + 1)
         ort_cal.collect_data(reader)
     theirs = ort_cal.compute_data()
-    assert len(ours.data) > 20 and set(ours.data) == set(theirs.data)
-    for name in theirs.data:
+    # ORT's selection also takes the ops' outputs; ours their inputs only (no output is quantized)
+    model = onnx.load(str(int8_onnx / "llm.onnx"))
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {t for n in model.graph.node if n.op_type in QUANT_OPS for t in n.input if t and t not in inits}
+    assert len(ours.data) > 20 and set(ours.data) == set(theirs.data) & inputs < set(theirs.data)
+    for name in ours.data:
         a, b = ours.data[name].range_value, theirs.data[name].range_value
         assert np.shape(a[0]) == np.shape(b[0]), (name, a, b)
         assert np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6), (name, a, b)
@@ -897,7 +901,7 @@ def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_di
     assert len(walks) == 1 + len(runs) and len(smoothing) == 1 + len(runs)
     every, cpu = walks[0][1], walks[2][1]
     assert cpu < every * 0.8, walks  # int8-cpu walks fewer tensors: the attention products' are skipped
-    # int8-cpu handed every tensor's range (ORT's own selection) quantizes to the same bytes
+    # int8-cpu handed the range of every tensor calibrated_tensors selects with no node skipped: the same bytes
     monkeypatch.setattr(I, "_activation_ranges",
                         lambda calib, key, named, feeds, method, skip: real(named, feeds, method, I.PERCENTILE))
     I.derive_int8(src, spec, calib, tmp_path / "all.onnx", "int8-cpu")
@@ -909,3 +913,45 @@ def test_activation_ranges_measured_once_per_graph_and_recipe(int8_onnx, tiny_di
     monkeypatch.setattr(I, "channel_absmax", lambda path, *a: smoothing.append(str(path)) or real_amax(path, *a))
     I.derive_int8(src, spec, calib, tmp_path / "again.onnx", "int8-cpu")
     assert len(walks) == 2 + len(runs) and len(smoothing) == 2 + len(runs)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-cpu"])
+def test_no_output_pairs_same_graph(int8_onnx, tiny_dir, tmp_path, precision, monkeypatch):
+    """derive_int8 puts no Q/DQ pair on a MatMul / Gemm / Conv output and measures no range of one
+    (int8.OUTPUT_NOT_QUANTIZED, int8_calib.calibrated_tensors): it writes the graph quantize_static's default
+    placement writes (outputs quantized too, ranges of ORT's own tensor selection: every float input and output
+    of those ops) once float readers read the float tensor again: the same nodes (as a multiset: the quantizer
+    inserts in another order), initializers, graph inputs and outputs."""
+    from types import SimpleNamespace
+
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    from janusflow_trt.calibration import int8_calib
+    from janusflow_trt.export import int8 as I
+    from janusflow_trt.export.specs import build_specs
+    from janusflow_trt.janusflow_ref.config import load_config
+
+    monkeypatch.delenv("JANUSFLOW_MODELOPT_PYTHON", raising=False)
+    spec = build_specs(load_config(tiny_dir))["llm"]
+    ours, default = tmp_path / "ours.onnx", tmp_path / "default.onnx"
+    I.derive_int8(int8_onnx / "llm.onnx", spec, CalibrationData(int8_onnx / "calib"), ours, precision, "minmax")
+
+    def ort_selection(model, skip=()):
+        model = onnx.shape_inference.infer_shapes(model)
+        names, _ = CalibraterBase.select_tensors_to_calibrate(SimpleNamespace(op_types_to_calibrate=I.QUANT_OPS), model)
+        return sorted(names)
+
+    monkeypatch.setattr(I, "OUTPUT_NOT_QUANTIZED", {})
+    monkeypatch.setattr(I, "calibrated_tensors", ort_selection)
+    monkeypatch.setattr(int8_calib, "calibrated_tensors", ort_selection)
+    I.derive_int8(int8_onnx / "llm.onnx", spec, CalibrationData(int8_onnx / "calib"), default, precision, "minmax")
+    a, b = onnx.load(str(ours)).graph, onnx.load(str(default)).graph
+    n_qdq = sum(n.op_type == "QuantizeLinear" for n in a.node)
+    assert n_qdq >= 5, n_qdq  # int8-cpu: one pair per activation read by weight products (9 in the tiny LLM)
+    def ser(protos):
+        return [t.SerializeToString() for t in protos]
+
+    assert sorted(ser(a.node)) == sorted(ser(b.node))
+    assert dict(zip([t.name for t in a.initializer], ser(a.initializer), strict=True)) == dict(
+        zip([t.name for t in b.initializer], ser(b.initializer), strict=True))
+    assert ser([*a.input, *a.output]) == ser([*b.input, *b.output])
