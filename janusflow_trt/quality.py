@@ -7,10 +7,10 @@ ort for the exported variants (fp16, int8, int8-cpu), torch-fast for bf16 (the t
 from the checkpoint; no export needed). Every loop below is the runtime's own, whichever backend runs it.
 
 - per graph: the FP32 runtime's actual inputs during the held-out runs below (recorded as in
-  calibration, fewer calls), through the FP32 and the other graph: worst max abs / max rel / cosine.
-  Exported variants: the ONNX files through ONNX Runtime sessions (the graph as exported, whichever
-  backend ran the loops); torch backends: the graph modules through each backend's run (BF16 vs FP32
-  modules), so a BF16 loss is located per graph as an exported one is;
+  calibration, fewer calls), through each backend's run of the FP32 and the other graph: worst max abs /
+  max rel / cosine. Exported variants: the graph files in the backend's own sessions (those the loops
+  ran); torch backends: the graph modules (BF16 vs FP32 modules), so a BF16 loss is located per graph as
+  an exported one is;
 - chat: per held-out (photo, question) pair, the FP32 greedy answer (N new tokens); the other
   precision with that answer fed back (teacher forcing): top-1 agreement; and free-running greedy:
   agreement and first divergence;
@@ -33,8 +33,7 @@ from tqdm import tqdm
 from janusflow_trt.calibration.data import InputSet, builtin_heldout
 from janusflow_trt.calibration.record import RECORDER_VERSION, CalibrationData
 from janusflow_trt.errors import InputError
-from janusflow_trt.export.manifest import gate_lines, resolve_graph
-from janusflow_trt.export.onnx_io import ort_session
+from janusflow_trt.export.manifest import gate_lines
 from janusflow_trt.export.quality_metrics import (
     agreement,
     bf16_spacing,
@@ -45,7 +44,6 @@ from janusflow_trt.export.quality_metrics import (
     top2_margin,
     worst,
 )
-from janusflow_trt.export.specs import build_specs, precision_variant
 from janusflow_trt.files import check_output_dir, owned_tempdir, write_into
 from janusflow_trt.images import to_uint8
 from janusflow_trt.janusflow_ref.config import load_config
@@ -72,7 +70,7 @@ TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher
 ROUNDED_LOGITS = {"bf16": bf16_spacing}
 GRAPH_STEPS = (0, 10, 20, 29)  # Euler steps whose graph inputs the per-graph comparison uses
 # per graph, by whether the backend runs an export (BackendInfo.needs_artifacts)
-GRAPHS_COMPARED = {True: "the exported ONNX graphs through ONNX Runtime sessions",
+GRAPHS_COMPARED = {True: "the exported graph files through each backend's run",
                    False: "the graph modules through each backend's run"}
 
 
@@ -240,13 +238,13 @@ def run_quality(model_dir: str | Path, artifacts: str | Path | None, precisions:
                               "heldout_sha256": held.sha256(), "chat": {}, "t2i": {}, "graphs": {}}
     with owned_tempdir("janusflow-quality") as tmp:  # removed on every exit path
         ref = reference(b32, cfg, processor, held, tokens, steps, Path(tmp), progress=progress)
+        ref_out = reference_outputs(b32, ref.data, Path(tmp) / "fp32-outputs")
         images: list[list[np.ndarray]] = [[to_uint8(img32)[0]] for _, _, _, img32 in ref.t2i[2.0]]
         for p in precisions:
             r, imgs = compare(others[p], ref, cfg, processor, Path(tmp), progress, p)
             for row, img in zip(images, imgs[2.0], strict=True):
                 row.append(img)
-            report["graphs"][p] = (per_graph(artifacts, cfg, ref.data, p, Path(tmp) / "fp32-outputs") if exported
-                                   else _per_graph_modules(b32, others[p], ref.data))
+            report["graphs"][p] = per_graph(others[p], ref.data, ref_out)
             report["chat"][p] = r["chat"]
             report["t2i"][p] = r["t2i"][2.0]
     report["targets"] = {p: _targets(report, p) for p in precisions}
@@ -265,64 +263,46 @@ def _as_calibration(rec: Recorder, path: Path) -> CalibrationData:
     return CalibrationData(path)
 
 
-def per_graph(artifacts, cfg, data: CalibrationData, precision: str, ref_dir: Path | None = None) -> dict[str, Any]:
-    """Each graph's `precision` variant vs its FP32 file on the recorded feeds: worst metrics per output.
-    One session alive at a time (a full-size LLM's FP32 and FP16 sessions together were ~9 GB): the FP32
-    outputs are written to ref_dir/<graph>/ first (kept there: a second precision compared on the same
-    data and ref_dir reuses them instead of re-running FP32), read back memory-mapped one sample at a
-    time. ref_dir None: a temporary directory."""
-    if ref_dir is None:
-        with owned_tempdir("janusflow-per-graph") as tmp:
-            return per_graph(artifacts, cfg, data, precision, Path(tmp))
-    m, art = read_manifest(artifacts, cfg), Path(artifacts)
-    res = {}
-    for name, spec in build_specs(cfg).items():
-        if name not in m["graphs"] or data.count(name) == 0:
-            continue
-        var = precision_variant(spec, precision)
-        ref = fp32_outputs(art / m["graphs"][name]["file"], spec, data, Path(ref_dir) / name)
-        sp = ort_session(art / resolve_graph(m, art, name, precision)["file"])
-        per_out: dict[str, list] = {t.name: [] for t in spec.outputs}
-        for feeds, files in zip(data.samples(name), ref, strict=True):
-            b = sp.run(spec.output_names, {t.name: np.asarray(feeds[t.name], t.dtype) for t in var.inputs})
-            for t, f, y in zip(spec.outputs, files, b, strict=True):
-                per_out[t.name].append(tensor_metrics(y.astype(np.float32), np.load(f, mmap_mode="r")))
-        del sp
-        res[name] = {o: worst(v) for o, v in per_out.items()}
-    return res
+def _graph_runs(b: Backend, data: CalibrationData):
+    """Each graph of `b` that `data` recorded, on each of its recorded feeds (cast to b's input dtypes), through
+    b.run (an exported variant: its file in the backend's own session; a torch backend: its module) ->
+    (graph, sample index, {output: float32 numpy}), valid until the next step (an ORT backend reuses its
+    output buffers). The sessions a pipeline left loaded are reused, each graph is released once done
+    (runtime/backends.release), and the chat-only graphs (SigLIP) come last: at full size SigLIP is loaded
+    only after the LLM is released, as in the pipeline."""
+    names = [n for n in b.specs if data.count(n) and n not in CHAT_ONLY] + [n for n in CHAT_ONLY if data.count(n)]
+    for name in names:
+        spec = b.specs[name]
+        for i, feeds in enumerate(data.samples(name)):
+            x = {t.name: torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(b.device, getattr(torch, t.dtype))
+                 for t in spec.inputs}
+            y = b.run(name, x)
+            yield name, i, {o: y[o].float().cpu().numpy() for o in spec.output_names}
+        release(b, [name])
 
 
-def fp32_outputs(path: Path, spec, data: CalibrationData, d: Path) -> list[list[Path]]:
-    """The FP32 graph's outputs on each of data.samples(spec.name), as d/<sample>.<output index>.npy files
-    (written once, by one session released before returning; d/done marks them complete)."""
-    n = data.count(spec.name)
-    files = [[d / f"{i}.{j}.npy" for j in range(len(spec.outputs))] for i in range(n)]
-    if not (d / "done").is_file():
-        d.mkdir(parents=True, exist_ok=True)
-        s32 = ort_session(path)
-        for row, feeds in zip(files, data.samples(spec.name), strict=True):
-            for f, x in zip(row, s32.run(spec.output_names, feeds), strict=True):
-                np.save(f, x)
-        del s32
-        (d / "done").touch()
+def reference_outputs(b32: Backend, data: CalibrationData, d: Path) -> dict[str, list[list[Path]]]:
+    """The FP32 backend's graph outputs on data's recorded feeds (_graph_runs), written once as
+    d/<graph>/<sample>.<output index>.npy: every variant (and every round of the gate's search) is compared
+    with these files, read back memory-mapped. -> graph -> per sample, its output files."""
+    files: dict[str, list[list[Path]]] = {}
+    for name, i, outs in _graph_runs(b32, data):
+        (d / name).mkdir(parents=True, exist_ok=True)
+        files.setdefault(name, []).append([d / name / f"{i}.{j}.npy" for j in range(len(outs))])
+        for f, y in zip(files[name][i], outs.values(), strict=True):
+            np.save(f, y)
     return files
 
 
-def _per_graph_modules(ref: Backend, other: Backend, data: CalibrationData) -> dict[str, Any]:
-    """The torch backends' graph modules: `other` vs `ref` on the recorded feeds, each through its run
-    (the backend casts the feeds to its dtype, as in the loops)."""
-    res = {}
-    for name, spec in ref.specs.items():
-        if data.count(name) == 0:
-            continue
-        per_out: dict[str, list] = {o: [] for o in spec.output_names}
-        for feeds in data.samples(name):
-            t = {k: torch.from_numpy(v).to(ref.device) for k, v in feeds.items()}
-            a, b = ref.run(name, t), other.run(name, t)
-            for o in spec.output_names:
-                per_out[o].append(tensor_metrics(b[o].float().cpu().numpy(), a[o].float().cpu().numpy()))
-        res[name] = {o: worst(v) for o, v in per_out.items()}
-    return res
+def per_graph(b: Backend, data: CalibrationData, ref: dict[str, list[list[Path]]]) -> dict[str, Any]:
+    """Each graph of `b` vs the FP32 outputs `ref` (reference_outputs) on the same recorded feeds: the worst
+    max abs / max rel / cosine per output."""
+    per_out: dict[str, dict[str, list]] = {}
+    for name, i, outs in _graph_runs(b, data):
+        rows = per_out.setdefault(name, {o: [] for o in outs})
+        for (o, y), f in zip(outs.items(), ref[name][i], strict=True):
+            rows[o].append(tensor_metrics(y, np.load(f, mmap_mode="r")))
+    return {name: {o: worst(v) for o, v in rows.items()} for name, rows in per_out.items()}
 
 
 def _summary_chat(rows: list[dict]) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 Held-out inputs: a split of the calibration input set (calibration/data.py: split_heldout) that the
 recording, and so every range and SmoothQuant scale, never sees. The measurements are `janusflow
-quality`'s own (janusflow_trt/quality.py: reference / compare / per_graph / TARGETS): the FP32 ORT
-export runs the held-out chats and prompts once (recording the graph inputs of the chat prefills and of a
-few Euler steps), then each variant: chat teacher-forced top-1 and free-running greedy agreement, final
-latents' cosine and image PSNR at each CFG weight from the same initial latents, every graph output's
-cosine on the recorded inputs.
+quality`'s own (janusflow_trt/quality.py: reference / reference_outputs / compare / per_graph / TARGETS):
+the FP32 ORT export runs the held-out chats and prompts once (recording the graph inputs of the chat
+prefills and of a few Euler steps, then each graph's outputs on them), then each variant: chat
+teacher-forced top-1 and free-running greedy agreement, final latents' cosine and image PSNR at each CFG
+weight from the same initial latents, every graph output's cosine on the recorded inputs.
 
 An INT8 variant that misses a target gets an exclusion search: the graphs the miss implicates (chat: llm,
 siglip; images: llm, gen_enc, gen_dec; a graph's own cosine: that graph) have their quantized nodes
@@ -47,7 +47,7 @@ from janusflow_trt.export.views import add_views
 from janusflow_trt.janusflow_ref.config import JanusFlowConfig
 from janusflow_trt.janusflow_ref.processor import Processor
 from janusflow_trt.janusflow_ref.weights import expected_shapes
-from janusflow_trt.quality import TARGETS, compare, per_graph, reference
+from janusflow_trt.quality import TARGETS, compare, per_graph, reference, reference_outputs
 from janusflow_trt.runtime.factory import make_backend
 
 ALL_GRAPHS = ("siglip", "embed", "llm", "gen_enc", "gen_dec", "vae_dec")
@@ -180,12 +180,14 @@ class _Measure:
         self.processor = Processor(model_dir)
         b32 = make_backend("ort", model_dir, out, cfg, precision="fp32")
         self.ref = reference(b32, cfg, self.processor, held, gate.tokens, gate.steps, tmp, gate.cfgs, progress)
+        self.ref_outputs = reference_outputs(b32, self.ref.data, tmp / "fp32-outputs")
         del b32
         release_memory()  # the FP32 sessions are gone before a variant's load (at full size 7+ GB each)
 
     def __call__(self, precision: str) -> dict[str, Any]:
         b = make_backend("ort", self.model_dir, self.out, self.cfg, precision=precision)
         r, _ = compare(b, self.ref, self.cfg, self.processor, self.tmp, self.progress, precision)
+        graphs = per_graph(b, self.ref.data, self.ref_outputs)
         del b
         release_memory()
         c = r["chat"]
@@ -195,8 +197,7 @@ class _Measure:
                "t2i": {f"{w:g}": {k: g[k] for k in ("latent_cosine_min", "psnr_db_min", "finite")}
                        for w, g in r["t2i"].items()},
                "graphs": {name: {o: {k: m[k] for k in ("cosine", "max_abs", "finite")} for o, m in outs.items()}
-                          for name, outs in per_graph(self.out, self.cfg, self.ref.data, precision,
-                                                             self.tmp / "fp32-outputs").items()}}
+                          for name, outs in graphs.items()}}
         fig["checks"] = checks(fig, precision)
         return fig
 
