@@ -122,8 +122,8 @@ def _first_samples(calib, d, k: int):
 
 def test_per_graph_through_the_backends_sessions(tiny_dir, fp16_onnx, tmp_path, monkeypatch):
     """quality.per_graph (the gate's and `janusflow quality`'s per-graph figures) runs each graph in the
-    backend's own sessions: one a pipeline left loaded is not loaded again, each is released once its graph
-    is done, and SigLIP is loaded only when no other session is alive (at full size, never beside the LLM).
+    backend's own sessions, one alive at a time (the others released before it runs; every one after), the
+    LLM's first: the session a pipeline left loaded is not loaded again.
     The FP32 side is reference_outputs' files, written once; every output's worst cosine equals that of the
     two graph files run independently here (plain ONNX Runtime sessions, numpy)."""
     import onnxruntime as ort
@@ -138,7 +138,8 @@ def test_per_graph_through_the_backends_sessions(tiny_dir, fp16_onnx, tmp_path, 
     calib = _first_samples(CalibrationData(fp16_onnx / "calib"), tmp_path / "calib", 2)
     ref = quality.reference_outputs(OrtBackend(fp16_onnx, cfg), calib, tmp_path / "ref")
     b = OrtBackend(fp16_onnx, cfg, precision="fp16")
-    loaded = b.session("llm")  # as the pipeline left it
+    loaded = b.session("llm")  # as the text-to-image pipeline leaves them
+    b.session("gen_dec")
     created: list[tuple[str, list[str]]] = []
     real = OrtBackend.session
 
@@ -153,7 +154,8 @@ def test_per_graph_through_the_backends_sessions(tiny_dir, fp16_onnx, tmp_path, 
     monkeypatch.setattr(OrtBackend, "run", lambda self, g, f: seen.append(self.sessions.get(g)) or real_run(self, g, f))
     got = quality.per_graph(b, calib, ref)
     assert loaded in seen and "llm" not in [g for g, _ in created], created
-    assert ("siglip", []) in created and b.sessions == {}, created
+    assert created and all(alive == [] for _, alive in created) and b.sessions == {}, created
+    assert created[-1][0] == "siglip", created
     assert set(got) == {n for n in build_specs(cfg) if calib.count(n)}
     specs = build_specs(cfg)
     for name in ("llm", "gen_dec", "siglip"):
