@@ -112,7 +112,7 @@ def calibrated_tensors(model, skip: Collection[str] = ()) -> list[str]:
     their outputs; the export quantizes no output: export/int8.py flavour_options, OUTPUT_NOT_QUANTIZED).
     `model`: the graph proto (weights not needed), typed by shape inference here.
     skip: nodes the quantizer is told to keep float (a flavour's fixed plan: int8-cpu's attention products
-    and Convs); a tensor only they read or write is not calibrated: quantize_static reads no range of it.
+    and Convs); a tensor only they read is not calibrated: quantize_static reads no range of it.
     At full size that is most of the LLM's exposed bytes (the 2x16x577x602 attention scores of every layer)."""
     g = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input]}
