@@ -55,12 +55,14 @@ from janusflow_trt.janusflow_ref.vae import resolve_vae_dir
 from janusflow_trt.precision import Precision
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import Backend, read_manifest, release
-from janusflow_trt.runtime.chat import CHAT_ONLY, chat_prefill, chat_tokens
-from janusflow_trt.runtime.decode import Decoder
+from janusflow_trt.runtime.chat import CHAT_ONLY, chat_prefill
+from janusflow_trt.runtime.decode import Decoder, checked_id, decode_tokens
 from janusflow_trt.runtime.factory import make_backend
+from janusflow_trt.runtime.kv_cache import KVCache
+from janusflow_trt.runtime.llm import new_cache
 from janusflow_trt.runtime.registry import BACKENDS, check_request
 
-from .recording import Recorder, record_chat, record_t2i
+from .recording import Recorder, record_t2i
 
 TARGETS = {"fp16": {"latent_cosine": 0.9995, "psnr_db": 45.0, "chat_top1_teacher_forced": 0.99},
            **{p: {"latent_cosine": 0.995, "psnr_db": 35.0, "chat_top1_teacher_forced": 0.90, "graph_cosine": 0.995}
@@ -75,21 +77,65 @@ GRAPHS_COMPARED = {True: "the exported graph files through each backend's run",
                    False: "the graph modules through each backend's run"}
 
 
+@dataclass
+class ChatRun:
+    """One greedy chat pass (chat_run): the pick at every position, the logits behind them [T, V] FP32, and
+    the free-running greedy answer."""
+    picks: list[int]
+    logits: np.ndarray
+    answer: list[int]
+
+
+def chat_run(backend: Backend, cfg, prefilled: tuple[KVCache, torch.Tensor], tokens: int, eos_id: int,
+             ref: list[int] | None = None) -> ChatRun:
+    """The runtime's greedy decode step (runtime/decode.py: Decoder) after a chat prefill (chat_prefill's cache
+    and logits), the pick and the logits kept at every position.
+    ref None: free-running (each pick fed back, up to `tokens`, through EOS): picks and answer are one list;
+    non-finite logits are one InputError line, as in the runtime's loop.
+    ref given: teacher forcing (ref's token fed back at every position: len(ref) picks; a sampler sentinel,
+    non-finite logits, counts as a disagreement). The free-running answer needs no second prefill: up to
+    the first pick that disagrees with ref, both runs saw the same inputs, so it is those picks (all of ref
+    when none disagrees, ref being a greedy answer under the same `tokens` and EOS); from there it continues
+    through the runtime's loop (decode_tokens) from a copy of the cache and logits taken at that pick."""
+    cache, logits = prefilled
+    dec = Decoder(backend, cache, logits, SamplingParams())
+    n = tokens if ref is None else len(ref)
+    picks: list[int] = []
+    rows: list[torch.Tensor] = []
+    fork = None
+    while True:
+        i = len(picks)
+        picks.append(int(dec.ids))
+        rows.append(dec.logits.to("cpu", torch.float32, copy=True))  # a buffer the next step reuses
+        if ref is None:
+            checked_id(picks[i], i, SamplingParams())
+        elif fork is None and picks[i] != ref[i]:
+            snap = new_cache(backend, cfg, 1, cache.capacity, exact=True)
+            snap.fill_row(0, cache)
+            fork = (i, snap, dec.logits.clone())
+        if i + 1 == n or (ref is None and picks[i] == eos_id):
+            break
+        if ref is not None:
+            dec.ids.fill_(ref[i])
+        dec.step()
+    if ref is None:
+        answer = list(picks)
+    elif fork is None:
+        answer = list(ref)
+    else:
+        d, snap, last = fork
+        answer = picks[:d] + list(decode_tokens(backend, snap, last, SamplingParams(max_new_tokens=tokens - d),
+                                                eos_id))
+    return ChatRun(picks, torch.cat(rows).numpy(), answer)
+
+
 def teacher_forced(backend: Backend, cfg, processor, image, question: str, ref: list[int]
                    ) -> tuple[list[int], np.ndarray]:
     """The greedy pick of `backend` at every position of the reference answer, given the reference
-    prefix: the runtime's decode step with the reference token written as its input each time.
-    -> (picks, the logits behind them [T, V] FP32)."""
-    cache, logits = chat_prefill(backend, cfg, processor.chat_inputs(image, question), capacity=len(ref))
-    dec = Decoder(backend, cache, logits, SamplingParams())
-    preds = [int(dec.ids)]  # a sampler sentinel (non-finite logits) counts as a disagreement
-    rows = [logits.to("cpu", torch.float32, copy=True)]  # dec.logits is a buffer the next step reuses
-    for tok in ref[:-1]:
-        dec.ids.fill_(tok)
-        dec.step()
-        preds.append(int(dec.ids))
-        rows.append(dec.logits.to("cpu", torch.float32, copy=True))
-    return preds, torch.cat(rows).numpy()
+    prefix (chat_run with ref). -> (picks, the logits behind them [T, V] FP32)."""
+    prefilled = chat_prefill(backend, cfg, processor.chat_inputs(image, question), capacity=len(ref))
+    run = chat_run(backend, cfg, prefilled, len(ref), processor.eos_id, ref)
+    return run.picks, run.logits
 
 
 def teacher_forced_top1(backend: Backend, cfg, processor, image, question: str, ref: list[int]) -> list[int]:
@@ -142,9 +188,10 @@ def reference(b32: Backend, cfg, processor, held: InputSet, tokens: int, steps: 
     chats = []
     for name, image, q in tqdm(held.pairs, desc="quality chat fp32", disable=not progress):
         rec.active = {"siglip", "embed", "llm"}  # the prefill calls; decode calls are not kept
-        answer = record_chat(rec, cfg, processor, image, q, tokens, None)
-        logits32 = teacher_forced(b32, cfg, processor, image, q, answer)[1]  # the FP32 margins (margin_rows)
-        chats.append((name, image, q, answer, logits32))
+        prefilled = chat_prefill(rec, cfg, processor.chat_inputs(image, q), capacity=tokens)
+        rec.active = set()
+        run = chat_run(rec, cfg, prefilled, tokens, processor.eos_id)  # the answer and its FP32 margins
+        chats.append((name, image, q, run.answer, run.logits))
     release(b32, CHAT_ONLY)
     t2i: dict[float, list] = {w: [] for w in cfgs}
     for i, prompt in enumerate(tqdm(held.prompts, desc="quality t2i fp32", disable=not progress)):
@@ -161,11 +208,12 @@ def compare(b: Backend, ref: Reference, cfg, processor, tmp: Path, progress: boo
     """One backend vs the FP32 reference, end to end: chat teacher-forced top-1 and free-running greedy
     agreement per pair; final-latent cosine and image PSNR per prompt and CFG weight, from the same
     initial latents. -> ({"chat": summary, "t2i": {cfg: summary}}, {cfg: uint8 images})."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=ref.tokens)
     chats = []
     for name, image, q, r, logits32 in tqdm(ref.chats, desc=f"quality chat {precision}", disable=not progress):
-        tf = teacher_forced_top1(b, cfg, processor, image, q, r)
-        free = list(chat_tokens(b, cfg, processor.chat_inputs(image, q), params, processor.eos_id))
+        # one prefill for both figures, with the reference's cache capacity (chat_run)
+        prefilled = chat_prefill(b, cfg, processor.chat_inputs(image, q), capacity=ref.tokens)
+        run = chat_run(b, cfg, prefilled, ref.tokens, processor.eos_id, r)
+        tf, free = run.picks, run.answer
         chats.append({"pair": name, "question": q, "fp32_tokens": r, "tokens": free,
                       "teacher_forced_top1": agreement(tf, r), "free_agreement": agreement(free, r),
                       "first_divergence": first_divergence(free, r), **margin_rows(tf, r, logits32, precision)})

@@ -570,9 +570,54 @@ def test_teacher_forcing_feeds_the_reference_prefix():
             return {"logits": logits, "present.0.key": kv, "present.0.value": kv}
 
     inputs = ChatInputs(torch.tensor([[1, 1, 1]]), torch.tensor([0]), torch.zeros((1, 3, 4, 4)), "q")
-    processor = types.SimpleNamespace(chat_inputs=lambda image, question: inputs)
+    processor = types.SimpleNamespace(chat_inputs=lambda image, question: inputs, eos_id=15)
     assert quality.teacher_forced_top1(Stub(), cfg, processor, None, "q", [5, 7, 9]) == [2, 6, 8]
-    assert fed == [5, 7]
+    assert fed[:2] == [5, 7]
+
+    # the free-running answer of the same pass: the picks up to the first disagreement with the reference,
+    # then the runtime's loop from the cache copied there (its pick fed back: 2 -> 3 -> 4 ...), up to `tokens`
+    for ref, tokens, free, more in [([5, 7, 9], 3, [2, 3, 4], [2, 3]),    # disagrees at once
+                                    ([2, 3, 9, 9], 5, [2, 3, 4, 5, 6], [4, 5]),  # at position 2
+                                    ([2, 3, 4], 3, [2, 3, 4], [])]:      # never: the reference itself, no extra step
+        fed.clear()
+        b = Stub()
+        run = quality.chat_run(b, cfg, quality.chat_prefill(b, cfg, inputs, capacity=tokens), tokens, 15, ref)
+        assert run.answer == free and run.picks == [2] + [t + 1 for t in ref[:-1]], (ref, run)
+        assert fed == ref[:-1] + more, (ref, fed)
+    # ref None: free-running, through EOS (15: the stub's pick after 14)
+    run = quality.chat_run(b, cfg, quality.chat_prefill(b, cfg, inputs, capacity=20), 20, 4)
+    assert run.answer == run.picks == [2, 3, 4] and run.logits.shape == (3, 16)
+
+
+
+def test_chat_run_free_answer_is_the_runtime_loops(tiny_dir, tiny_onnx, processor, test_image):
+    """On the tiny export through ORT: teacher forcing with a reference changed at position 3 (so the picks
+    disagree there: the model's greedy token is the unchanged one) gives, from its one prefill, the free-running
+    answer the runtime's own loop gives (decode_tokens after a prefill of the same capacity), and the reference
+    side's pass (ref None) gives that answer too, with its logits."""
+    from PIL import Image
+
+    from janusflow_trt.janusflow_ref.config import load_config
+    from janusflow_trt.janusflow_ref.sampling import SamplingParams
+    from janusflow_trt.quality import chat_run
+    from janusflow_trt.runtime.chat import chat_prefill
+    from janusflow_trt.runtime.decode import decode_tokens
+    from janusflow_trt.runtime.factory import make_backend
+
+    cfg = load_config(tiny_dir)
+    b = make_backend("ort", tiny_dir, tiny_onnx, cfg, precision="fp32")
+    inputs = processor.chat_inputs(Image.open(test_image).convert("RGB"), "What is in this image?")
+    tokens = 12
+    loop = list(decode_tokens(b, *chat_prefill(b, cfg, inputs, capacity=tokens),
+                              SamplingParams(max_new_tokens=tokens), processor.eos_id))
+    assert len(loop) == tokens and processor.eos_id not in loop  # no EOS: every position is compared
+    own = chat_run(b, cfg, chat_prefill(b, cfg, inputs, capacity=tokens), tokens, processor.eos_id)
+    assert own.answer == own.picks == loop and own.logits.shape == (tokens, cfg.llm.vocab_size)
+    assert [int(i) for i in own.logits.argmax(-1)] == loop
+    changed = loop[:3] + [(loop[3] + 1) % cfg.llm.vocab_size] + loop[4:]
+    run = chat_run(b, cfg, chat_prefill(b, cfg, inputs, capacity=tokens), tokens, processor.eos_id, changed)
+    assert run.picks[:4] == loop[:4] and run.answer == loop
+    np.testing.assert_array_equal(run.logits[:4], own.logits[:4])
 
 
 def test_outlier_ratio_hand_values(tmp_path):
