@@ -56,7 +56,7 @@ from janusflow_trt.precision import Precision
 from janusflow_trt.runtime import text2img
 from janusflow_trt.runtime.backends import Backend, read_manifest, release
 from janusflow_trt.runtime.chat import CHAT_ONLY, chat_prefill
-from janusflow_trt.runtime.decode import Decoder, checked_id, decode_tokens
+from janusflow_trt.runtime.decode import Decoder, decode_tokens
 from janusflow_trt.runtime.factory import make_backend
 from janusflow_trt.runtime.kv_cache import KVCache
 from janusflow_trt.runtime.llm import new_cache
@@ -90,37 +90,32 @@ def chat_run(backend: Backend, cfg, prefilled: tuple[KVCache, torch.Tensor], tok
              ref: list[int] | None = None) -> ChatRun:
     """The runtime's greedy decode step (runtime/decode.py: Decoder) after a chat prefill (chat_prefill's cache
     and logits), the pick and the logits kept at every position.
-    ref None: free-running (each pick fed back, up to `tokens`, through EOS): picks and answer are one list;
-    non-finite logits are one InputError line, as in the runtime's loop.
+    ref None: free-running, the runtime's loop itself (decode_tokens: up to `tokens`, through EOS; non-finite
+    logits are one InputError line) with its logits kept: picks and answer are one list.
     ref given: teacher forcing (ref's token fed back at every position: len(ref) picks; a sampler sentinel,
     non-finite logits, counts as a disagreement). The free-running answer needs no second prefill: up to
     the first pick that disagrees with ref, both runs saw the same inputs, so it is those picks (all of ref
     when none disagrees, ref being a greedy answer under the same `tokens` and EOS); from there it continues
     through the runtime's loop (decode_tokens) from a copy of the cache and logits taken at that pick."""
     cache, logits = prefilled
-    dec = Decoder(backend, cache, logits, SamplingParams())
-    n = tokens if ref is None else len(ref)
-    picks: list[int] = []
     rows: list[torch.Tensor] = []
+    if ref is None:
+        answer = list(decode_tokens(backend, cache, logits, SamplingParams(max_new_tokens=tokens), eos_id, rows))
+        return ChatRun(answer, torch.cat(rows).numpy(), answer)
+    dec = Decoder(backend, cache, logits, SamplingParams())
+    picks: list[int] = []
     fork = None
-    while True:
-        i = len(picks)
+    for i, tok in enumerate(ref):
+        if i:
+            dec.ids.fill_(ref[i - 1])
+            dec.step()
         picks.append(int(dec.ids))
         rows.append(dec.logits.to("cpu", torch.float32, copy=True))  # a buffer the next step reuses
-        if ref is None:
-            checked_id(picks[i], i, SamplingParams())
-        elif fork is None and picks[i] != ref[i]:
+        if fork is None and picks[i] != tok:
             snap = new_cache(backend, cfg, 1, cache.capacity, exact=True)
             snap.fill_row(0, cache)
             fork = (i, snap, dec.logits.clone())
-        if i + 1 == n or (ref is None and picks[i] == eos_id):
-            break
-        if ref is not None:
-            dec.ids.fill_(ref[i])
-        dec.step()
-    if ref is None:
-        answer = list(picks)
-    elif fork is None:
+    if fork is None:
         answer = list(ref)
     else:
         d, snap, last = fork

@@ -140,10 +140,14 @@ def checked_id(t: int, position: int, params: SamplingParams) -> int:
 
 
 def decode_tokens(backend: Backend, cache: KVCache, logits: torch.Tensor, params: SamplingParams,
-                  eos_id: int) -> Iterator[int]:
-    """Answer token ids after a prefill (`logits` [1, V]: its last position), one host read per token."""
+                  eos_id: int, logits_out: list[torch.Tensor] | None = None) -> Iterator[int]:
+    """Answer token ids after a prefill (`logits` [1, V]: its last position), one host read per token.
+    logits_out: given, the logits each token was sampled from are appended to it ([1, V] FP32 CPU copies:
+    the quality report's margins)."""
     dec = Decoder(backend, cache, logits, params)
     for i in range(params.max_new_tokens):
+        if logits_out is not None:
+            logits_out.append(dec.logits.to("cpu", torch.float32, copy=True))  # a buffer the next step reuses
         tok = token_id(dec.ids, i, params)
         yield tok
         if tok == eos_id or i + 1 == params.max_new_tokens:
